@@ -1,0 +1,1 @@
+//! gptoss-harmony (work in progress).

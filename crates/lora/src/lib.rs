@@ -1,0 +1,1 @@
+//! gptoss-lora (work in progress).

@@ -1,0 +1,1 @@
+//! gptoss-model (work in progress).

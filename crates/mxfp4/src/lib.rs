@@ -1,0 +1,1 @@
+//! gptoss-mxfp4 (work in progress).

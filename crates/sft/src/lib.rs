@@ -1,0 +1,1 @@
+//! gptoss-sft (work in progress).

@@ -1,0 +1,14 @@
+//! `gptoss`: fine-tune OpenAI's gpt-oss mixture-of-experts models with LoRA, in Rust on candle.
+//!
+//! This facade re-exports the workspace crates:
+//! - [`harmony`]: the Harmony chat format, the o200k_harmony tokenizer, loss masks.
+//! - [`mxfp4`]: MXFP4 dequantization/quantization kernels.
+//! - [`model`]: the gpt-oss MoE transformer (config, checkpoint loading, forward, generation).
+//! - [`lora`]: PEFT-compatible LoRA adapters.
+//! - [`sft`]: the supervised fine-tuning trainer.
+
+pub use gptoss_harmony as harmony;
+pub use gptoss_lora as lora;
+pub use gptoss_model as model;
+pub use gptoss_mxfp4 as mxfp4;
+pub use gptoss_sft as sft;

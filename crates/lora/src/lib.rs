@@ -1,1 +1,20 @@
-//! gptoss-lora (work in progress).
+//! PEFT 0.21.2-compatible LoRA for gpt-oss on candle.
+//!
+//! - [`LoraConfig`]: PEFT's config, read/written as `adapter_config.json`.
+//! - [`resolve_targets`]: PEFT's target matching (`target_modules`, `"all-linear"`, `target_parameters` on the
+//!   3-D expert weights) from shapes alone, with a per-module report and PEFT's trainable-parameter line.
+
+pub mod config;
+pub mod error;
+pub mod shapes;
+pub mod target;
+
+pub use config::{
+    InitLoraWeights, LayerIndices, LoraConfig, TargetModules, ADAPTER_CONFIG_NAME, ALL_LINEAR,
+    PEFT_VERSION,
+};
+pub use error::{LoraError, Result};
+pub use shapes::{ExpertShape, ExpertWeight, GptOssShapes, LinearShape, ModuleKind};
+pub use target::{
+    resolve_targets, thousands, ExpertTarget, Factor, LinearTarget, TargetPlan, PEFT_KEY_PREFIX,
+};

@@ -1,0 +1,105 @@
+//! Output element types of the dequantizer: `f32`, `bf16`, `f16`.
+
+use candle_core::DType;
+use half::{bf16, f16};
+use std::sync::OnceLock;
+
+use crate::lut::{build_table, PairRow};
+
+/// A float type the dequantizer writes. Sealed: implemented for `f32`, [`bf16`] and [`f16`].
+pub trait OutputElement: Copy + Send + Sync + 'static + private::Sealed {
+    /// The matching candle dtype.
+    const DTYPE: DType;
+    /// Zero (used only to pre-size buffers).
+    const ZERO: Self;
+    /// Rounds an exact value to this type, round-to-nearest-even, overflow to ±inf
+    /// (what torch does when it stores an f32/f64 result in this dtype).
+    fn from_exact(v: f64) -> Self;
+    /// A zero-filled vector of `n` elements, obtained from the allocator as zeroed memory
+    /// (fresh pages for large sizes: nothing is written until the kernel writes).
+    fn zeroed_vec(n: usize) -> Vec<Self>;
+    /// The raw bits, widened (for bit-exact comparisons in tests).
+    fn to_bits_u32(self) -> u32;
+    /// The value as f32 (exact for every dequantized value).
+    fn to_f32(self) -> f32;
+    /// The cached byte → value-pair table of this type ([`crate::lut`]), indexed by scale byte.
+    fn pair_table() -> &'static [PairRow<Self>];
+}
+
+macro_rules! cached_table {
+    ($t:ty) => {
+        fn pair_table() -> &'static [PairRow<$t>] {
+            static TABLE: OnceLock<Box<[PairRow<$t>]>> = OnceLock::new();
+            TABLE.get_or_init(build_table::<$t>)
+        }
+    };
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+impl OutputElement for f32 {
+    cached_table!(f32);
+    const DTYPE: DType = DType::F32;
+    const ZERO: Self = 0.0;
+    #[inline]
+    fn from_exact(v: f64) -> Self {
+        v as f32
+    }
+    fn zeroed_vec(n: usize) -> Vec<Self> {
+        vec![0.0f32; n] // std specialises zero floats to alloc_zeroed
+    }
+    fn to_bits_u32(self) -> u32 {
+        self.to_bits()
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl OutputElement for bf16 {
+    cached_table!(bf16);
+    const DTYPE: DType = DType::BF16;
+    const ZERO: Self = bf16::ZERO;
+    #[inline]
+    fn from_exact(v: f64) -> Self {
+        // Every MXFP4 value has at most 2 significant bits and its f32 rounding is exact
+        // (or ±inf where bf16 overflows too), so going through f32 rounds only once.
+        bf16::from_f32(v as f32)
+    }
+    fn zeroed_vec(n: usize) -> Vec<Self> {
+        use half::vec::HalfBitsVecExt;
+        vec![0u16; n].reinterpret_into()
+    }
+    fn to_bits_u32(self) -> u32 {
+        u32::from(self.to_bits())
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl OutputElement for f16 {
+    cached_table!(f16);
+    const DTYPE: DType = DType::F16;
+    const ZERO: Self = f16::ZERO;
+    #[inline]
+    fn from_exact(v: f64) -> Self {
+        // Exact in f32 (see bf16); f16::from_f32 rounds to nearest even, also into subnormals.
+        f16::from_f32(v as f32)
+    }
+    fn zeroed_vec(n: usize) -> Vec<Self> {
+        use half::vec::HalfBitsVecExt;
+        vec![0u16; n].reinterpret_into()
+    }
+    fn to_bits_u32(self) -> u32 {
+        u32::from(self.to_bits())
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+}

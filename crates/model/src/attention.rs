@@ -1,0 +1,137 @@
+//! Self-attention with biases, GQA, learned sinks, sliding window and YaRN RoPE (transformers eager path).
+
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::config::LayerType;
+use crate::linear::Linear;
+use crate::mask::{keep_last, AttnContext};
+use crate::rope::apply_rotary;
+
+/// Keys and values cached for one layer: each `[B, kv_heads, S, head_dim]` (run dtype).
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    /// Cached keys (after RoPE).
+    pub k: Option<Tensor>,
+    /// Cached values.
+    pub v: Option<Tensor>,
+}
+
+impl LayerCache {
+    /// Number of cached key positions.
+    pub fn len(&self) -> usize {
+        self.k.as_ref().and_then(|k| k.dim(2).ok()).unwrap_or(0)
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `model.layers.{i}.self_attn`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// `q_proj`: `[nh·d, H]`.
+    pub q_proj: Linear,
+    /// `k_proj`: `[nkv·d, H]`.
+    pub k_proj: Linear,
+    /// `v_proj`: `[nkv·d, H]`.
+    pub v_proj: Linear,
+    /// `o_proj`: `[H, nh·d]`.
+    pub o_proj: Linear,
+    /// `sinks`: one logit per query head, `[nh]` (run dtype).
+    pub sinks: Tensor,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Kind of this layer.
+    pub layer_type: LayerType,
+}
+
+impl Attention {
+    /// `x`: normed hidden `[B, T, H]` (run dtype) → `[B, T, H]`. With `cache`, the new keys/values are appended
+    /// (sliding layers keep only the last `window − 1`) and attention covers the cached keys as well.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttnContext,
+        cache: Option<&mut LayerCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, nh, d))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, nkv, d))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, nkv, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = apply_rotary(&q, &ctx.cos, &ctx.sin)?;
+        let k = apply_rotary(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(c) => {
+                let (k, v) = match (&c.k, &c.v) {
+                    (Some(pk), Some(pv)) => {
+                        (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?)
+                    }
+                    _ => (k, v),
+                };
+                let keep = match (self.layer_type, ctx.window()) {
+                    (LayerType::Sliding, Some(w)) => w.saturating_sub(1),
+                    _ => usize::MAX,
+                };
+                if keep == 0 {
+                    c.k = None;
+                    c.v = None;
+                } else {
+                    c.k = Some(keep_last(&k, keep)?);
+                    c.v = Some(keep_last(&v, keep)?);
+                }
+                (k, v)
+            }
+        };
+        let tk = k.dim(2)?;
+        let g = nh / nkv;
+        // GQA without repeating K/V: q-head h = kv·g + r uses kv-head kv.
+        let qg = q.contiguous()?.reshape((b, nkv, g * t, d))?;
+        let scores = qg.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, tk))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut scores = (scores * scale)?;
+        if let Some(m) = ctx.mask(self.layer_type) {
+            scores = scores.broadcast_add(m)?;
+        }
+        let sinks = self
+            .sinks
+            .reshape((1, nh, 1, 1))?
+            .broadcast_as((b, nh, t, 1))?;
+        let combined = Tensor::cat(&[&scores, &sinks.to_dtype(scores.dtype())?], D::Minus1)?;
+        let max = combined.max_keepdim(D::Minus1)?.detach();
+        let shifted = combined.broadcast_sub(&max)?;
+        let dtype = shifted.dtype();
+        let e = shifted.to_dtype(DType::F32)?.exp()?;
+        let probs = e
+            .broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            .to_dtype(dtype)?;
+        let probs = probs
+            .narrow(D::Minus1, 0, tk)?
+            .reshape((b, nkv, g * t, tk))?;
+        let out = probs.matmul(&v)?; // [B, nkv, g·T, d]
+        let out = out
+            .reshape((b, nh, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * d))?;
+        self.o_proj.forward(&out)
+    }
+}

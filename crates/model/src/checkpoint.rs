@@ -1,0 +1,363 @@
+//! Loading and saving checkpoints in the Hugging Face layout: `config.json` plus `model.safetensors` or sharded
+//! `model-*.safetensors` with `model.safetensors.index.json`, memory-mapped; MXFP4 experts
+//! (`*_blocks`/`*_scales`) dequantized through `gptoss-mxfp4`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::model::GptOssForCausalLM;
+use crate::spec::{build_model, named_parameters, ParamKind};
+
+/// Name of the single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn st_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// The safetensors files of a checkpoint directory (from the index when present).
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(INDEX_FILE);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: index.clone(),
+                source,
+            })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Safetensors {
+                path: index.clone(),
+                reason: "no \"weight_map\" object".into(),
+            })?;
+        let mut files: Vec<String> = Vec::new();
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| ModelError::Safetensors {
+                path: index.clone(),
+                reason: format!("weight_map[{name:?}] is not a file name"),
+            })?;
+            if !files.iter().any(|x| x == f) {
+                files.push(f.to_string());
+            }
+        }
+        files.sort();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join(SINGLE_FILE);
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("neither {INDEX_FILE} nor {SINGLE_FILE} in the checkpoint directory"),
+        ),
+    })
+}
+
+fn candle_dtype(d: StDtype) -> Option<DType> {
+    Some(match d {
+        StDtype::F32 => DType::F32,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F16 => DType::F16,
+        StDtype::F64 => DType::F64,
+        StDtype::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+/// Load a checkpoint directory into a model with weights in `dtype` on `device`.
+///
+/// Expert weights are either plain (`mlp.experts.gate_up_proj` `[E, H, 2I]`, `down_proj` `[E, I, H]`) or MXFP4
+/// (`…_blocks` `[E, out, in/32, 16]` u8 + `…_scales` `[E, out, in/32]` u8), dequantized to `dtype`. Every
+/// tensor the config implies must be present with its exact shape, and no other tensor may be present; the
+/// errors name the tensor, the file and both shapes.
+pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<GptOssForCausalLM> {
+    let dir = dir.as_ref();
+    let config = Config::from_file(dir.join("config.json"))?;
+    let files = checkpoint_files(dir)?;
+    let mut shards = Vec::with_capacity(files.len());
+    for path in files {
+        let f = std::fs::File::open(&path).map_err(io(&path))?;
+        // SAFETY: the file is opened read-only and must not be modified while the model loads (the
+        // usual contract of memory-mapped checkpoints).
+        let mmap = unsafe { Mmap::map(&f) }.map_err(io(&path))?;
+        shards.push(Shard { path, mmap });
+    }
+    let mut parsed = Vec::with_capacity(shards.len());
+    for s in &shards {
+        parsed.push(SafeTensors::deserialize(&s.mmap).map_err(|e| st_err(&s.path, e))?);
+    }
+    // name -> shard index
+    let mut location: HashMap<String, usize> = HashMap::new();
+    for (i, st) in parsed.iter().enumerate() {
+        for name in st.names() {
+            location.insert(name.to_string(), i);
+        }
+    }
+    let mut used: HashSet<String> = HashSet::new();
+    let model = build_model(&config, dtype, device, |spec| {
+        if let Some(&i) = location.get(&spec.name) {
+            used.insert(spec.name.clone());
+            return read_plain(
+                &parsed[i],
+                &shards[i].path,
+                &spec.name,
+                &spec.shape,
+                dtype,
+                device,
+            );
+        }
+        if spec.kind == ParamKind::Expert {
+            let (bn, sn) = (
+                format!("{}_blocks", spec.name),
+                format!("{}_scales", spec.name),
+            );
+            if let (Some(&bi), Some(&si)) = (location.get(&bn), location.get(&sn)) {
+                used.insert(bn.clone());
+                used.insert(sn.clone());
+                return read_mxfp4(
+                    &parsed,
+                    &shards,
+                    (bi, &bn),
+                    (si, &sn),
+                    &spec.name,
+                    &spec.shape,
+                    dtype,
+                    device,
+                );
+            }
+        }
+        Err(ModelError::MissingTensor {
+            name: spec.name.clone(),
+            expected: spec.shape.clone(),
+            dir: dir.to_path_buf(),
+        })
+    })?;
+    let mut extra: Vec<(&String, &usize)> = location
+        .iter()
+        .filter(|(n, _)| !used.contains(*n))
+        .collect();
+    extra.sort();
+    if let Some((name, &i)) = extra.first() {
+        let shape = parsed[i]
+            .tensor(name)
+            .map(|t| t.shape().to_vec())
+            .unwrap_or_default();
+        return Err(ModelError::UnexpectedTensor {
+            name: (*name).clone(),
+            shape,
+            file: shards[i].path.clone(),
+        });
+    }
+    Ok(model)
+}
+
+fn read_plain(
+    st: &SafeTensors<'_>,
+    path: &Path,
+    name: &str,
+    expected: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let view = st.tensor(name).map_err(|e| st_err(path, e))?;
+    if view.shape() != expected {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            file: path.to_path_buf(),
+            found: view.shape().to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    let src = match candle_dtype(view.dtype()) {
+        Some(d) if d.is_float() => d,
+        _ => {
+            return Err(ModelError::UnsupportedDtype {
+                name: name.to_string(),
+                file: path.to_path_buf(),
+                dtype: format!("{:?}", view.dtype()),
+            })
+        }
+    };
+    let t = Tensor::from_raw_buffer(view.data(), src, view.shape(), &Device::Cpu)?;
+    Ok(t.to_dtype(dtype)?.to_device(device)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_mxfp4(
+    parsed: &[SafeTensors<'_>],
+    shards: &[Shard],
+    (bi, bname): (usize, &str),
+    (si, sname): (usize, &str),
+    name: &str,
+    expected: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let (bpath, spath) = (&shards[bi].path, &shards[si].path);
+    let b = parsed[bi].tensor(bname).map_err(|e| st_err(bpath, e))?;
+    let s = parsed[si].tensor(sname).map_err(|e| st_err(spath, e))?;
+    // expected [E, in, out] -> blocks [E, out, in/32, 16], scales [E, out, in/32]
+    let (e, inn, out) = (expected[0], expected[1], expected[2]);
+    let want_b = vec![e, out, inn / 32, 16];
+    let want_s = vec![e, out, inn / 32];
+    for (n, p, v, want) in [(bname, bpath, &b, &want_b), (sname, spath, &s, &want_s)] {
+        if v.shape() != want.as_slice() {
+            return Err(ModelError::ShapeMismatch {
+                name: n.to_string(),
+                file: p.clone(),
+                found: v.shape().to_vec(),
+                expected: want.clone(),
+            });
+        }
+        if v.dtype() != StDtype::U8 {
+            return Err(ModelError::UnsupportedDtype {
+                name: n.to_string(),
+                file: p.clone(),
+                dtype: format!("{:?} (MXFP4 tensors must be U8)", v.dtype()),
+            });
+        }
+    }
+    let t = gptoss_mxfp4::dequantize_bytes(
+        b.data(),
+        b.shape(),
+        s.data(),
+        s.shape(),
+        dtype,
+        gptoss_mxfp4::Layout::Transposed,
+        device,
+        Some(bname),
+    )
+    .map_err(|err| ModelError::Mxfp4 {
+        name: name.to_string(),
+        reason: err.to_string(),
+    })?;
+    if t.dims() != expected {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            file: bpath.clone(),
+            found: t.dims().to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(t)
+}
+
+/// How [`save`] writes a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// Store the expert weights as MXFP4 `_blocks`/`_scales` (and keep `quantization_config`); otherwise they
+    /// are stored plain and `quantization_config` is dropped (what transformers saves after dequantizing).
+    pub mxfp4_experts: bool,
+    /// Split into `model-0000i-of-0000n.safetensors` shards of at most this many bytes (plus an index);
+    /// `None` writes a single `model.safetensors`.
+    pub max_shard_bytes: Option<usize>,
+    /// Store every floating tensor in this dtype (default: the model's run dtype).
+    pub dtype: Option<DType>,
+}
+
+/// Save `model` in the HF layout into `dir` (created if needed): `config.json` and the safetensors file(s).
+pub fn save(model: &GptOssForCausalLM, dir: impl AsRef<Path>, opts: &SaveOptions) -> Result<()> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut config = model.config().clone();
+    if !opts.mxfp4_experts {
+        config.quantization_config = None;
+    } else if config.quantization_config.is_none() {
+        config.quantization_config = Config::gpt_oss_20b().quantization_config;
+    }
+    let cfg_path = dir.join("config.json");
+    std::fs::write(&cfg_path, config.to_json()?).map_err(io(&cfg_path))?;
+    let store = opts.dtype.unwrap_or(model.dtype());
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in named_parameters(model) {
+        let is_expert =
+            name.ends_with("experts.gate_up_proj") || name.ends_with("experts.down_proj");
+        if opts.mxfp4_experts && is_expert {
+            let (b, s) = gptoss_mxfp4::quantize_named(
+                &t.to_device(&Device::Cpu)?,
+                gptoss_mxfp4::Layout::Transposed,
+                Some(&name),
+            )
+            .map_err(|err| ModelError::Mxfp4 {
+                name: name.clone(),
+                reason: err.to_string(),
+            })?;
+            tensors.push((format!("{name}_blocks"), b));
+            tensors.push((format!("{name}_scales"), s));
+        } else {
+            tensors.push((name, t.to_dtype(store)?.to_device(&Device::Cpu)?));
+        }
+    }
+    let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut cur = 0usize;
+    for (n, t) in tensors {
+        let sz = size(&t);
+        if let Some(max) = opts.max_shard_bytes {
+            if cur > 0 && cur + sz > max {
+                shards.push(Vec::new());
+                cur = 0;
+            }
+        }
+        cur += sz;
+        if let Some(last) = shards.last_mut() {
+            last.push((n, t));
+        }
+    }
+    if opts.max_shard_bytes.is_none() {
+        let path = dir.join(SINGLE_FILE);
+        let map: HashMap<String, Tensor> = shards.concat().into_iter().collect();
+        candle_core::safetensors::save(&map, &path).map_err(|e| st_err(&path, e))?;
+        return Ok(());
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.into_iter().enumerate() {
+        let fname = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        let path = dir.join(&fname);
+        for (name, t) in &shard {
+            total += size(t);
+            weight_map.insert(name.clone(), serde_json::Value::String(fname.clone()));
+        }
+        let map: HashMap<String, Tensor> = shard.into_iter().collect();
+        candle_core::safetensors::save(&map, &path).map_err(|e| st_err(&path, e))?;
+    }
+    let index =
+        serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let path = dir.join(INDEX_FILE);
+    let text = serde_json::to_string_pretty(&index).map_err(|e| ModelError::Safetensors {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&path, text).map_err(io(&path))?;
+    Ok(())
+}

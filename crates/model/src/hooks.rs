@@ -1,0 +1,38 @@
+//! Hook points for adapters (LoRA) on linear layers and expert weights; the model knows nothing of LoRA.
+//! The contract is fixed in `docs/model-api.md`.
+
+use candle_core::Tensor;
+
+/// Adapter on a linear layer.
+pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
+    /// `x`: layer input `[.., in]` (run dtype); `base`: `x·Wᵀ + b`, `[.., out]` (run dtype).
+    /// Returns the layer output `[.., out]` in `base`'s dtype.
+    fn forward(&self, x: &Tensor, base: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// Adapter on one 3-D expert parameter (`gate_up_proj` `[E, H, 2I]` or `down_proj` `[E, I, H]`, layout
+/// `[E, in, out]`).
+pub trait ExpertAdapter: Send + Sync + std::fmt::Debug {
+    /// `x`: the rows routed to `expert`, `[n, in]` (run dtype). Returns `x·ΔW[expert]`, `[n, out]`, in x's dtype;
+    /// the model adds it to `x·W[expert]` (before the bias).
+    fn delta(&self, expert: usize, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// Which 3-D expert parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpertParam {
+    /// `gate_up_proj` `[E, H, 2I]` (output columns interleaved: even = gate, odd = up).
+    GateUp,
+    /// `down_proj` `[E, I, H]`.
+    Down,
+}
+
+impl ExpertParam {
+    /// The HF parameter name: `"gate_up_proj"` or `"down_proj"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::GateUp => "gate_up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Attention context of one batch: RoPE tables and additive masks, built once on the device.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{Config, LayerType};
+use crate::error::{ModelError, Result};
+use crate::rope::RopeParams;
+
+/// Masks and RoPE tables shared by all layers for one forward call (built on the device, never on the host).
+///
+/// Queries are the `seq_len` new tokens at absolute indices `past_len..past_len + seq_len`. Full-attention
+/// layers see keys `0..past_len + seq_len`; sliding layers see keys from [`AttnContext::key_start`] on (their
+/// cache keeps only the last `window − 1` keys).
+#[derive(Debug, Clone)]
+pub struct AttnContext {
+    /// cos table `[B, 1, T, head_dim/2]` (run dtype, scaled by the YaRN attention factor).
+    pub cos: Tensor,
+    /// sin table `[B, 1, T, head_dim/2]`.
+    pub sin: Tensor,
+    full_mask: Option<Tensor>,
+    sliding_mask: Option<Tensor>,
+    /// Number of tokens already in the KV cache.
+    pub past_len: usize,
+    /// Number of new tokens T.
+    pub seq_len: usize,
+    /// Batch size B.
+    pub batch: usize,
+    window: Option<usize>,
+}
+
+impl AttnContext {
+    /// Build the context.
+    ///
+    /// * `attention_mask`: optional `[B, past_len + T]` (any dtype; nonzero = token, 0 = padding). Padding keys
+    ///   are masked out and positions are `cumsum(mask) − 1` (as transformers' `generate` computes them);
+    ///   without a mask, positions are `past_len..past_len+T` for every row.
+    /// * `dtype`: the run dtype of the masks and RoPE tables.
+    pub fn new(
+        config: &Config,
+        rope: &RopeParams,
+        batch: usize,
+        seq_len: usize,
+        past_len: usize,
+        attention_mask: Option<&Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let total = past_len + seq_len;
+        let pad = match attention_mask {
+            None => None,
+            Some(m) => {
+                if m.dims() != [batch, total] {
+                    return Err(ModelError::arg(
+                        "attention_mask",
+                        format!(
+                            "expected shape [{batch}, {total}] ([B, past_len + T]), got {:?}",
+                            m.dims()
+                        ),
+                    ));
+                }
+                Some(m.to_device(device)?.ne(0f64)?.to_dtype(DType::F32)?)
+            }
+        };
+        let positions = match &pad {
+            Some(p) => {
+                let pos = (p.cumsum(1)? - 1.0)?.relu()?;
+                pos.narrow(1, past_len, seq_len)?
+            }
+            None => Tensor::arange(past_len as u32, total as u32, device)?
+                .to_dtype(DType::F32)?
+                .unsqueeze(0)?
+                .broadcast_as((batch, seq_len))?
+                .contiguous()?,
+        };
+        let (cos, sin) = rope.cos_sin(&positions, dtype)?;
+        let types = config.layer_types();
+        let window = config.sliding_window;
+        let mut ctx = Self {
+            cos,
+            sin,
+            full_mask: None,
+            sliding_mask: None,
+            past_len,
+            seq_len,
+            batch,
+            window,
+        };
+        if types.contains(&LayerType::Full) {
+            ctx.full_mask = Some(build_mask(
+                past_len,
+                seq_len,
+                0,
+                None,
+                pad.as_ref(),
+                dtype,
+                device,
+            )?);
+        }
+        if types.contains(&LayerType::Sliding) {
+            let ks = ctx.key_start(LayerType::Sliding);
+            ctx.sliding_mask = Some(build_mask(
+                past_len,
+                seq_len,
+                ks,
+                window,
+                pad.as_ref(),
+                dtype,
+                device,
+            )?);
+        }
+        Ok(ctx)
+    }
+
+    /// First absolute key index a layer of this type attends to (and that its KV cache must start at).
+    pub fn key_start(&self, t: LayerType) -> usize {
+        match (t, self.window) {
+            (LayerType::Sliding, Some(w)) => self.past_len.saturating_sub(w.saturating_sub(1)),
+            _ => 0,
+        }
+    }
+
+    /// Additive mask `[B or 1, 1, T, Tk]` (0 = visible, −inf = hidden) for a layer type.
+    pub fn mask(&self, t: LayerType) -> Option<&Tensor> {
+        match t {
+            LayerType::Full => self.full_mask.as_ref(),
+            LayerType::Sliding => self.sliding_mask.as_ref(),
+        }
+    }
+
+    /// The sliding window of the config.
+    pub fn window(&self) -> Option<usize> {
+        self.window
+    }
+}
+
+/// key j visible to query i iff `j ≤ i`, `j > i − window` (sliding) and `pad[b, j] ≠ 0`.
+fn build_mask(
+    past_len: usize,
+    seq_len: usize,
+    key_start: usize,
+    window: Option<usize>,
+    pad: Option<&Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = past_len + seq_len;
+    let tk = total - key_start;
+    let q = Tensor::arange(past_len as u32, total as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((seq_len, 1))?;
+    let k = Tensor::arange(key_start as u32, total as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((1, tk))?;
+    let mut allowed = k.broadcast_le(&q)?; // [T, Tk] u8
+    if let Some(w) = window {
+        let inside = (k + w as f64)?.broadcast_gt(&q)?;
+        allowed = (allowed * inside)?;
+    }
+    let allowed = allowed.reshape((1, 1, seq_len, tk))?;
+    let allowed = match pad {
+        Some(p) => {
+            let b = p.dim(0)?;
+            let keys = p
+                .narrow(1, key_start, tk)?
+                .ne(0f64)?
+                .reshape((b, 1, 1, tk))?;
+            allowed.broadcast_mul(&keys)?
+        }
+        None => allowed,
+    };
+    let shape = allowed.shape().clone();
+    let zeros = Tensor::zeros(&shape, dtype, device)?;
+    let neg = Tensor::full(f32::NEG_INFINITY, &shape, device)?.to_dtype(dtype)?;
+    Ok(allowed.where_cond(&zeros, &neg)?)
+}
+
+/// Keep `D::Minus2`-axis rows `[len − keep, len)` of a cache tensor `[B, h, S, d]` (all when `keep ≥ S`).
+pub(crate) fn keep_last(t: &Tensor, keep: usize) -> candle_core::Result<Tensor> {
+    let s = t.dim(D::Minus2)?;
+    if keep >= s {
+        Ok(t.clone())
+    } else {
+        t.narrow(D::Minus2, s - keep, keep)?.contiguous()
+    }
+}

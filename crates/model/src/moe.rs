@@ -1,0 +1,246 @@
+//! Mixture-of-experts MLP: top-k router and experts with clamped, interleaved SwiGLU (transformers
+//! `GptOssTopKRouter` / `GptOssExperts`).
+//!
+//! Only routed (token, expert) pairs are computed. The routing decision (top-k indices) is taken on the device
+//! by an arg-sort; the k indices per token (`N·k` u32, a few KiB) are then copied to the host once per layer,
+//! because candle tensor shapes — here the number of rows of each expert — live on the host. The grouped
+//! gather/scatter itself runs on the device (`index_select` of the routed rows, one `index_add` back).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{ModelError, Result};
+use crate::hooks::{ExpertAdapter, ExpertParam};
+
+/// `model.layers.{i}.mlp.router`: `logits = x·Wᵀ + b` (not a [`crate::Linear`]: no adapter hook).
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// `weight` `[E, H]`.
+    pub weight: Tensor,
+    /// `bias` `[E]`.
+    pub bias: Tensor,
+    /// Experts per token k.
+    pub top_k: usize,
+}
+
+/// Routing of `N` tokens.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Router logits `[N, E]` (run dtype).
+    pub logits: Tensor,
+    /// Softmax over the k selected logits, `[N, k]` (run dtype; differentiable).
+    pub weights: Tensor,
+    /// Selected experts `[N, k]` u32, in descending logit order.
+    pub indices: Tensor,
+}
+
+impl Router {
+    /// `x`: `[N, H]` → routing (top-k of the logits, then a softmax over those k).
+    pub fn route(&self, x: &Tensor) -> candle_core::Result<Routing> {
+        let logits = x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        let indices = logits
+            .detach()
+            .arg_sort_last_dim(false)?
+            .narrow(D::Minus1, 0, self.top_k)?
+            .contiguous()?;
+        let top = logits.gather(&indices, D::Minus1)?;
+        let dtype = top.dtype();
+        let top = top.to_dtype(DType::F32)?;
+        let max = top.max_keepdim(D::Minus1)?.detach();
+        let e = top.broadcast_sub(&max)?.exp()?;
+        let weights = e
+            .broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            .to_dtype(dtype)?;
+        Ok(Routing {
+            logits,
+            weights,
+            indices,
+        })
+    }
+}
+
+/// `model.layers.{i}.mlp.experts`: `E` experts in the transformers layout `[E, in, out]`.
+#[derive(Debug, Clone)]
+pub struct Experts {
+    gate_up_proj: Tensor,
+    gate_up_proj_bias: Tensor,
+    down_proj: Tensor,
+    down_proj_bias: Tensor,
+    gate_up_adapter: Option<Arc<dyn ExpertAdapter>>,
+    down_adapter: Option<Arc<dyn ExpertAdapter>>,
+    /// SwiGLU clamp limit (7.0).
+    pub limit: f64,
+    /// SwiGLU sigmoid slope (1.702).
+    pub alpha: f64,
+}
+
+impl Experts {
+    /// Experts from `gate_up_proj` `[E, H, 2I]`, its bias `[E, 2I]`, `down_proj` `[E, I, H]` and its bias `[E, H]`.
+    pub fn new(
+        gate_up_proj: Tensor,
+        gate_up_proj_bias: Tensor,
+        down_proj: Tensor,
+        down_proj_bias: Tensor,
+        limit: f64,
+        alpha: f64,
+    ) -> Self {
+        Self {
+            gate_up_proj,
+            gate_up_proj_bias,
+            down_proj,
+            down_proj_bias,
+            gate_up_adapter: None,
+            down_adapter: None,
+            limit,
+            alpha,
+        }
+    }
+
+    /// Install (or remove) the adapter of one parameter.
+    pub fn set_adapter(&mut self, p: ExpertParam, a: Option<Arc<dyn ExpertAdapter>>) {
+        match p {
+            ExpertParam::GateUp => self.gate_up_adapter = a,
+            ExpertParam::Down => self.down_adapter = a,
+        }
+    }
+
+    /// The parameter in layout `[E, in, out]`.
+    pub fn param(&self, p: ExpertParam) -> &Tensor {
+        match p {
+            ExpertParam::GateUp => &self.gate_up_proj,
+            ExpertParam::Down => &self.down_proj,
+        }
+    }
+
+    /// The bias of a parameter, `[E, out]`.
+    pub fn bias(&self, p: ExpertParam) -> &Tensor {
+        match p {
+            ExpertParam::GateUp => &self.gate_up_proj_bias,
+            ExpertParam::Down => &self.down_proj_bias,
+        }
+    }
+
+    /// Replace a parameter (e.g. after merging); shape, dtype and device must stay the same.
+    pub fn set_param(&mut self, p: ExpertParam, w: Tensor) -> Result<()> {
+        let cur = self.param(p);
+        if w.dims() != cur.dims()
+            || w.dtype() != cur.dtype()
+            || !w.device().same_device(cur.device())
+        {
+            return Err(ModelError::arg(
+                p.name(),
+                format!(
+                    "expected shape {:?} {:?}, got {:?} {:?}",
+                    cur.dims(),
+                    cur.dtype(),
+                    w.dims(),
+                    w.dtype()
+                ),
+            ));
+        }
+        match p {
+            ExpertParam::GateUp => self.gate_up_proj = w,
+            ExpertParam::Down => self.down_proj = w,
+        }
+        Ok(())
+    }
+
+    /// Number of experts E.
+    pub fn num_experts(&self) -> usize {
+        self.gate_up_proj.dims().first().copied().unwrap_or(0)
+    }
+
+    fn project(&self, p: ExpertParam, e: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = x.matmul(&self.param(p).get(e)?)?;
+        let adapter = match p {
+            ExpertParam::GateUp => &self.gate_up_adapter,
+            ExpertParam::Down => &self.down_adapter,
+        };
+        if let Some(a) = adapter {
+            y = (y + a.delta(e, x)?)?;
+        }
+        y.broadcast_add(&self.bias(p).get(e)?)
+    }
+
+    /// One expert on its rows: `x` `[n, H]` → `[n, H]` (run dtype), without the routing weight.
+    pub fn expert_forward(&self, e: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gu = self.project(ExpertParam::GateUp, e, x)?;
+        let (n, two_i) = gu.dims2()?;
+        let gu = gu.reshape((n, two_i / 2, 2))?;
+        let gate = gu.narrow(2, 0, 1)?.squeeze(2)?.minimum(self.limit)?;
+        let up = gu
+            .narrow(2, 1, 1)?
+            .squeeze(2)?
+            .clamp(-self.limit, self.limit)?;
+        let glu = (&gate * candle_nn::ops::sigmoid(&(&gate * self.alpha)?)?)?;
+        let act = ((up + 1.0)? * glu)?;
+        self.project(ExpertParam::Down, e, &act)
+    }
+
+    /// Weighted sum over the routed experts: `x` `[N, H]`, `routing` from [`Router::route`] → `[N, H]`.
+    ///
+    /// Rows are grouped per expert from the host copy of the `N·k` indices; gathering and the final
+    /// `index_add` run on the device.
+    pub fn forward(&self, x: &Tensor, routing: &Routing) -> candle_core::Result<Tensor> {
+        let (n, h) = x.dims2()?;
+        let k = routing.indices.dim(1)?;
+        let idx: Vec<Vec<u32>> = routing.indices.to_vec2::<u32>()?;
+        let num_e = self.num_experts();
+        let mut groups: Vec<Vec<(u32, u32)>> = vec![Vec::new(); num_e];
+        for (t, row) in idx.iter().enumerate() {
+            for (slot, &e) in row.iter().enumerate() {
+                let e = e as usize;
+                if e < num_e {
+                    groups[e].push((t as u32, (t * k + slot) as u32));
+                }
+            }
+        }
+        let tokens: Vec<u32> = groups.iter().flatten().map(|p| p.0).collect();
+        let pairs: Vec<u32> = groups.iter().flatten().map(|p| p.1).collect();
+        let dev: &Device = x.device();
+        if tokens.is_empty() {
+            return x.zeros_like();
+        }
+        let tok_t = Tensor::new(tokens.as_slice(), dev)?;
+        let pair_t = Tensor::new(pairs.as_slice(), dev)?;
+        let xs = x.index_select(&tok_t, 0)?; // [M, H]
+        let mut outs = Vec::new();
+        let mut off = 0usize;
+        for (e, g) in groups.iter().enumerate() {
+            if g.is_empty() {
+                continue;
+            }
+            outs.push(self.expert_forward(e, &xs.narrow(0, off, g.len())?)?);
+            off += g.len();
+        }
+        let ys = Tensor::cat(&outs, 0)?; // [M, H]
+        let w = routing
+            .weights
+            .flatten_all()?
+            .index_select(&pair_t, 0)?
+            .unsqueeze(1)?;
+        let ys = ys.broadcast_mul(&w.to_dtype(ys.dtype())?)?;
+        Tensor::zeros((n, h), x.dtype(), dev)?.index_add(&tok_t, &ys, 0)
+    }
+}
+
+/// `model.layers.{i}.mlp`.
+#[derive(Debug, Clone)]
+pub struct MoeMlp {
+    /// `.router`.
+    pub router: Router,
+    /// `.experts`.
+    pub experts: Experts,
+}
+
+impl MoeMlp {
+    /// `x`: `[B, T, H]` → (`[B, T, H]`, router logits `[B·T, E]`).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, t, h) = x.dims3()?;
+        let flat = x.reshape((b * t, h))?;
+        let routing = self.router.route(&flat)?;
+        let y = self.experts.forward(&flat, &routing)?;
+        Ok((y.reshape((b, t, h))?, routing.logits))
+    }
+}

@@ -1,0 +1,65 @@
+//! Atomic file writes: write to a temporary file in the destination directory, fsync, then
+//! rename over the destination, so a crash never leaves a half-written file behind.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{Result, SftError};
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file in the same directory + rename).
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).map_err(|e| SftError::io(tmp, e))?;
+        f.write_all(bytes).map_err(|e| SftError::io(tmp, e))
+    })
+}
+
+/// Writes `value` as pretty JSON (2-space indent, trailing newline) to `path` atomically.
+pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| SftError::format(path, format!("cannot serialize JSON: {e}")))?;
+    text.push('\n');
+    write_bytes(path, text.as_bytes())
+}
+
+/// Lets `write` fill a temporary path next to `path`, fsyncs it, then renames it to `path`.
+/// On error the temporary file is removed and `path` is left untouched.
+pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = parent_dir(path);
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| SftError::io(dir, e))?;
+    write(tmp.path())?;
+    let f = std::fs::File::open(tmp.path()).map_err(|e| SftError::io(tmp.path(), e))?;
+    f.sync_all().map_err(|e| SftError::io(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| SftError::io(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_write_leaves_destination_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        write_json(&p, &serde_json::json!({"a": 1})).unwrap();
+        let r = write_with(&p, |_| Err(SftError::Trainer("boom".into())));
+        assert!(r.is_err());
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text, "{\n  \"a\": 1\n}\n");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+}

@@ -6,6 +6,9 @@
 
 pub mod config;
 pub mod error;
+pub mod expert;
+pub mod init;
+pub mod linear;
 pub mod shapes;
 pub mod target;
 
@@ -14,7 +17,9 @@ pub use config::{
     PEFT_VERSION,
 };
 pub use error::{LoraError, Result};
-pub use shapes::{ExpertShape, ExpertWeight, GptOssShapes, LinearShape, ModuleKind};
+pub use expert::LoraExperts;
+pub use linear::LoraLinear;
+pub use shapes::{ExpertShape, LinearShape, ModelShapes, ModuleKind};
 pub use target::{
     resolve_targets, thousands, ExpertTarget, Factor, LinearTarget, TargetPlan, PEFT_KEY_PREFIX,
 };

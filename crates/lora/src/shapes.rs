@@ -1,50 +1,8 @@
-//! The gpt-oss module tree as names and shapes only (no weights): what target matching and parameter
-//! counting need. Names mirror Hugging Face (`model.layers.{i}.self_attn.q_proj`).
+//! The gpt-oss module tree as names and shapes only (no weights), derived from a [`Config`] through the model
+//! crate's [`tensor_specs`]: what target matching and parameter counting need. Names mirror Hugging Face
+//! (`model.layers.{i}.self_attn.q_proj`).
 
-/// The dimensions of a gpt-oss model that determine every module name and parameter shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GptOssShapes {
-    /// Number of decoder layers.
-    pub num_hidden_layers: usize,
-    /// Model width H.
-    pub hidden_size: usize,
-    /// Expert width I (gate_up_proj has 2·I outputs).
-    pub intermediate_size: usize,
-    /// Attention head dimension.
-    pub head_dim: usize,
-    /// Number of query heads.
-    pub num_attention_heads: usize,
-    /// Number of key/value heads.
-    pub num_key_value_heads: usize,
-    /// Number of experts E per layer.
-    pub num_local_experts: usize,
-    /// Vocabulary size V.
-    pub vocab_size: usize,
-    /// Whether lm_head shares the embedding matrix (false for gpt-oss).
-    pub tie_word_embeddings: bool,
-}
-
-/// Which 3-D expert weight of `model.layers.{i}.mlp.experts` (layout [E, in, out]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ExpertWeight {
-    /// `gate_up_proj` [E, H, 2I]; registered first, so PEFT makes it the inner wrapper when both are targeted.
-    GateUp,
-    /// `down_proj` [E, I, H].
-    Down,
-}
-
-impl ExpertWeight {
-    /// Both weights in PEFT's registration order.
-    pub const ALL: [ExpertWeight; 2] = [ExpertWeight::GateUp, ExpertWeight::Down];
-
-    /// The HF parameter name.
-    pub fn name(self) -> &'static str {
-        match self {
-            ExpertWeight::GateUp => "gate_up_proj",
-            ExpertWeight::Down => "down_proj",
-        }
-    }
-}
+use gptoss_model::{num_parameters, tensor_specs, Config, ExpertParam, ParamKind, TensorSpec};
 
 /// A linear layer: `y = x·Wᵀ + b`, W [out, in].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +21,7 @@ pub struct ExpertShape {
     /// The experts module, e.g. `model.layers.7.mlp.experts`.
     pub module: String,
     /// Which weight.
-    pub weight: ExpertWeight,
+    pub param: ExpertParam,
     /// E.
     pub num_experts: usize,
     /// in (dim 1).
@@ -75,7 +33,7 @@ pub struct ExpertShape {
 impl ExpertShape {
     /// Full parameter name, e.g. `model.layers.7.mlp.experts.gate_up_proj`.
     pub fn param_name(&self) -> String {
-        format!("{}.{}", self.module, self.weight.name())
+        format!("{}.{}", self.module, self.param.name())
     }
 }
 
@@ -90,29 +48,27 @@ pub enum ModuleKind {
     Other,
 }
 
-impl GptOssShapes {
-    /// gpt-oss-20b (config.json of openai/gpt-oss-20b).
-    pub fn gpt_oss_20b() -> Self {
-        GptOssShapes {
-            num_hidden_layers: 24,
-            hidden_size: 2880,
-            intermediate_size: 2880,
-            head_dim: 64,
-            num_attention_heads: 64,
-            num_key_value_heads: 8,
-            num_local_experts: 32,
-            vocab_size: 201088,
-            tie_word_embeddings: false,
+/// Module names, parameter names and shapes of one gpt-oss configuration.
+#[derive(Debug, Clone)]
+pub struct ModelShapes {
+    layers: usize,
+    specs: Vec<TensorSpec>,
+    base_params: u64,
+}
+
+impl ModelShapes {
+    /// Shapes of the model `config` describes.
+    pub fn new(config: &Config) -> Self {
+        ModelShapes {
+            layers: config.num_hidden_layers,
+            specs: tensor_specs(config),
+            base_params: num_parameters(config),
         }
     }
 
-    /// gpt-oss-120b.
-    pub fn gpt_oss_120b() -> Self {
-        GptOssShapes {
-            num_hidden_layers: 36,
-            num_local_experts: 128,
-            ..Self::gpt_oss_20b()
-        }
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers
     }
 
     /// Every module in `named_modules()` order (root excluded), with its kind.
@@ -122,7 +78,7 @@ impl GptOssShapes {
             ("model.embed_tokens".to_string(), ModuleKind::Embedding),
             ("model.layers".to_string(), ModuleKind::Other),
         ];
-        for i in 0..self.num_hidden_layers {
+        for i in 0..self.layers {
             let p = format!("model.layers.{i}");
             out.push((p.clone(), ModuleKind::Other));
             out.push((format!("{p}.self_attn"), ModuleKind::Other));
@@ -145,125 +101,57 @@ impl GptOssShapes {
         out
     }
 
-    /// Shape of the linear module `name`, if it is one.
+    /// Shape of the linear module `name` (from its `weight` [out, in]), if it is one.
     pub fn linear(&self, name: &str) -> Option<LinearShape> {
-        let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let (in_features, out_features) = if name == "lm_head" {
-            (h, self.vocab_size)
-        } else {
-            let rest = name.strip_prefix("model.layers.")?;
-            let (idx, proj) = rest.split_once(".self_attn.")?;
-            if idx.parse::<usize>().ok()? >= self.num_hidden_layers {
-                return None;
-            }
-            match proj {
-                "q_proj" => (h, q),
-                "k_proj" | "v_proj" => (h, kv),
-                "o_proj" => (q, h),
-                _ => return None,
-            }
-        };
-        Some(LinearShape {
-            name: name.to_string(),
-            in_features,
-            out_features,
-        })
+        let is_linear = name == "lm_head"
+            || (name.starts_with("model.layers.")
+                && ["q_proj", "k_proj", "v_proj", "o_proj"]
+                    .iter()
+                    .any(|p| name.ends_with(&format!(".self_attn.{p}"))));
+        if !is_linear {
+            return None;
+        }
+        let w = format!("{name}.weight");
+        let s = self.specs.iter().find(|s| s.name == w)?;
+        match s.shape.as_slice() {
+            [out, inp] => Some(LinearShape {
+                name: name.to_string(),
+                in_features: *inp,
+                out_features: *out,
+            }),
+            _ => None,
+        }
     }
 
-    /// Every parameter in `named_parameters()` order with its shape.
-    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, i2, e) = (
-            self.hidden_size,
-            2 * self.intermediate_size,
-            self.num_local_experts,
-        );
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            vec![self.vocab_size, h],
-        )];
-        for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-                if let Some(s) = self.linear(&format!("{p}.self_attn.{proj}")) {
-                    out.push((
-                        format!("{p}.self_attn.{proj}.weight"),
-                        vec![s.out_features, s.in_features],
-                    ));
-                    out.push((format!("{p}.self_attn.{proj}.bias"), vec![s.out_features]));
-                }
-            }
-            out.push((
-                format!("{p}.self_attn.sinks"),
-                vec![self.num_attention_heads],
-            ));
-            out.push((format!("{p}.mlp.router.weight"), vec![e, h]));
-            out.push((format!("{p}.mlp.router.bias"), vec![e]));
-            out.push((format!("{p}.mlp.experts.gate_up_proj"), vec![e, h, i2]));
-            out.push((format!("{p}.mlp.experts.gate_up_proj_bias"), vec![e, i2]));
-            out.push((
-                format!("{p}.mlp.experts.down_proj"),
-                vec![e, self.intermediate_size, h],
-            ));
-            out.push((format!("{p}.mlp.experts.down_proj_bias"), vec![e, h]));
-            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        }
-        out.push(("model.norm.weight".to_string(), vec![h]));
-        if !self.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
-        }
-        out
+    /// Every parameter name in the model crate's `tensor_specs` order (gate_up_proj before down_proj).
+    pub fn parameter_names(&self) -> impl Iterator<Item = &str> {
+        self.specs.iter().map(|s| s.name.as_str())
     }
 
     /// The expert weight a parameter name denotes, if it is one.
     pub fn expert(&self, param_name: &str) -> Option<ExpertShape> {
-        let rest = param_name.strip_prefix("model.layers.")?;
-        let (idx, w) = rest.split_once(".mlp.experts.")?;
-        if idx.parse::<usize>().ok()? >= self.num_hidden_layers {
-            return None;
-        }
-        let (weight, in_features, out_features) = match w {
-            "gate_up_proj" => (
-                ExpertWeight::GateUp,
-                self.hidden_size,
-                2 * self.intermediate_size,
-            ),
-            "down_proj" => (ExpertWeight::Down, self.intermediate_size, self.hidden_size),
-            _ => return None,
-        };
-        Some(ExpertShape {
-            module: format!("model.layers.{idx}.mlp.experts"),
-            weight,
-            num_experts: self.num_local_experts,
-            in_features,
-            out_features,
-        })
-    }
-
-    /// Total number of base-model parameters (the sum over [`parameters`](Self::parameters)).
-    pub fn num_parameters(&self) -> u64 {
-        self.parameters()
+        let s = self
+            .specs
             .iter()
-            .map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>())
-            .sum()
+            .find(|s| s.name == param_name && s.kind == ParamKind::Expert)?;
+        let (module, pname) = param_name.rsplit_once('.')?;
+        let param = [ExpertParam::GateUp, ExpertParam::Down]
+            .into_iter()
+            .find(|p| p.name() == pname)?;
+        match s.shape.as_slice() {
+            [e, inp, out] => Some(ExpertShape {
+                module: module.to_string(),
+                param,
+                num_experts: *e,
+                in_features: *inp,
+                out_features: *out,
+            }),
+            _ => None,
+        }
     }
-}
 
-// MODEL-CONFIG-FROM
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gpt_oss_20b_parameter_count_matches_transformers() {
-        // transformers 5.24 on the meta device (reference.md §1).
-        assert_eq!(GptOssShapes::gpt_oss_20b().num_parameters(), 20_914_757_184);
-        assert_eq!(
-            GptOssShapes::gpt_oss_120b().num_parameters(),
-            116_829_156_672
-        );
+    /// Total number of base-model parameters.
+    pub fn num_parameters(&self) -> u64 {
+        self.base_params
     }
 }

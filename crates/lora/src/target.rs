@@ -19,7 +19,9 @@ use regex::Regex;
 
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{LoraError, Result};
-use crate::shapes::{ExpertShape, ExpertWeight, GptOssShapes, LinearShape, ModuleKind};
+use gptoss_model::{Config, ExpertParam};
+
+use crate::shapes::{ExpertShape, LinearShape, ModelShapes, ModuleKind};
 
 /// Prefix PEFT puts in front of module names in adapter files (`PeftModel.base_model.model`).
 pub const PEFT_KEY_PREFIX: &str = "base_model.model.";
@@ -318,10 +320,12 @@ enum ModuleMatcher {
     List(Vec<String>),
 }
 
-/// Resolves `cfg` against the model described by `shapes`. Validates the config first. Errors when an entry of
-/// `target_modules` / `target_parameters` matches nothing, or matches something LoRA cannot adapt here.
-pub fn resolve_targets(cfg: &LoraConfig, shapes: &GptOssShapes) -> Result<TargetPlan> {
+/// Resolves `cfg` against the model `config` describes (shapes only; nothing is allocated). Validates the
+/// config first. Errors when an entry of `target_modules` / `target_parameters` matches nothing, or matches
+/// something LoRA cannot adapt here.
+pub fn resolve_targets(cfg: &LoraConfig, config: &Config) -> Result<TargetPlan> {
     cfg.validate()?;
+    let shapes = &ModelShapes::new(config);
     let exclude = match &cfg.exclude_modules {
         None => None,
         Some(TargetModules::Pattern(p)) => Some(ModuleMatcher::Regex(
@@ -420,20 +424,20 @@ pub fn resolve_targets(cfg: &LoraConfig, shapes: &GptOssShapes) -> Result<Target
     let mut experts: Vec<ExpertTarget> = Vec::new();
     if let Some(targets) = cfg.target_parameters.as_ref().filter(|v| !v.is_empty()) {
         let mut entry_hit = vec![false; targets.len()];
-        for (name, _) in shapes.parameters() {
-            let Some(entry) = list_matches(targets, &name) else {
+        for name in shapes.parameter_names() {
+            let Some(entry) = list_matches(targets, name) else {
                 continue;
             };
-            let Some(shape) = shapes.expert(&name) else {
+            let Some(shape) = shapes.expert(name) else {
                 return Err(LoraError::UnsupportedTarget {
                     field: "target_parameters",
                     target: targets[entry].clone(),
-                    name,
+                    name: name.to_string(),
                     reason: "only the 3-D expert weights mlp.experts.gate_up_proj / down_proj can be targeted",
                 });
             };
             entry_hit[entry] = true;
-            let (r, alpha, scaling) = rank_alpha(cfg, &name)?;
+            let (r, alpha, scaling) = rank_alpha(cfg, name)?;
             experts.push(ExpertTarget {
                 shape,
                 r,
@@ -449,8 +453,8 @@ pub fn resolve_targets(cfg: &LoraConfig, shapes: &GptOssShapes) -> Result<Target
                 what: "expert parameter",
                 example: format!(
                     "{}.mlp.experts.gate_up_proj (layers 0..{})",
-                    shapes.num_hidden_layers.saturating_sub(1),
-                    shapes.num_hidden_layers
+                    shapes.num_layers().saturating_sub(1),
+                    shapes.num_layers()
                 ),
             });
         }
@@ -458,7 +462,7 @@ pub fn resolve_targets(cfg: &LoraConfig, shapes: &GptOssShapes) -> Result<Target
         let modules: Vec<String> = experts.iter().map(|t| t.shape.module.clone()).collect();
         for t in experts.iter_mut() {
             let both = modules.iter().filter(|m| **m == t.shape.module).count() > 1;
-            t.nested = both && t.shape.weight == ExpertWeight::GateUp;
+            t.nested = both && t.shape.param == ExpertParam::GateUp;
         }
     }
 
@@ -484,7 +488,7 @@ mod tests {
 
     #[test]
     fn cookbook_count_and_line_match_peft() {
-        let plan = resolve_targets(&LoraConfig::cookbook(), &GptOssShapes::gpt_oss_20b()).unwrap();
+        let plan = resolve_targets(&LoraConfig::cookbook(), &Config::gpt_oss_20b()).unwrap();
         assert_eq!(plan.linears.len(), 96);
         assert_eq!(plan.experts.len(), 6);
         assert_eq!(plan.trainable_params(), 15_040_512);
@@ -498,7 +502,7 @@ mod tests {
     fn all_linear_is_attention_only() {
         let plan = resolve_targets(
             &cfg(Some(TargetModules::all_linear()), &[]),
-            &GptOssShapes::gpt_oss_20b(),
+            &Config::gpt_oss_20b(),
         )
         .unwrap();
         assert!(plan
@@ -511,7 +515,7 @@ mod tests {
 
     #[test]
     fn suffix_matching_needs_a_dot_boundary() {
-        let s = GptOssShapes::gpt_oss_20b();
+        let s = Config::gpt_oss_20b();
         let plan = resolve_targets(&cfg(Some(TargetModules::list(["q_proj"])), &[]), &s).unwrap();
         assert_eq!(plan.linears.len(), 24);
         let e = resolve_targets(&cfg(Some(TargetModules::list(["_proj"])), &[]), &s).unwrap_err();
@@ -522,7 +526,7 @@ mod tests {
 
     #[test]
     fn every_entry_must_match() {
-        let s = GptOssShapes::gpt_oss_20b();
+        let s = Config::gpt_oss_20b();
         let e = resolve_targets(
             &cfg(Some(TargetModules::list(["q_proj", "qproj"])), &[]),
             &s,
@@ -537,7 +541,7 @@ mod tests {
 
     #[test]
     fn non_linear_targets_are_rejected() {
-        let s = GptOssShapes::gpt_oss_20b();
+        let s = Config::gpt_oss_20b();
         for t in ["router", "experts", "embed_tokens", "mlp"] {
             let e = resolve_targets(&cfg(Some(TargetModules::list([t])), &[]), &s).unwrap_err();
             assert!(matches!(e, LoraError::UnsupportedTarget { .. }), "{t}: {e}");
@@ -548,7 +552,7 @@ mod tests {
 
     #[test]
     fn regex_exclude_layers_and_patterns() {
-        let s = GptOssShapes::gpt_oss_20b();
+        let s = Config::gpt_oss_20b();
         let mut c = cfg(Some(TargetModules::Pattern(r".*\.(q|v)_proj".into())), &[]);
         c.exclude_modules = Some(TargetModules::list(["model.layers.0.self_attn.q_proj"]));
         c.rank_pattern.insert("v_proj".into(), 16);
@@ -585,7 +589,7 @@ mod tests {
 
     #[test]
     fn expert_keys_nest_like_peft() {
-        let s = GptOssShapes::gpt_oss_20b();
+        let s = Config::gpt_oss_20b();
         // Config order does not matter: gate_up_proj is always the inner (base_layer) wrapper.
         let plan = resolve_targets(
             &cfg(
@@ -622,7 +626,7 @@ mod tests {
         c.r = 16;
         c.lora_alpha = 32.0;
         c.use_rslora = true;
-        let plan = resolve_targets(&c, &GptOssShapes::gpt_oss_20b()).unwrap();
+        let plan = resolve_targets(&c, &Config::gpt_oss_20b()).unwrap();
         assert_eq!(plan.linears[0].scaling, 8.0);
     }
 

@@ -111,13 +111,22 @@ fn transposed<T: OutputElement>(
     out.par_chunks_mut(cols * rows)
         .enumerate()
         .for_each(|(m, out_m)| {
-            let blocks_m = &blocks[m * matrix_blocks * BLOCK_BYTES..][..matrix_blocks * BLOCK_BYTES];
+            let blocks_m =
+                &blocks[m * matrix_blocks * BLOCK_BYTES..][..matrix_blocks * BLOCK_BYTES];
             let scales_m = &scales[m * matrix_blocks..][..matrix_blocks];
             out_m
                 .par_chunks_mut(GROUPS_PER_TASK * BLOCK_VALUES * rows)
                 .enumerate()
                 .for_each(|(c, chunk)| {
-                    transposed_task(blocks_m, scales_m, rows, groups, c * GROUPS_PER_TASK, table, chunk)
+                    transposed_task(
+                        blocks_m,
+                        scales_m,
+                        rows,
+                        groups,
+                        c * GROUPS_PER_TASK,
+                        table,
+                        chunk,
+                    )
                 });
         });
 }

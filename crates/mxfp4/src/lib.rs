@@ -47,8 +47,12 @@
 //! `quantize(dequantize(q)) == q` (bytes and scales) holds for every *valid* `q` decoded to f32
 //! or bf16: a block is valid if either its scale is 0 and all its nibbles are ±0 (`0` or `8`),
 //! or its scale is in `1..=252` and at least one nibble has magnitude 4 or 6 (`n & 7 ≥ 6`).
-//! Those are exactly the blocks the encoder produces from finite input (other blocks encode
-//! the same values with a different scale, or hold inf/values below the f32 normal range).
+//! Other blocks are not fixed points: the encoder picks the scale from the decoded maximum,
+//! so e.g. a block whose largest nibble is ±3 comes back at scale − 1 with every nibble doubled
+//! (same values, different bytes). The encoder itself can produce such blocks (when
+//! `amax / 2^(s−127)` falls in `(3, 3.5)`, it rounds to 3), and blocks whose largest magnitude
+//! is below `6 · 2^-126` (≈ 7e-38) get scale 1 and may round to all zeros. Decoding is exact,
+//! so `dequantize(quantize(dequantize(quantize(x))))` always equals `dequantize(quantize(x))`.
 //! `-0` nibbles survive the round trip (their sign is kept).
 
 mod cpu;

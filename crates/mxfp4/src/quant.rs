@@ -44,9 +44,24 @@ pub fn quantize_into(
 ) -> Result<()> {
     let name = name.unwrap_or("weights");
     let checks = [
-        (name.to_string(), values.len(), shape.num_values(), shape.dense_dims()),
-        (format!("{name} (blocks buffer)"), blocks.len(), shape.num_blocks() * BLOCK_BYTES, shape.blocks_dims()),
-        (format!("{name} (scales buffer)"), scales.len(), shape.num_blocks(), shape.scales_dims()),
+        (
+            name.to_string(),
+            values.len(),
+            shape.num_values(),
+            shape.dense_dims(),
+        ),
+        (
+            format!("{name} (blocks buffer)"),
+            blocks.len(),
+            shape.num_blocks() * BLOCK_BYTES,
+            shape.blocks_dims(),
+        ),
+        (
+            format!("{name} (scales buffer)"),
+            scales.len(),
+            shape.num_blocks(),
+            shape.scales_dims(),
+        ),
     ];
     for (name, actual, expected, dims) in checks {
         if actual != expected {

@@ -18,9 +18,19 @@ fn check(name: String, actual: usize, expected: usize, shape: Vec<usize>) -> Res
 }
 
 /// Checks that `blocks` and `scales` hold exactly the bytes `shape` says.
-pub(crate) fn check_packed(blocks: &[u8], scales: &[u8], shape: &Mxfp4Shape, name: Option<&str>) -> Result<()> {
+pub(crate) fn check_packed(
+    blocks: &[u8],
+    scales: &[u8],
+    shape: &Mxfp4Shape,
+    name: Option<&str>,
+) -> Result<()> {
     let (bname, sname) = tensor_names(name);
-    check(bname, blocks.len(), shape.num_blocks() * 16, shape.blocks_dims())?;
+    check(
+        bname,
+        blocks.len(),
+        shape.num_blocks() * 16,
+        shape.blocks_dims(),
+    )?;
     check(sname, scales.len(), shape.num_blocks(), shape.scales_dims())
 }
 
@@ -34,5 +44,10 @@ pub(crate) fn check_lengths<T: OutputElement>(
 ) -> Result<()> {
     check_packed(blocks, scales, shape, name)?;
     let (bname, _) = tensor_names(name);
-    check(format!("{bname} (output buffer)"), out.len(), shape.num_values(), shape.dense_dims())
+    check(
+        format!("{bname} (output buffer)"),
+        out.len(),
+        shape.num_values(),
+        shape.dense_dims(),
+    )
 }

@@ -26,7 +26,12 @@ use crate::slices::check_packed;
 /// [`Mxfp4Error::ShapeMismatch`] (last dim ≠ 16, scales ≠ `blocks.shape[..-1]`, fewer than 3
 /// dims), [`Mxfp4Error::DType`] (inputs not `u8`, `dtype` not a float type),
 /// [`Mxfp4Error::Device`] (inputs on different devices).
-pub fn dequantize(blocks: &Tensor, scales: &Tensor, dtype: DType, layout: Layout) -> Result<Tensor> {
+pub fn dequantize(
+    blocks: &Tensor,
+    scales: &Tensor,
+    dtype: DType,
+    layout: Layout,
+) -> Result<Tensor> {
     dequantize_named(blocks, scales, dtype, layout, None)
 }
 
@@ -56,8 +61,17 @@ pub fn dequantize_named(
             other_location: format!("{:?}", scales.device().location()),
         });
     }
-    let op = DequantizeOp { shape, dtype, layout };
-    Ok(blocks.contiguous()?.apply_op2_no_bwd(&scales.contiguous()?, &op)?)
+    let op = DequantizeOp {
+        shape,
+        dtype,
+        layout,
+    };
+    let mut blocks = blocks.contiguous()?;
+    if blocks.layout().start_offset() % 16 != 0 {
+        // The CUDA kernel reads blocks as aligned 32-bit words.
+        blocks = blocks.copy()?;
+    }
+    Ok(blocks.apply_op2_no_bwd(&scales.contiguous()?, &op)?)
 }
 
 /// Dequantizes raw bytes (e.g. `safetensors::tensor::TensorView::data()` of a memory-mapped
@@ -91,9 +105,21 @@ pub fn dequantize_bytes(
         Device::Cpu => {
             let dims = shape.output_dims(layout);
             Ok(match dtype {
-                DType::F32 => Tensor::from_vec(dequantize_to_vec::<f32>(blocks, scales, &shape, layout)?, dims, device)?,
-                DType::BF16 => Tensor::from_vec(dequantize_to_vec::<bf16>(blocks, scales, &shape, layout)?, dims, device)?,
-                _ => Tensor::from_vec(dequantize_to_vec::<f16>(blocks, scales, &shape, layout)?, dims, device)?,
+                DType::F32 => Tensor::from_vec(
+                    dequantize_to_vec::<f32>(blocks, scales, &shape, layout)?,
+                    dims,
+                    device,
+                )?,
+                DType::BF16 => Tensor::from_vec(
+                    dequantize_to_vec::<bf16>(blocks, scales, &shape, layout)?,
+                    dims,
+                    device,
+                )?,
+                _ => Tensor::from_vec(
+                    dequantize_to_vec::<f16>(blocks, scales, &shape, layout)?,
+                    dims,
+                    device,
+                )?,
             })
         }
         _ => {
@@ -130,7 +156,11 @@ pub fn quantize(weights: &Tensor) -> Result<(Tensor, Tensor)> {
 ///
 /// # Errors
 /// As [`quantize`].
-pub fn quantize_named(weights: &Tensor, layout: Layout, name: Option<&str>) -> Result<(Tensor, Tensor)> {
+pub fn quantize_named(
+    weights: &Tensor,
+    layout: Layout,
+    name: Option<&str>,
+) -> Result<(Tensor, Tensor)> {
     let wname = name.unwrap_or("weights");
     match weights.dtype() {
         DType::F32 | DType::BF16 | DType::F16 => {}
@@ -149,13 +179,15 @@ pub fn quantize_named(weights: &Tensor, layout: Layout, name: Option<&str>) -> R
         Layout::Transposed => weights.clone(),
     };
     let shape = Mxfp4Shape::from_dense_dims(dense.dims(), Some(wname)).map_err(|e| match e {
-        Mxfp4Error::ShapeMismatch { name, expected, .. } if layout == Layout::Transposed => Mxfp4Error::ShapeMismatch {
-            name: name.clone(),
-            actual: weights.dims().to_vec(),
-            expected: format!("{expected}, given transposed as [..., cols, rows]"),
-            other_name: name,
-            other: weights.dims().to_vec(),
-        },
+        Mxfp4Error::ShapeMismatch { name, expected, .. } if layout == Layout::Transposed => {
+            Mxfp4Error::ShapeMismatch {
+                name: name.clone(),
+                actual: weights.dims().to_vec(),
+                expected: format!("{expected}, given transposed as [..., cols, rows]"),
+                other_name: name,
+                other: weights.dims().to_vec(),
+            }
+        }
         e => e,
     })?;
     let values = dense
@@ -203,10 +235,14 @@ pub(crate) struct DequantizeOp {
     pub(crate) layout: Layout,
 }
 
-fn contiguous_u8<'a>(s: &'a CpuStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<&'a [u8]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("mxfp4 dequantize: {what} not contiguous")))?;
+fn contiguous_u8<'a>(
+    s: &'a CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [u8]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg(format!("mxfp4 dequantize: {what} not contiguous"))
+    })?;
     match s {
         CpuStorage::U8(v) => Ok(&v[a..b]),
         _ => candle_core::bail!("mxfp4 dequantize: {what} is not u8"),
@@ -230,9 +266,15 @@ impl CustomOp2 for DequantizeOp {
         let (shape, layout) = (&self.shape, self.layout);
         let err = |e: Mxfp4Error| candle_core::Error::Msg(e.to_string());
         let storage = match self.dtype {
-            DType::F32 => CpuStorage::F32(dequantize_to_vec(blocks, scales, shape, layout).map_err(err)?),
-            DType::BF16 => CpuStorage::BF16(dequantize_to_vec(blocks, scales, shape, layout).map_err(err)?),
-            DType::F16 => CpuStorage::F16(dequantize_to_vec(blocks, scales, shape, layout).map_err(err)?),
+            DType::F32 => {
+                CpuStorage::F32(dequantize_to_vec(blocks, scales, shape, layout).map_err(err)?)
+            }
+            DType::BF16 => {
+                CpuStorage::BF16(dequantize_to_vec(blocks, scales, shape, layout).map_err(err)?)
+            }
+            DType::F16 => {
+                CpuStorage::F16(dequantize_to_vec(blocks, scales, shape, layout).map_err(err)?)
+            }
             d => candle_core::bail!("mxfp4 dequantize: unsupported output dtype {d:?}"),
         };
         Ok((storage, Shape::from(self.shape.output_dims(self.layout))))
@@ -246,7 +288,8 @@ impl CustomOp2 for DequantizeOp {
         s2: &candle_core::CudaStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let storage = crate::cuda::dequantize_cuda(s1, l1, s2, l2, &self.shape, self.dtype, self.layout)?;
+        let storage =
+            crate::cuda::dequantize_cuda(s1, l1, s2, l2, &self.shape, self.dtype, self.layout)?;
         Ok((storage, Shape::from(self.shape.output_dims(self.layout))))
     }
 }

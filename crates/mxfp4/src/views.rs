@@ -26,7 +26,11 @@ fn check_u8(view: &TensorView<'_>, name: String) -> Result<()> {
 ///
 /// # Errors
 /// As [`crate::dequantize`].
-pub fn view_shape(blocks: &TensorView<'_>, scales: &TensorView<'_>, name: Option<&str>) -> Result<Mxfp4Shape> {
+pub fn view_shape(
+    blocks: &TensorView<'_>,
+    scales: &TensorView<'_>,
+    name: Option<&str>,
+) -> Result<Mxfp4Shape> {
     let (bname, sname) = tensor_names(name);
     check_u8(blocks, bname)?;
     check_u8(scales, sname)?;
@@ -51,7 +55,16 @@ pub fn dequantize_views(
     name: Option<&str>,
 ) -> Result<Tensor> {
     view_shape(blocks, scales, name)?;
-    dequantize_bytes(blocks.data(), blocks.shape(), scales.data(), scales.shape(), dtype, layout, device, name)
+    dequantize_bytes(
+        blocks.data(),
+        blocks.shape(),
+        scales.data(),
+        scales.shape(),
+        dtype,
+        layout,
+        device,
+        name,
+    )
 }
 
 /// Dequantizes a pair of views into a caller's CPU buffer of `T` (`f32`, `bf16`, `f16`) holding

@@ -1,0 +1,219 @@
+//! The CUDA kernel (feature `cuda`): compiled at run time with NVRTC, launched through candle's
+//! cudarc device, so [`crate::dequantize`] works unchanged on CUDA tensors.
+//!
+//! Each value is decoded arithmetically: the E2M1 nibble becomes an f32, `ldexpf` applies the
+//! scale exactly (overflow → ±inf, like `torch.ldexp`), and the f32 is narrowed with
+//! round-to-nearest-even (bf16: the top 16 bits, exact because every value has at most two
+//! significant bits; f16: `cvt.rn.f16.f32`). The CPU reference test compares all of it.
+//!
+//! - checkpoint layout: one thread per 4 packed bytes → 8 values, 16/32-byte stores;
+//! - transposed layout: a thread block decodes a tile of 64 input rows × 32 values into shared
+//!   memory and writes it out as 32 output rows × 64 values (coalesced).
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, DType, Result};
+use half::{bf16, f16};
+
+use crate::shape::{Layout, Mxfp4Shape};
+
+const MODULE: &str = "gptoss_mxfp4";
+/// Input rows per thread block in the transposed kernel.
+const TILE_ROWS: u32 = 64;
+
+const SRC: &str = r#"
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float decode(u32 nib, int e) {
+    u32 mag = nib & 7u, ex = mag >> 1, m = mag & 1u;
+    u32 bits = ex == 0u ? (m ? 0x3F000000u : 0u) : (((ex + 126u) << 23) | (m << 22));
+    bits |= (nib & 8u) << 28;
+    return ldexpf(__uint_as_float(bits), e);
+}
+
+template <int K> struct Out;
+template <> struct Out<0> { typedef u32 T; static __device__ __forceinline__ u32 conv(float f) { return __float_as_uint(f); } };
+template <> struct Out<1> { typedef u16 T; static __device__ __forceinline__ u16 conv(float f) { return (u16)(__float_as_uint(f) >> 16); } };
+template <> struct Out<2> { typedef u16 T; static __device__ __forceinline__ u16 conv(float f) {
+    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; } };
+
+__device__ __forceinline__ void store8(u16* dst, const u16* v) {
+    uint4 q = make_uint4(v[0] | ((u32)v[1] << 16), v[2] | ((u32)v[3] << 16),
+                         v[4] | ((u32)v[5] << 16), v[6] | ((u32)v[7] << 16));
+    *reinterpret_cast<uint4*>(dst) = q;
+}
+__device__ __forceinline__ void store8(u32* dst, const u32* v) {
+    reinterpret_cast<uint4*>(dst)[0] = make_uint4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<uint4*>(dst)[1] = make_uint4(v[4], v[5], v[6], v[7]);
+}
+
+template <int K>
+__device__ void checkpoint(const u32* __restrict__ blocks, const u8* __restrict__ scales,
+                           typename Out<K>::T* __restrict__ out, u64 n_words) {
+    typedef typename Out<K>::T T;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n_words; i += (u64)gridDim.x * blockDim.x) {
+        u32 w = __ldg(blocks + i);
+        int e = (int)__ldg(scales + (i >> 2)) - 127;
+        T v[8];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            u32 byte = (w >> (8 * b)) & 0xFFu;
+            v[2 * b] = Out<K>::conv(decode(byte & 15u, e));
+            v[2 * b + 1] = Out<K>::conv(decode(byte >> 4, e));
+        }
+        store8(out + i * 8, v);
+    }
+}
+
+template <int K>
+__device__ void transposed(const u32* __restrict__ blocks, const u8* __restrict__ scales,
+                           typename Out<K>::T* __restrict__ out, int rows, int groups) {
+    typedef typename Out<K>::T T;
+    __shared__ T tile[32][64 + 2];
+    const int r0 = blockIdx.x * 64, g = blockIdx.y;
+    const u64 m = blockIdx.z;
+    const int t = threadIdx.x, r = t >> 2, w = t & 3;
+    if (r0 + r < rows) {
+        u64 blk = (m * rows + r0 + r) * groups + g;
+        u32 word = __ldg(blocks + blk * 4 + w);
+        int e = (int)__ldg(scales + blk) - 127;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            u32 byte = (word >> (8 * b)) & 0xFFu;
+            tile[w * 8 + 2 * b][r] = Out<K>::conv(decode(byte & 15u, e));
+            tile[w * 8 + 2 * b + 1][r] = Out<K>::conv(decode(byte >> 4, e));
+        }
+    }
+    __syncthreads();
+    const int j = t >> 3, c0 = (t & 7) * 8;
+    const int n = min(8, rows - r0 - c0);
+    if (n <= 0) return;
+    T* dst = out + ((m * groups + g) * 32 + j) * (u64)rows + r0 + c0;
+    if (n == 8 && (rows & 7) == 0) {
+        T v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = tile[j][c0 + i];
+        store8(dst, v);
+    } else {
+        for (int i = 0; i < n; ++i) dst[i] = tile[j][c0 + i];
+    }
+}
+
+#define KERNELS(K, NAME)                                                                           \
+extern "C" __global__ void __launch_bounds__(256) mxfp4_checkpoint_##NAME(const u32* b, const u8* s, \
+        typename Out<K>::T* o, u64 n) { checkpoint<K>(b, s, o, n); }                             \
+extern "C" __global__ void __launch_bounds__(256) mxfp4_transposed_##NAME(const u32* b, const u8* s, \
+        typename Out<K>::T* o, int rows, int groups) { transposed<K>(b, s, o, rows, groups); }
+KERNELS(0, f32)
+KERNELS(1, bf16)
+KERNELS(2, f16)
+"#;
+
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let ptx = PTX.get_or_init(|| {
+        let opts = CompileOptions {
+            arch: Some("sm_90"),
+            ..Default::default()
+        };
+        compile_ptx_with_opts(SRC, opts)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("mxfp4: NVRTC compilation failed: {e:?}"))
+    });
+    ptx.as_deref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// Dequantizes contiguous `u8` CUDA storages into a new CUDA storage of `dtype`.
+pub(crate) fn dequantize_cuda(
+    s1: &CudaStorage,
+    l1: &candle_core::Layout,
+    s2: &CudaStorage,
+    l2: &candle_core::Layout,
+    shape: &Mxfp4Shape,
+    dtype: DType,
+    layout: Layout,
+) -> Result<CudaStorage> {
+    let not_contig = || candle_core::Error::Msg("mxfp4 dequantize: input not contiguous".into());
+    let (b0, b1) = l1.contiguous_offsets().ok_or_else(not_contig)?;
+    let (c0, c1) = l2.contiguous_offsets().ok_or_else(not_contig)?;
+    if b0 % 16 != 0 {
+        candle_core::bail!(
+            "mxfp4 dequantize: blocks start at byte offset {b0}, not a multiple of 16"
+        );
+    }
+    let dev = s1.device().clone();
+    let blocks = s1.as_cuda_slice::<u8>()?.slice(b0..b1);
+    let scales = s2.as_cuda_slice::<u8>()?.slice(c0..c1);
+    let n = shape.num_values();
+    let (name, launch): (String, LaunchConfig) = match layout {
+        Layout::Checkpoint => {
+            let words = (shape.num_blocks() * 4) as u32;
+            let grid = words.div_ceil(256).clamp(1, 1 << 20);
+            (
+                "checkpoint".into(),
+                LaunchConfig {
+                    grid_dim: (grid, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )
+        }
+        Layout::Transposed => (
+            "transposed".into(),
+            LaunchConfig {
+                grid_dim: (
+                    (shape.rows() as u32).div_ceil(TILE_ROWS),
+                    shape.groups() as u32,
+                    shape.matrices() as u32,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
+    };
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => candle_core::bail!("mxfp4 dequantize: unsupported output dtype {d:?}"),
+    };
+    let func = dev.get_or_load_custom_func(&format!("mxfp4_{name}_{suffix}"), MODULE, ptx()?)?;
+    let words = (shape.num_blocks() * 4) as u64;
+    let (rows, groups) = (shape.rows() as i32, shape.groups() as i32);
+    macro_rules! run {
+        ($t:ty) => {{
+            // SAFETY: every element is written by the kernel before the storage is read.
+            let mut out = unsafe { dev.alloc::<$t>(n)? };
+            if n > 0 {
+                let mut b = func.builder();
+                b.arg(&blocks);
+                b.arg(&scales);
+                b.arg(&mut out);
+                match layout {
+                    Layout::Checkpoint => {
+                        b.arg(&words);
+                    }
+                    Layout::Transposed => {
+                        b.arg(&rows);
+                        b.arg(&groups);
+                    }
+                }
+                unsafe { b.launch(launch) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => run!(f32),
+        DType::BF16 => run!(bf16),
+        _ => run!(f16),
+    })
+}

@@ -177,8 +177,8 @@ pub struct Config {
     /// transformers 5.x name of `rope_scaling` (used when `rope_scaling` is absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeScaling>,
-    /// Sliding window length (128) of the `sliding_attention` layers.
-    #[serde(default)]
+    /// Sliding window length (128, also the default when absent) of the `sliding_attention` layers.
+    #[serde(default = "d_window")]
     pub sliding_window: Option<usize>,
     /// Attention kind per layer; defaults to sliding on even layers, full on odd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -242,6 +242,9 @@ pub struct Config {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+fn d_window() -> Option<usize> {
+    Some(128)
+}
 fn d_k() -> usize {
     4
 }
@@ -502,19 +505,19 @@ impl Config {
                 "must be > 0 when a layer is sliding_attention",
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(ModelError::config(
                 "rms_norm_eps",
                 format!("must be > 0, got {}", self.rms_norm_eps),
             ));
         }
-        if !(self.swiglu_limit > 0.0) {
+        if self.swiglu_limit.is_nan() || self.swiglu_limit <= 0.0 {
             return Err(ModelError::config(
                 "swiglu_limit",
                 format!("must be > 0, got {}", self.swiglu_limit),
             ));
         }
-        if !(self.rope_base() > 1.0) {
+        if self.rope_base().is_nan() || self.rope_base() <= 1.0 {
             return Err(ModelError::config(
                 "rope_theta",
                 format!("must be > 1, got {}", self.rope_base()),

@@ -29,7 +29,7 @@ pub struct AttnContext {
 }
 
 impl AttnContext {
-    /// Build the context.
+    /// Build the context for `batch` rows of `seq_len` new tokens after `past_len` cached ones.
     ///
     /// * `attention_mask`: optional `[B, past_len + T]` (any dtype; nonzero = token, 0 = padding). Padding keys
     ///   are masked out and positions are `cumsum(mask) − 1` (as transformers' `generate` computes them);
@@ -38,8 +38,7 @@ impl AttnContext {
     pub fn new(
         config: &Config,
         rope: &RopeParams,
-        batch: usize,
-        seq_len: usize,
+        (batch, seq_len): (usize, usize),
         past_len: usize,
         attention_mask: Option<&Tensor>,
         dtype: DType,

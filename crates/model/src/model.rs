@@ -212,8 +212,7 @@ impl GptOssForCausalLM {
         AttnContext::new(
             &self.config,
             &self.rope,
-            batch,
-            seq_len,
+            (batch, seq_len),
             past_len,
             attention_mask,
             self.dtype,

@@ -99,12 +99,11 @@ pub fn loss_mask(tok: &HarmonyTokenizer, ids: &[u32], mode: LossMaskMode) -> Vec
         return mask;
     }
     let spans = message_spans(tok, ids);
-    let assistant = spans.iter().filter(|s| s.role == "assistant");
+    let mut assistant = spans.iter().filter(|s| s.role == "assistant");
     let chosen: Vec<&MessageSpan> = match mode {
         LossMaskMode::AssistantOnly => assistant.collect(),
         LossMaskMode::FinalOnly => assistant
-            .filter(|s| s.channel.as_deref() == Some("final"))
-            .last()
+            .rfind(|s| s.channel.as_deref() == Some("final"))
             .into_iter()
             .collect(),
         LossMaskMode::All => Vec::new(),

@@ -99,22 +99,38 @@ impl Batch {
 
     /// `[rows, seq_len]` u32 token ids on `device`.
     pub fn input_ids_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.input_ids, (self.rows, self.seq_len), device)?)
+        Ok(Tensor::from_slice(
+            &self.input_ids,
+            (self.rows, self.seq_len),
+            device,
+        )?)
     }
 
     /// `[rows, seq_len]` i64 labels on `device`.
     pub fn labels_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.labels, (self.rows, self.seq_len), device)?)
+        Ok(Tensor::from_slice(
+            &self.labels,
+            (self.rows, self.seq_len),
+            device,
+        )?)
     }
 
     /// `[rows, seq_len]` u32 attention mask on `device`.
     pub fn attention_mask_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.attention_mask, (self.rows, self.seq_len), device)?)
+        Ok(Tensor::from_slice(
+            &self.attention_mask,
+            (self.rows, self.seq_len),
+            device,
+        )?)
     }
 
     /// `[rows, seq_len]` u32 position ids on `device`.
     pub fn position_ids_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.position_ids, (self.rows, self.seq_len), device)?)
+        Ok(Tensor::from_slice(
+            &self.position_ids,
+            (self.rows, self.seq_len),
+            device,
+        )?)
     }
 
     /// Sample index of every column of row `row` (`None` on padding).
@@ -178,7 +194,11 @@ fn check(examples: &[Example]) -> Result<()> {
 /// Right-pads `examples` into `[batch, max_len]`.
 pub fn pad(examples: &[Example]) -> Result<Batch> {
     check(examples)?;
-    let seq_len = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let seq_len = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
     let rows = examples.len();
     let mut b = Batch {
         rows,

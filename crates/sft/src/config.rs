@@ -22,17 +22,20 @@ use crate::error::{Result, SftError};
 use crate::optim::AdamWConfig;
 use crate::schedule::{LrSchedule, MinLr, SchedulerType, Warmup};
 
-/// Which tokens contribute to the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
-pub enum LossMaskMode {
-    /// Every token (TRL's default, `assistant_only_loss=False`).
-    All,
-    /// Assistant turns only (analysis + final).
-    AssistantOnly,
-    /// The assistant's final channel only.
-    FinalOnly,
+/// Which tokens contribute to the loss (the harmony crate's modes: `all`, `assistant_only`,
+/// `final_only`).
+pub use gptoss_harmony::LossMaskMode;
+
+/// Parses a [`LossMaskMode`] CLI value (`all`, `assistant_only`, `final_only`).
+pub fn parse_loss_mask(s: &str) -> std::result::Result<LossMaskMode, String> {
+    match s {
+        "all" => Ok(LossMaskMode::All),
+        "assistant_only" => Ok(LossMaskMode::AssistantOnly),
+        "final_only" => Ok(LossMaskMode::FinalOnly),
+        other => Err(format!(
+            "unknown loss mask `{other}` (expected all, assistant_only or final_only)"
+        )),
+    }
 }
 
 /// Where metrics go besides trainer_state.json.
@@ -649,11 +652,7 @@ impl YamlConfig {
             if let Some(k) = s.lr_scheduler_kwargs {
                 set_opt(
                     &mut cfg.min_lr,
-                    min_lr_of(
-                        k.min_lr_rate,
-                        k.min_lr,
-                        "scheduler.lr_scheduler_kwargs.",
-                    )?,
+                    min_lr_of(k.min_lr_rate, k.min_lr, "scheduler.lr_scheduler_kwargs.")?,
                 );
             }
         }
@@ -693,8 +692,8 @@ pub struct TrainingArgs {
     /// Skip and count malformed rows instead of failing. [default: false]
     #[arg(long)]
     pub skip_malformed_rows: Option<bool>,
-    /// Tokens that carry loss. [default: all]
-    #[arg(long, value_enum)]
+    /// Tokens that carry loss: all, assistant_only, final_only. [default: all]
+    #[arg(long, value_parser = parse_loss_mask)]
     pub loss_mask: Option<LossMaskMode>,
     /// Chat-template date YYYY-MM-DD. [default: harmony's fixed date]
     #[arg(long)]

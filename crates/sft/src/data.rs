@@ -230,7 +230,10 @@ pub fn load_source(spec: &str, opts: LoadOptions) -> Result<Dataset> {
 /// Appends the rows of one file to `ds` (format from the extension).
 pub fn load_file(path: &Path, opts: LoadOptions, ds: &mut Dataset) -> Result<()> {
     let format = SourceFormat::from_path(path).ok_or_else(|| {
-        SftError::format(path, "unknown extension (expected .jsonl, .json or .parquet)")
+        SftError::format(
+            path,
+            "unknown extension (expected .jsonl, .json or .parquet)",
+        )
     })?;
     match format {
         SourceFormat::Jsonl => read_jsonl(path, opts, ds)?,
@@ -326,7 +329,11 @@ pub fn dataset_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// The local HF hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
 pub fn hub_cache_dir() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     var("HF_HUB_CACHE")
         .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
         .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")))
@@ -399,7 +406,9 @@ mod tests {
         let ok = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
         assert!(Row::from_json(ok).is_ok());
         let bad_role = serde_json::json!({"messages": [{"role": "bot", "content": "hi"}]});
-        assert!(Row::from_json(bad_role).unwrap_err().contains("messages[0].role"));
+        assert!(Row::from_json(bad_role)
+            .unwrap_err()
+            .contains("messages[0].role"));
         let empty = serde_json::json!({"messages": []});
         assert!(Row::from_json(empty).is_err());
         let missing = serde_json::json!({"user": "x"});

@@ -70,6 +70,9 @@ pub enum SftError {
     /// Training-loop level failures (model / LoRA / harmony errors reported as text).
     #[error("trainer: {0}")]
     Trainer(String),
+    /// Rendering or tokenizing a conversation failed.
+    #[error(transparent)]
+    Harmony(#[from] gptoss_harmony::HarmonyError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -12,7 +12,9 @@ pub mod collate;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod mlflow;
 pub mod optim;
+pub mod preprocess;
 pub mod schedule;
 
 pub use error::{Result, SftError};

@@ -99,7 +99,9 @@ fn unknown_keys_and_wrong_types_name_the_key() {
     c.apply_yaml_str("training:\n  per_device_train_batch_size: 0\n")
         .unwrap();
     match c.validate() {
-        Err(SftError::Config { key, .. }) => assert_eq!(key, "training.per_device_train_batch_size"),
+        Err(SftError::Config { key, .. }) => {
+            assert_eq!(key, "training.per_device_train_batch_size")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -134,5 +136,7 @@ fn cli_overrides_yaml_overrides_defaults() {
     assert_eq!(none, TrainingConfig::default());
     assert!(Cli::try_parse_from(["x", "--lr-scheduler-type", "bogus"]).is_err());
     let params = c.params();
-    assert!(params.iter().any(|(k, v)| k == "learning_rate" && v == "0.0003"));
+    assert!(params
+        .iter()
+        .any(|(k, v)| k == "learning_rate" && v == "0.0003"));
 }

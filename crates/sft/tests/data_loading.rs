@@ -21,14 +21,19 @@ fn parquet_matches_jsonl() {
     assert_eq!(r.reasoning_language.as_deref(), Some("Spanish"));
     assert_eq!(r.messages.len(), 3);
     assert_eq!(r.messages[0].role, "system");
-    assert!(r.messages[0].content.starts_with("reasoning language: Spanish\n\n"));
+    assert!(r.messages[0]
+        .content
+        .starts_with("reasoning language: Spanish\n\n"));
     assert_eq!(r.messages[0].thinking, None);
     assert_eq!(r.messages[2].content, "La capital de Italia es Roma.");
     assert_eq!(
         r.messages[2].thinking.as_deref(),
         Some("El usuario pregunta por la capital de Italia: Roma.")
     );
-    assert_eq!(r.final_answer.as_deref(), Some("La capital de Italia es Roma."));
+    assert_eq!(
+        r.final_answer.as_deref(),
+        Some("La capital de Italia es Roma.")
+    );
 }
 
 #[test]
@@ -84,7 +89,10 @@ fn jsonl_and_json_array_errors_name_line() {
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"[{"messages": []}]"#).unwrap();
     let err = load(&bad, LoadOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("bad.json: row 1: `messages` is empty"), "{err}");
+    assert!(
+        err.contains("bad.json: row 1: `messages` is empty"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -107,7 +115,11 @@ fn hub_cache_snapshot_offline() {
         data.join("train-00000-of-00001.parquet"),
     )
     .unwrap();
-    std::fs::copy(fixture("mt_bad.parquet"), data.join("test-00000-of-00001.parquet")).unwrap();
+    std::fs::copy(
+        fixture("mt_bad.parquet"),
+        data.join("test-00000-of-00001.parquet"),
+    )
+    .unwrap();
 
     let snap = resolve_hub_snapshot(cache.path(), MULTILINGUAL_THINKING, None).unwrap();
     assert!(snap.ends_with(rev));

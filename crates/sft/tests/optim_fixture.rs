@@ -32,8 +32,8 @@ fn fixtures() -> (Meta, std::collections::HashMap<String, Tensor>) {
     let meta: Meta =
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/adamw.json")).unwrap())
             .unwrap();
-    let t = candle_core::safetensors::load(format!("{dir}/adamw.safetensors"), &Device::Cpu)
-        .unwrap();
+    let t =
+        candle_core::safetensors::load(format!("{dir}/adamw.safetensors"), &Device::Cpu).unwrap();
     (meta, t)
 }
 
@@ -136,8 +136,14 @@ fn state_save_load_resumes_identically() {
     run_steps(&mut resumed, &meta, &t, 2..meta.steps);
 
     // Mismatched parameter names are rejected with the file named.
-    let other = vec![("zz".to_string(), Var::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap())];
+    let other = vec![(
+        "zz".to_string(),
+        Var::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )];
     let mut wrong = AdamW::new(other, AdamWConfig::default()).unwrap();
-    let err = wrong.load_state(dir.path(), "optimizer").unwrap_err().to_string();
+    let err = wrong
+        .load_state(dir.path(), "optimizer")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("optimizer.json"), "{err}");
 }

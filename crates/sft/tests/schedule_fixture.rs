@@ -43,7 +43,12 @@ fn schedules_match_transformers_exactly() {
         assert_eq!(s.warmup_steps(), c.warmup_steps, "{}: warmup", c.name);
         for (k, want) in c.lrs.iter().enumerate() {
             let got = s.lr(k as u64);
-            assert_eq!(got.to_bits(), want.to_bits(), "{}: lr({k}) {got} vs {want}", c.name);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{}: lr({k}) {got} vs {want}",
+                c.name
+            );
             // The Trainer logs the lr of update N at global step N (1-based).
             assert_eq!(s.logged_lr(k as u64 + 1), *want, "{}: logged", c.name);
         }

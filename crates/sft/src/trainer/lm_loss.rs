@@ -1,0 +1,242 @@
+//! Fused LM-head cross-entropy at the labelled positions only (TRL 1.16's "fused LM head" loss).
+//!
+//! The LM head is frozen during LoRA training, so the gradient of the loss with respect to the
+//! final hidden states has a closed form: `∂L/∂h = scale · (softmax(h·Wᵀ) − onehot(target)) · W`.
+//! We compute it chunk by chunk, so the `[N, V]` logits (V = 201,088 for gpt-oss) never live in
+//! an autograd graph and at most `chunk_rows × V` logits exist at once. The caller feeds the
+//! gradient back into the graph through the surrogate `Σ h · ∂L/∂h` (see [`super::backward`]).
+//!
+//! The per-row statistics follow TRL: `mean_token_accuracy` (argmax == label) and `entropy`
+//! (nats, of the full next-token distribution), both over labelled positions.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use rayon::prelude::*;
+
+/// Result of [`fused_lm_head_loss`] for one micro-batch.
+#[derive(Debug, Clone)]
+pub struct FusedLmLoss {
+    /// `Σ −log p(target)` over the rows (f64, unscaled).
+    pub nll_sum: f64,
+    /// Rows whose argmax equals the target.
+    pub correct: usize,
+    /// `Σ entropy` over the rows (nats).
+    pub entropy_sum: f64,
+    /// Number of rows (labelled positions).
+    pub count: usize,
+    /// `grad_scale · ∂(Σ nll)/∂hidden`, `[N, H]`, dtype and device of `hidden`.
+    pub grad_hidden: Tensor,
+}
+
+/// Row statistics of one logits row.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowStats {
+    nll: f64,
+    entropy: f64,
+    correct: bool,
+}
+
+/// Cross-entropy of `hidden · weightᵀ` against `targets`, with the gradient w.r.t. `hidden`.
+///
+/// # Shapes
+/// - `hidden`: `[N, H]`, any float dtype (the final-normed hidden states at labelled positions).
+/// - `weight`: `[V, H]`, the LM-head weight (frozen); the matmuls run in its dtype, the softmax in f32
+///   (as transformers' `logits.float()`).
+/// - `targets`: `N` token ids (each `< V`).
+///
+/// `grad_scale` multiplies the returned gradient (e.g. `1 / num_items_in_batch`).
+/// `chunk_rows` bounds the rows processed at once (memory `chunk_rows · V · 8` bytes).
+pub fn fused_lm_head_loss(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    grad_scale: f64,
+    chunk_rows: usize,
+) -> Result<FusedLmLoss> {
+    let (n, h) = hidden.dims2()?;
+    let (v, hw) = weight.dims2()?;
+    if h != hw {
+        candle_core::bail!("fused_lm_head_loss: hidden [{n}, {h}] vs lm_head weight [{v}, {hw}]");
+    }
+    if targets.len() != n {
+        candle_core::bail!("fused_lm_head_loss: {n} hidden rows but {} targets", targets.len());
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("fused_lm_head_loss: target id {bad} is outside the vocabulary of {v}");
+    }
+    let mut out = FusedLmLoss {
+        nll_sum: 0.0,
+        correct: 0,
+        entropy_sum: 0.0,
+        count: n,
+        grad_hidden: Tensor::zeros((0, h), hidden.dtype(), hidden.device())?,
+    };
+    if n == 0 {
+        return Ok(out);
+    }
+    let chunk_rows = chunk_rows.max(1);
+    let mut grads = Vec::with_capacity(n.div_ceil(chunk_rows));
+    let mut start = 0;
+    while start < n {
+        let len = chunk_rows.min(n - start);
+        let hc = hidden.narrow(0, start, len)?.to_dtype(weight.dtype())?;
+        let logits = hc.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
+        let tc = &targets[start..start + len];
+        let (stats, grad_logits) = if logits.device().is_cpu() {
+            softmax_stats_cpu(&logits, tc, grad_scale)?
+        } else {
+            softmax_stats_generic(&logits, tc, grad_scale)?
+        };
+        for s in stats {
+            out.nll_sum += s.nll;
+            out.entropy_sum += s.entropy;
+            out.correct += usize::from(s.correct);
+        }
+        let g = grad_logits
+            .to_dtype(weight.dtype())?
+            .matmul(weight)?
+            .to_dtype(hidden.dtype())?;
+        grads.push(g);
+        start += len;
+    }
+    out.grad_hidden = Tensor::cat(&grads, 0)?;
+    Ok(out)
+}
+
+/// CPU fast path: one rayon pass per row computing max, log-sum-exp, target log-prob, argmax,
+/// entropy and `scale · (softmax − onehot)`. `logits`: `[c, V]` f32 on the CPU.
+fn softmax_stats_cpu(
+    logits: &Tensor,
+    targets: &[u32],
+    scale: f64,
+) -> Result<(Vec<RowStats>, Tensor)> {
+    let (c, v) = logits.dims2()?;
+    let mut data = logits.flatten_all()?.to_vec1::<f32>()?;
+    let stats: Vec<RowStats> = data
+        .par_chunks_mut(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let (mut max, mut arg) = (f32::NEG_INFINITY, 0usize);
+            for (j, &x) in row.iter().enumerate() {
+                if x > max {
+                    max = x;
+                    arg = j;
+                }
+            }
+            let target_shifted = (row[t as usize] - max) as f64;
+            let mut sum = 0f64;
+            let mut dot = 0f64; // Σ e^(x-max) · (x-max)
+            for x in row.iter_mut() {
+                let s = *x - max;
+                let e = s.exp();
+                sum += e as f64;
+                dot += (e * s) as f64;
+                *x = e;
+            }
+            let log_sum = sum.ln();
+            let inv = 1.0 / sum;
+            for x in row.iter_mut() {
+                *x = (*x as f64 * inv * scale) as f32;
+            }
+            row[t as usize] -= scale as f32;
+            RowStats {
+                nll: log_sum - target_shifted,
+                entropy: log_sum - dot * inv,
+                correct: arg == t as usize,
+            }
+        })
+        .collect();
+    let grad = Tensor::from_vec(data, (c, v), &Device::Cpu)?;
+    Ok((stats, grad))
+}
+
+/// Device-generic path with candle ops (used off the CPU). Same outputs as [`softmax_stats_cpu`].
+fn softmax_stats_generic(
+    logits: &Tensor,
+    targets: &[u32],
+    scale: f64,
+) -> Result<(Vec<RowStats>, Tensor)> {
+    let (c, v) = logits.dims2()?;
+    let dev = logits.device();
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let e = shifted.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let p = e.broadcast_div(&sum)?;
+    let log_sum = sum.log()?;
+    let t = Tensor::from_slice(targets, (c, 1), dev)?;
+    let target_shifted = shifted.gather(&t, D::Minus1)?;
+    let nll = (&log_sum - &target_shifted)?.flatten_all()?.to_vec1::<f32>()?;
+    let entropy = (&log_sum - (&p * &shifted)?.sum_keepdim(D::Minus1)?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let arg = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+    let onehot = Tensor::zeros((c, v), DType::F32, dev)?.scatter_add(
+        &t,
+        &Tensor::ones((c, 1), DType::F32, dev)?,
+        D::Minus1,
+    )?;
+    let grad = ((p - onehot)? * scale)?;
+    let stats = (0..c)
+        .map(|i| RowStats {
+            nll: nll[i] as f64,
+            entropy: entropy[i] as f64,
+            correct: arg[i] == targets[i],
+        })
+        .collect();
+    Ok((stats, grad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Reference: plain autograd through log_softmax on the full logits.
+    fn reference(h: &Tensor, w: &Tensor, t: &[u32], scale: f64) -> Result<(f64, Tensor)> {
+        let hv = Var::from_tensor(h)?;
+        let logits = hv.as_tensor().matmul(&w.t()?)?;
+        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let idx = Tensor::from_slice(t, (t.len(), 1), h.device())?;
+        let nll = lsm.gather(&idx, D::Minus1)?.neg()?.sum_all()?;
+        let grads = (&nll * scale)?.backward()?;
+        let g = grads.get(hv.as_tensor()).cloned().unwrap_or(h.zeros_like()?);
+        Ok((nll.to_scalar::<f32>()? as f64, g))
+    }
+
+    #[test]
+    fn fused_matches_autograd_cpu_and_generic() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1.0, (7, 16), &dev)?;
+        let w = Tensor::randn(0f32, 0.5, (50, 16), &dev)?;
+        let t = [3u32, 0, 49, 7, 7, 12, 30];
+        let (ref_nll, ref_g) = reference(&h, &w, &t, 0.25)?;
+        let fused = fused_lm_head_loss(&h, &w, &t, 0.25, 3)?;
+        assert!((fused.nll_sum - ref_nll).abs() < 1e-4 * ref_nll.abs().max(1.0));
+        let diff = (&fused.grad_hidden - &ref_g)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "grad diff {diff}");
+        // The generic path gives the same statistics and gradient.
+        let logits = h.matmul(&w.t()?)?;
+        let (s1, g1) = softmax_stats_cpu(&logits, &t, 0.25)?;
+        let (s2, g2) = softmax_stats_generic(&logits, &t, 0.25)?;
+        for (a, b) in s1.iter().zip(&s2) {
+            assert!((a.nll - b.nll).abs() < 1e-4 && (a.entropy - b.entropy).abs() < 1e-4);
+            assert_eq!(a.correct, b.correct);
+        }
+        let diff = (g1 - g2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6);
+        // Entropy of the softmax, computed directly.
+        let p = candle_nn::ops::softmax_last_dim(&logits)?;
+        let ent = (p.clone() * p.log()?)?.sum_all()?.neg()?.to_scalar::<f32>()? as f64;
+        assert!((fused.entropy_sum - ent).abs() < 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_out_of_vocab_target() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::zeros((1, 4), DType::F32, &dev)?;
+        let w = Tensor::zeros((5, 4), DType::F32, &dev)?;
+        assert!(fused_lm_head_loss(&h, &w, &[5], 1.0, 8).is_err());
+        Ok(())
+    }
+}

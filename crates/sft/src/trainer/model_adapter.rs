@@ -1,0 +1,43 @@
+//! [`LayeredCausalLm`] for [`GptOssForCausalLM`]: the per-layer forward pieces of the model crate.
+
+use super::backward::LayeredCausalLm;
+use candle_core::{Result, Tensor};
+use gptoss_model::{AttnContext, GptOssForCausalLM};
+
+fn wrap(e: gptoss_model::ModelError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl LayeredCausalLm for GptOssForCausalLM {
+    type Context = AttnContext;
+
+    fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    fn experts_per_token(&self) -> usize {
+        self.config().num_experts_per_tok
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        GptOssForCausalLM::embed(self, input_ids).map_err(wrap)
+    }
+
+    fn context(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<AttnContext> {
+        let (b, t) = input_ids.dims2()?;
+        self.attention_context(b, t, 0, attention_mask).map_err(wrap)
+    }
+
+    fn layer(&self, i: usize, h: &Tensor, ctx: &AttnContext) -> Result<(Tensor, Tensor)> {
+        let out = self.layer_forward(i, h, ctx).map_err(wrap)?;
+        Ok((out.hidden, out.router_logits))
+    }
+
+    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        self.final_hidden(h).map_err(wrap)
+    }
+
+    fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+}

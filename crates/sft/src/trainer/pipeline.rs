@@ -1,0 +1,155 @@
+//! The whole SFT recipe in one call, as the cookbook runs it: dataset → harmony HF-template
+//! tokens → LoRA on the model → [`Trainer`] with console/progress/MLflow → `save_model`.
+
+use std::path::{Path, PathBuf};
+
+use gptoss_harmony::HarmonyTokenizer;
+use gptoss_lora::{LoraConfig, LoraModel, TargetModules};
+use gptoss_model::GptOssForCausalLM;
+
+use super::report::StandardObserver;
+use super::run::{TrainOutcome, Trainer, TrainerOptions};
+use crate::config::TrainingConfig;
+use crate::data::{load_source, LoadOptions};
+use crate::error::{Result, SftError};
+use crate::preprocess::{preprocess, PreprocessOptions, Preprocessed, DEFAULT_TEMPLATE_DATE};
+
+/// The sample dataset bundled with this crate (132 rows, 6 reasoning languages).
+pub const BUNDLED_DATASET: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/data/multilingual_thinking_sample.jsonl"
+);
+
+/// The PEFT [`LoraConfig`] of a [`TrainingConfig`] (`["all-linear"]` → the shorthand).
+pub fn lora_config(cfg: &TrainingConfig) -> LoraConfig {
+    let modules = &cfg.lora_target_modules;
+    let target_modules = if modules.is_empty() {
+        None
+    } else if modules.len() == 1 && modules[0].eq_ignore_ascii_case("all-linear") {
+        Some(TargetModules::all_linear())
+    } else {
+        Some(TargetModules::List(modules.clone()))
+    };
+    LoraConfig {
+        r: cfg.lora_r,
+        lora_alpha: cfg.lora_alpha,
+        lora_dropout: cfg.lora_dropout,
+        target_modules,
+        target_parameters: (!cfg.lora_target_parameters.is_empty())
+            .then(|| cfg.lora_target_parameters.clone()),
+        base_model_name_or_path: cfg
+            .model_name_or_path
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        ..LoraConfig::default()
+    }
+}
+
+/// Loads `cfg.dataset` (default: [`BUNDLED_DATASET`]) and tokenizes it like TRL.
+pub fn load_examples(cfg: &TrainingConfig, tok: &HarmonyTokenizer) -> Result<Preprocessed> {
+    let spec = cfg.dataset.as_deref().unwrap_or(BUNDLED_DATASET);
+    let ds = load_source(
+        spec,
+        LoadOptions {
+            skip_malformed: cfg.skip_malformed_rows,
+        },
+    )?;
+    if !ds.skipped.is_empty() {
+        eprintln!("skipped {} malformed rows of {spec}", ds.skipped.len());
+    }
+    let opts = PreprocessOptions {
+        max_length: cfg.max_length,
+        loss_mask: cfg.loss_mask,
+        date: cfg
+            .template_date
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TEMPLATE_DATE.to_string()),
+    };
+    preprocess(tok, &ds.rows, &opts)
+}
+
+/// Writes the processor files TRL's `save_model` writes next to the adapter:
+/// `chat_template.jinja`, and the tokenizer files of `model_dir` when it has them
+/// (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`).
+pub fn write_processor_files(dir: &Path, model_dir: Option<&Path>) -> Result<()> {
+    crate::atomic::write_bytes(
+        &dir.join("chat_template.jinja"),
+        gptoss_harmony::hf::CHAT_TEMPLATE.as_bytes(),
+    )?;
+    if let Some(m) = model_dir {
+        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+            let src = m.join(f);
+            if src.is_file() {
+                let bytes = std::fs::read(&src).map_err(|e| SftError::io(&src, e))?;
+                crate::atomic::write_bytes(&dir.join(f), &bytes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What [`finetune`] produced.
+pub struct FinetuneOutput {
+    /// The trained adapters (still installed on the model).
+    pub lora: LoraModel,
+    /// How training ended.
+    pub outcome: TrainOutcome,
+    /// Where `save_model` wrote the adapter.
+    pub adapter_dir: PathBuf,
+    /// Where the MLflow run went, if any.
+    pub mlflow: Option<String>,
+}
+
+/// Runs the recipe on `model`: data, LoRA (seeded by `cfg.seed`), training with console,
+/// progress bar and MLflow, then `save_model` into `cfg.output_dir`.
+/// Prints PEFT's trainable-parameters line and the dataset summary.
+pub fn finetune(
+    model: &mut GptOssForCausalLM,
+    cfg: &TrainingConfig,
+    tok: &HarmonyTokenizer,
+) -> Result<FinetuneOutput> {
+    let data = load_examples(cfg, tok)?;
+    let tokens: usize = data.examples.iter().map(|e| e.input_ids.len()).sum();
+    println!(
+        "dataset: {} examples ({} tokens, {} truncated to {}, {} dropped with no trained token)",
+        data.examples.len(),
+        tokens,
+        data.truncated,
+        cfg.max_length,
+        data.dropped.len()
+    );
+    let lora = LoraModel::new(model, lora_config(cfg), cfg.seed)
+        .map_err(|e| SftError::Trainer(format!("applying LoRA: {e}")))?;
+    lora.print_trainable_parameters();
+    let mut observer = StandardObserver::new(cfg)?;
+    if let Some(loc) = observer.mlflow_location() {
+        println!("MLflow: {loc}");
+    }
+    let model_dir = cfg.model_name_or_path.clone();
+    let extra = move |dir: &Path| write_processor_files(dir, model_dir.as_deref());
+    let pad = model.config().pad_token_id.unwrap_or(199_999);
+    let device = model.device().clone();
+    let model: &GptOssForCausalLM = model;
+    let trainer = Trainer::new(model, &lora, cfg.clone(), data.examples, device)?
+        .with_options(TrainerOptions {
+            pad_token_id: pad,
+            ..TrainerOptions::default()
+        })
+        .with_extra_files(&extra);
+    let outcome = match trainer.train(&mut observer) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = observer.fail();
+            return Err(e);
+        }
+    };
+    let adapter_dir = trainer.save_model(None)?;
+    let mlflow = observer.mlflow_location();
+    drop(trainer);
+    Ok(FinetuneOutput {
+        lora,
+        outcome,
+        adapter_dir,
+        mlflow,
+    })
+}

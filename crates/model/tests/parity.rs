@@ -95,3 +95,34 @@ fn bf16_logits_within_bf16_tolerance() {
         );
     }
 }
+
+#[test]
+fn padded_batch_loss_and_aux_loss_match_transformers() {
+    let name = "tiny-gpt-oss";
+    let model = load(fixture(name), DType::F32, &Device::Cpu).unwrap();
+    let r = reference(name);
+    let m = meta(name);
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = &r["attention_mask"];
+    let out = model.forward_hidden(&ids, Some(mask)).unwrap();
+    let logits = model.lm_head(&out.hidden).unwrap();
+    let loss = causal_lm_loss(&logits, &r["labels_padded"], LossReduction::Mean).unwrap();
+    let want = m["padded_loss_mean"].as_f64().unwrap();
+    assert!(
+        (scalar(&loss) - want).abs() <= 1e-5,
+        "padded loss {} vs {want}",
+        scalar(&loss)
+    );
+    let aux = router_aux_loss(
+        &out.router_logits,
+        model.config().num_experts_per_tok,
+        Some(mask),
+    )
+    .unwrap();
+    let want = m["padded_aux_loss"].as_f64().unwrap();
+    assert!(
+        (scalar(&aux) - want).abs() <= 1e-5,
+        "padded aux {} vs {want}",
+        scalar(&aux)
+    );
+}

@@ -434,3 +434,130 @@ fn environment() -> &'static std::result::Result<Environment<'static>, String> {
         Ok(env)
     })
 }
+
+/// Converts a dataset row to a harmony [`Conversation`](crate::Conversation) with the same
+/// meaning, for harmony-mode rendering (e.g. generation prompts):
+/// system header from `opts` (date, reasoning effort, model identity), the first
+/// system/developer message → developer instructions (plus `opts.tools` as function tools),
+/// `thinking` → an analysis message, `content` → a final message, a tool call → a commentary
+/// message to `functions.{name}` with content type `<|constrain|>json`, and a tool result → a
+/// message from `functions.{name}` to the assistant. Later system messages are dropped, as the
+/// template drops them.
+pub fn to_harmony_conversation(
+    messages: &[ChatMessage],
+    opts: &ChatTemplateOptions,
+) -> Result<crate::Conversation> {
+    use crate::chat::{
+        Author, Conversation, DeveloperContent, Message, Role, SystemContent, ToolDescription,
+    };
+    validate(messages)?;
+    let mut sys = SystemContent::new().with_conversation_start_date(opts.date.clone());
+    if let Some(e) = opts.reasoning_effort {
+        sys = sys.with_reasoning_effort(e);
+    }
+    if let Some(m) = &opts.model_identity {
+        sys = sys.with_model_identity(m.clone());
+    }
+    for b in opts.builtin_tools.iter().flatten() {
+        sys = match b.as_str() {
+            "browser" => sys.with_browser_tool(),
+            "python" => sys.with_python_tool(),
+            _ => sys,
+        };
+    }
+    let mut out = vec![Message::from_role_and_content(Role::System, sys)];
+    let (instructions, rest) = match messages.first() {
+        Some(m) if m.role == "system" || m.role == "developer" => {
+            (m.content.clone().filter(|c| !c.is_empty()), &messages[1..])
+        }
+        _ => (None, messages),
+    };
+    let tools: Vec<ToolDescription> = opts
+        .tools
+        .iter()
+        .flatten()
+        .map(|t| {
+            let f = t.get("function").unwrap_or(t);
+            let s = |k: &str| {
+                f.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            ToolDescription::new(s("name"), s("description"), f.get("parameters").cloned())
+        })
+        .collect();
+    if instructions.is_some() || !tools.is_empty() {
+        let mut dev = DeveloperContent::new();
+        dev.instructions = instructions;
+        if !tools.is_empty() {
+            dev = dev.with_function_tools(tools);
+        }
+        out.push(Message::from_role_and_content(Role::Developer, dev));
+    }
+    let offset = messages.len() - rest.len();
+    let mut last_call: Option<String> = None;
+    for (i, m) in rest.iter().enumerate() {
+        let text = m.content.clone().unwrap_or_default();
+        match m.role.as_str() {
+            "user" => out.push(Message::from_role_and_content(Role::User, text)),
+            "assistant" => {
+                if let Some(th) = &m.thinking {
+                    out.push(
+                        Message::from_role_and_content(Role::Assistant, th.clone())
+                            .with_channel("analysis"),
+                    );
+                }
+                if let Some(call) = m.tool_calls.as_ref().and_then(|c| c.first()) {
+                    let f = call.get("function").unwrap_or(call);
+                    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+                        HarmonyError::InvalidRow {
+                            index: offset + i,
+                            field: "tool_calls".into(),
+                            message: "the tool call has no name".into(),
+                        }
+                    })?;
+                    if !text.is_empty() {
+                        out.push(
+                            Message::from_role_and_content(Role::Assistant, text)
+                                .with_channel("analysis"),
+                        );
+                    }
+                    let args = match f.get("arguments") {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(v) => pyjson::dumps(v),
+                        None => "{}".into(),
+                    };
+                    out.push(
+                        Message::from_role_and_content(Role::Assistant, args)
+                            .with_channel("commentary")
+                            .with_recipient(format!("functions.{name}"))
+                            .with_content_type("<|constrain|>json"),
+                    );
+                    last_call = Some(name.to_string());
+                } else {
+                    out.push(
+                        Message::from_role_and_content(Role::Assistant, text).with_channel("final"),
+                    );
+                }
+            }
+            "tool" => {
+                let name = last_call.clone().ok_or_else(|| HarmonyError::InvalidRow {
+                    index: offset + i,
+                    field: "role".into(),
+                    message: "a tool message needs an earlier assistant tool call".into(),
+                })?;
+                out.push(
+                    Message::from_author_and_content(
+                        Author::new(Role::Tool, format!("functions.{name}")),
+                        text,
+                    )
+                    .with_channel("commentary")
+                    .with_recipient("assistant"),
+                );
+            }
+            _ => {} // later system/developer messages: dropped, as in the template
+        }
+    }
+    Ok(Conversation::from_messages(out))
+}

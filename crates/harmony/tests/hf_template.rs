@@ -125,6 +125,12 @@ fn reference_vector_differs_at_index_78_only() {
     let diffs: Vec<usize> = (0..103).filter(|&i| hf_ids[i] != VECTOR_103[i]).collect();
     assert_eq!(diffs, vec![78]);
     assert_eq!((VECTOR_103[78], hf_ids[78]), (13, 364));
+    // The same row through harmony mode gives the reference vector itself.
+    let conv = hf::to_harmony_conversation(&msgs, &ChatTemplateOptions::new("2026-11-28"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ids = render_for_training(&t, &conv, &RenderOptions::keep_analysis())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ids, VECTOR_103.to_vec());
 }
 
 #[test]

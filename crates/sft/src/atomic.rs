@@ -35,8 +35,14 @@ pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
 /// On error the temporary file is removed and `path` is left untouched.
 pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = parent_dir(path);
+    // Keep the extension: some writers (image encoders) pick the format from it.
+    let suffix = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-")
+        .suffix(&suffix)
         .tempfile_in(dir)
         .map_err(|e| SftError::io(dir, e))?;
     write(tmp.path())?;

@@ -2,20 +2,26 @@
 //!
 //! Infrastructure modules (one concern each):
 //! - [`data`]: Multilingual-Thinking rows from JSONL / JSON / Parquet / a HF hub cache snapshot.
-//! - [`schedule`]: learning-rate schedules identical to transformers' `get_scheduler`.
+//! - [`preprocess`]: rows → (input_ids, labels) via the harmony HF-template mode; seeded order.
+//! - [`collate`]: right padding (pad 199999, labels −100, mask) or padding-free packing.
 //! - [`optim`]: AdamW as `torch.optim.AdamW`, gradient accumulation and `clip_grad_norm_`.
-//! - [`atomic`]: atomic file writes (temp file + rename).
+//! - [`schedule`]: learning-rate schedules identical to transformers' `get_scheduler`.
 //! - [`config`]: [`config::TrainingConfig`] from CLI flags and a YAML file.
+//! - [`logging`]: log records, console / progress bar / MLflow, the loss-curve PNG.
+//! - [`mlflow`]: MLflow file store (`mlruns/`) and REST client.
+//! - [`checkpoint`]: `checkpoint-N/` directories: atomic save, rotation, resume.
+//! - [`atomic`]: atomic file writes (temp file + rename).
 
 pub mod atomic;
+pub mod checkpoint;
 pub mod collate;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod logging;
 pub mod mlflow;
 pub mod optim;
 pub mod preprocess;
 pub mod schedule;
-pub mod trainer;
 
 pub use error::{Result, SftError};

@@ -1,0 +1,449 @@
+//! Per-step training logs, as the HF Trainer / TRL 1.16 record them: the [`LogRecord`] of each
+//! logging step (loss, grad_norm, learning_rate, entropy, num_tokens, mean_token_accuracy,
+//! aux_loss, epoch, step, plus tokens/s), the end-of-training [`TrainSummary`], and
+//! [`TrainLogger`], which sends them to the console (HF dict-style lines), an indicatif progress
+//! bar with ETA, and an MLflow run; [`write_loss_curve_png`] draws the loss curve.
+
+use std::path::Path;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic;
+use crate::config::{ReportTo, TrainingConfig};
+use crate::error::{Result, SftError};
+use crate::mlflow::{MlflowClient, MlflowRun, RunStatus};
+
+/// One `log_history` entry of a logging step (HF/TRL key names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Mean optimizer-step loss since the previous log.
+    pub loss: f64,
+    /// Pre-clip total gradient L2 norm of the last optimizer step.
+    pub grad_norm: f64,
+    /// The lr used by the last update (`base · λ(step − 1)`, HF's logged convention).
+    pub learning_rate: f64,
+    /// Mean next-token entropy (nats) at trained positions.
+    pub entropy: f64,
+    /// Cumulative non-padding tokens seen (trained or not); HF writes it as a float, both read.
+    #[serde(deserialize_with = "u64_from_number")]
+    pub num_tokens: u64,
+    /// Fraction of trained positions whose label is the argmax.
+    pub mean_token_accuracy: f64,
+    /// Router aux loss, when enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Global optimizer step (1-based).
+    pub step: u64,
+    /// Non-padding tokens per second over the logging window (not an HF key).
+    #[serde(default)]
+    pub tokens_per_second: f64,
+}
+
+/// Accepts `400` or `400.0` (HF logs `num_tokens` as a float).
+fn u64_from_number<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v.is_finite() && v >= 0.0 && v.fract() == 0.0 {
+        Ok(v as u64)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "expected a non-negative whole number, got {v}"
+        )))
+    }
+}
+
+impl LogRecord {
+    /// `(key, value)` pairs for MLflow (HF's `MLflowCallback` logs these names; `step` is the
+    /// metric step, not a metric).
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        let mut m = vec![
+            ("loss".to_string(), self.loss),
+            ("grad_norm".to_string(), self.grad_norm),
+            ("learning_rate".to_string(), self.learning_rate),
+            ("entropy".to_string(), self.entropy),
+            ("num_tokens".to_string(), self.num_tokens as f64),
+            ("mean_token_accuracy".to_string(), self.mean_token_accuracy),
+            ("epoch".to_string(), self.epoch),
+            ("tokens_per_second".to_string(), self.tokens_per_second),
+        ];
+        if let Some(a) = self.aux_loss {
+            m.push(("aux_loss".to_string(), a));
+        }
+        m
+    }
+}
+
+/// The last `log_history` entry HF writes when training ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Wall seconds of the whole run.
+    pub train_runtime: f64,
+    /// Rows per second.
+    pub train_samples_per_second: f64,
+    /// Optimizer steps per second.
+    pub train_steps_per_second: f64,
+    /// FLOPs (not counted: 0).
+    pub total_flos: f64,
+    /// Mean loss over all steps.
+    pub train_loss: f64,
+    /// Final fractional epoch.
+    pub epoch: f64,
+    /// Final global step.
+    pub step: u64,
+}
+
+impl TrainSummary {
+    /// MLflow metrics of the summary.
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        vec![
+            ("train_runtime".to_string(), self.train_runtime),
+            (
+                "train_samples_per_second".to_string(),
+                self.train_samples_per_second,
+            ),
+            (
+                "train_steps_per_second".to_string(),
+                self.train_steps_per_second,
+            ),
+            ("total_flos".to_string(), self.total_flos),
+            ("train_loss".to_string(), self.train_loss),
+        ]
+    }
+}
+
+/// A `log_history` entry: a step record or the final summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LogEntry {
+    /// A logging step.
+    Step(LogRecord),
+    /// The end-of-training summary.
+    Summary(TrainSummary),
+}
+
+impl LogEntry {
+    /// The step record, if this is one.
+    pub fn as_step(&self) -> Option<&LogRecord> {
+        match self {
+            LogEntry::Step(r) => Some(r),
+            LogEntry::Summary(_) => None,
+        }
+    }
+}
+
+/// One console line per record, in the HF dict style
+/// (`{'loss': 2.1234, 'grad_norm': 0.5, 'learning_rate': 2.000e-04, …}`).
+pub fn format_record(r: &LogRecord) -> String {
+    let mut s = format!(
+        "{{'loss': {:.4}, 'grad_norm': {:.4}, 'learning_rate': {:.3e}, 'entropy': {:.4}, \
+         'num_tokens': {}, 'mean_token_accuracy': {:.4}",
+        r.loss, r.grad_norm, r.learning_rate, r.entropy, r.num_tokens, r.mean_token_accuracy
+    );
+    if let Some(a) = r.aux_loss {
+        s.push_str(&format!(", 'aux_loss': {a:.4}"));
+    }
+    s.push_str(&format!(
+        ", 'epoch': {:.4}, 'step': {}, 'tokens/s': {:.1}}}",
+        r.epoch, r.step, r.tokens_per_second
+    ));
+    s
+}
+
+/// Console + progress bar + MLflow + the in-memory `log_history`.
+pub struct TrainLogger {
+    bar: Option<ProgressBar>,
+    mlflow: Option<MlflowRun>,
+    history: Vec<LogEntry>,
+    print: bool,
+    started: Instant,
+}
+
+impl TrainLogger {
+    /// A logger for `total_steps` optimizer steps. With `report_to: mlflow` it opens a run
+    /// (`MLFLOW_TRACKING_URI`, else `./mlruns`; experiment `experiment_name`, else
+    /// `$MLFLOW_EXPERIMENT_NAME`, else `Default`) and logs the config as params.
+    pub fn new(cfg: &TrainingConfig, total_steps: u64) -> Result<Self> {
+        let mlflow = match cfg.report_to {
+            ReportTo::Mlflow => {
+                let client = MlflowClient::from_env(Path::new("mlruns"))?;
+                let experiment = cfg
+                    .experiment_name
+                    .clone()
+                    .or_else(|| std::env::var("MLFLOW_EXPERIMENT_NAME").ok())
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "Default".to_string());
+                let name = cfg
+                    .run_name
+                    .clone()
+                    .unwrap_or_else(|| format!("sft-{}", crate::mlflow::now_ms()));
+                let run = MlflowRun::start(client, &experiment, &name)?;
+                run.log_params(&cfg.params())?;
+                Some(run)
+            }
+            ReportTo::None => None,
+        };
+        Ok(Self::with_parts(
+            mlflow,
+            total_steps,
+            cfg.progress_bar,
+            true,
+        ))
+    }
+
+    /// A logger from parts: an optional open MLflow run, a progress bar when `show_bar`
+    /// (hidden when stderr is not a terminal), console lines when `print`.
+    pub fn with_parts(
+        mlflow: Option<MlflowRun>,
+        total_steps: u64,
+        show_bar: bool,
+        print: bool,
+    ) -> Self {
+        let bar = show_bar.then(|| {
+            let bar =
+                ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
+            if let Ok(style) = ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+            ) {
+                bar.set_style(style);
+            }
+            bar
+        });
+        Self {
+            bar,
+            mlflow,
+            history: Vec::new(),
+            print,
+            started: Instant::now(),
+        }
+    }
+
+    /// Restores the history of a resumed run (from its trainer_state.json) and moves the bar.
+    pub fn resume(&mut self, history: Vec<LogEntry>, global_step: u64) {
+        self.history = history;
+        if let Some(b) = &self.bar {
+            b.set_position(global_step);
+            b.reset_eta();
+        }
+    }
+
+    /// Where the MLflow run went (`<store or server> (experiment …, run … "name")`), if any.
+    pub fn mlflow_location(&self) -> Option<String> {
+        self.mlflow.as_ref().map(|r| {
+            format!(
+                "{} (experiment {}, run {} \"{}\")",
+                r.client().location(),
+                r.experiment_id,
+                r.run_id,
+                r.run_name
+            )
+        })
+    }
+
+    /// Advances the progress bar to `global_step`.
+    pub fn tick(&self, global_step: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(global_step);
+        }
+    }
+
+    /// Prints a line above the bar (or to stdout without one).
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(b) if !b.is_hidden() => b.println(line),
+            _ => println!("{line}"),
+        }
+    }
+
+    /// Records a logging step: history, console line, MLflow metrics at `record.step`.
+    pub fn log(&mut self, record: &LogRecord) -> Result<()> {
+        if self.print {
+            self.println(&format_record(record));
+        }
+        if let Some(b) = &self.bar {
+            b.set_message(format!("loss {:.4}", record.loss));
+        }
+        if let Some(run) = &self.mlflow {
+            run.log_metrics(record.step as i64, &record.metrics())?;
+        }
+        self.history.push(LogEntry::Step(record.clone()));
+        Ok(())
+    }
+
+    /// Appends the summary, prints it, logs it to MLflow and ends the run FINISHED.
+    pub fn finish(&mut self, summary: &TrainSummary) -> Result<()> {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+        if self.print {
+            println!(
+                "{{'train_runtime': {:.2}, 'train_samples_per_second': {:.3}, \
+                 'train_steps_per_second': {:.3}, 'train_loss': {:.4}, 'epoch': {:.4}}}",
+                summary.train_runtime,
+                summary.train_samples_per_second,
+                summary.train_steps_per_second,
+                summary.train_loss,
+                summary.epoch
+            );
+        }
+        if let Some(run) = &mut self.mlflow {
+            run.log_metrics(summary.step as i64, &summary.metrics())?;
+            run.finish(RunStatus::Finished)?;
+        }
+        self.history.push(LogEntry::Summary(summary.clone()));
+        Ok(())
+    }
+
+    /// Ends the MLflow run with `status` (FAILED on errors, KILLED on Ctrl-C) without a summary.
+    pub fn abort(&mut self, status: RunStatus) -> Result<()> {
+        if let Some(b) = self.bar.take() {
+            b.abandon();
+        }
+        if let Some(run) = &mut self.mlflow {
+            if !run.is_finished() {
+                run.finish(status)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seconds since the logger was created.
+    pub fn elapsed_secs(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// The `log_history` so far.
+    pub fn history(&self) -> &[LogEntry] {
+        &self.history
+    }
+
+    /// `(step, loss)` of every step record.
+    pub fn loss_points(&self) -> Vec<(u64, f64)> {
+        loss_points(&self.history)
+    }
+}
+
+/// `(step, loss)` of every step record of `history`.
+pub fn loss_points(history: &[LogEntry]) -> Vec<(u64, f64)> {
+    history
+        .iter()
+        .filter_map(LogEntry::as_step)
+        .map(|r| (r.step, r.loss))
+        .collect()
+}
+
+/// Draws the loss curve (`points` = (step, loss); non-finite losses skipped) as an 800×480 PNG,
+/// written atomically: white background, light grid, axes, the curve in blue. No text is drawn
+/// (no font dependency); the step range and loss range are the plot's extents.
+pub fn write_loss_curve_png(path: &Path, points: &[(u64, f64)]) -> Result<()> {
+    use plotters::prelude::*;
+    let pts: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|(_, l)| l.is_finite())
+        .map(|&(s, l)| (s as f64, l))
+        .collect();
+    if pts.is_empty() {
+        return Err(SftError::Trainer(format!(
+            "{}: no finite loss points to plot",
+            path.display()
+        )));
+    }
+    let (mut x0, mut x1) = (pts[0].0, pts[0].0);
+    let (mut y0, mut y1) = (pts[0].1, pts[0].1);
+    for &(x, y) in &pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let plot_err = |e: String| SftError::format(path, format!("cannot draw the loss curve: {e}"));
+    atomic::write_with(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (800, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .margin(30)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| plot_err(e.to_string()))?;
+        let grid = RGBColor(225, 225, 225);
+        for i in 1..10 {
+            let fy = y0 + (y1 - y0) * i as f64 / 10.0;
+            let fx = x0 + (x1 - x0) * i as f64 / 10.0;
+            chart
+                .draw_series(LineSeries::new(vec![(x0, fy), (x1, fy)], grid))
+                .map_err(|e| plot_err(e.to_string()))?;
+            chart
+                .draw_series(LineSeries::new(vec![(fx, y0), (fx, y1)], grid))
+                .map_err(|e| plot_err(e.to_string()))?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                vec![(x0, y1), (x0, y0), (x1, y0)],
+                BLACK.stroke_width(2),
+            ))
+            .map_err(|e| plot_err(e.to_string()))?;
+        chart
+            .draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2)))
+            .map_err(|e| plot_err(e.to_string()))?;
+        root.present().map_err(|e| plot_err(e.to_string()))?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(step: u64, loss: f64) -> LogRecord {
+        LogRecord {
+            loss,
+            grad_norm: 1.5,
+            learning_rate: 2e-4,
+            entropy: 3.0,
+            num_tokens: 100 * step,
+            mean_token_accuracy: 0.25,
+            aux_loss: None,
+            epoch: step as f64 / 10.0,
+            step,
+            tokens_per_second: 50.0,
+        }
+    }
+
+    #[test]
+    fn history_entries_round_trip_untagged() {
+        let h = vec![
+            LogEntry::Step(rec(1, 2.0)),
+            LogEntry::Summary(TrainSummary {
+                train_runtime: 1.0,
+                train_samples_per_second: 2.0,
+                train_steps_per_second: 3.0,
+                total_flos: 0.0,
+                train_loss: 2.0,
+                epoch: 1.0,
+                step: 1,
+            }),
+        ];
+        let text = serde_json::to_string(&h).unwrap();
+        assert!(!text.contains("aux_loss"));
+        let back: Vec<LogEntry> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, h);
+        assert!(format_record(&rec(3, 1.0)).starts_with("{'loss': 1.0000, 'grad_norm': 1.5000"));
+    }
+
+    #[test]
+    fn loss_curve_png_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("loss.png");
+        let pts: Vec<(u64, f64)> = (1..=20).map(|s| (s, 5.0 / s as f64)).collect();
+        write_loss_curve_png(&p, &pts).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(write_loss_curve_png(&p, &[(1, f64::NAN)]).is_err());
+    }
+}

@@ -23,5 +23,6 @@ pub mod mlflow;
 pub mod optim;
 pub mod preprocess;
 pub mod schedule;
+pub mod trainer;
 
 pub use error::{Result, SftError};

@@ -19,7 +19,7 @@ use crate::slices::check_lengths;
 /// Output rows per task in the checkpoint layout.
 const ROWS_PER_TASK: usize = 16;
 /// Column groups (of 32 output rows each) per task in the transposed layout.
-const GROUPS_PER_TASK: usize = 2;
+const GROUPS_PER_TASK: usize = 4;
 /// Input rows per tile in the transposed layout.
 const ROW_TILE: usize = 64;
 
@@ -118,15 +118,17 @@ fn transposed<T: OutputElement>(
                 .par_chunks_mut(GROUPS_PER_TASK * BLOCK_VALUES * rows)
                 .enumerate()
                 .for_each(|(c, chunk)| {
-                    transposed_task(
-                        blocks_m,
-                        scales_m,
-                        rows,
-                        groups,
-                        c * GROUPS_PER_TASK,
-                        table,
-                        chunk,
-                    )
+                    let g0 = c * GROUPS_PER_TASK;
+                    #[cfg(target_arch = "x86_64")]
+                    if let (Some(table16), Some(chunk16)) =
+                        (as_u16_table(table), as_u16_slice(chunk))
+                    {
+                        crate::transpose16::transposed_task_u16(
+                            blocks_m, scales_m, rows, groups, g0, table16, chunk16,
+                        );
+                        return;
+                    }
+                    transposed_task(blocks_m, scales_m, rows, groups, g0, table, chunk)
                 });
         });
 }
@@ -158,4 +160,24 @@ fn transposed_task<T: OutputElement>(
             }
         }
     }
+}
+
+/// The table of a 16-bit output type (bf16, f16) seen as raw `u16` bits; `None` for f32.
+#[cfg(target_arch = "x86_64")]
+fn as_u16_table<T: OutputElement>(table: &[PairRow<T>]) -> Option<&[PairRow<u16>]> {
+    (std::mem::size_of::<T>() == 2).then(|| {
+        // SAFETY: `OutputElement` is sealed; its only 2-byte implementors are `bf16` and `f16`,
+        // both `repr(transparent)` wrappers of `u16`, so `PairRow<T>` has the layout of
+        // `PairRow<u16>`.
+        unsafe { std::slice::from_raw_parts(table.as_ptr().cast::<PairRow<u16>>(), table.len()) }
+    })
+}
+
+/// A 16-bit output buffer (bf16, f16) seen as raw `u16` bits; `None` for f32.
+#[cfg(target_arch = "x86_64")]
+fn as_u16_slice<T: OutputElement>(out: &mut [T]) -> Option<&mut [u16]> {
+    (std::mem::size_of::<T>() == 2).then(|| {
+        // SAFETY: as in `as_u16_table`: `T` is `bf16` or `f16`, `repr(transparent)` over `u16`.
+        unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u16>(), out.len()) }
+    })
 }

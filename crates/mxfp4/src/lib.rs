@@ -67,6 +67,8 @@ mod reference;
 mod shape;
 mod slices;
 mod tensor;
+#[cfg(target_arch = "x86_64")]
+mod transpose16;
 mod views;
 
 pub use cpu::{dequantize_into, dequantize_to_vec};

@@ -302,3 +302,34 @@ fn render_errors_are_defined() {
         "{err:?}"
     );
 }
+
+/// Conversations rendered by the openai_harmony Python package (tests/fixtures/harmony_python.json):
+/// its JSON form deserializes into our types and renders to the same ids.
+#[test]
+fn python_openai_harmony_fixtures() {
+    let t = tok();
+    let v: serde_json::Value =
+        serde_json::from_str(&common::read_test_file("fixtures/harmony_python.json"))
+            .unwrap_or_default();
+    let cases = v["cases"].as_array().cloned().unwrap_or_default();
+    assert!(cases.len() >= 9);
+    let ids = |x: &serde_json::Value| -> Vec<u32> {
+        x.as_array()
+            .map(|a| a.iter().map(|i| i.as_u64().unwrap_or(0) as u32).collect())
+            .unwrap_or_default()
+    };
+    for c in cases {
+        let name = c["name"].as_str().unwrap_or("?");
+        let conv: Conversation = serde_json::from_value(c["conversation"].clone())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let keep = render_for_training(&t, &conv, &RenderOptions::keep_analysis())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(keep, ids(&c["training_keep"]), "{name}: training (keep)");
+        let drop = render_for_training(&t, &conv, &RenderOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(drop, ids(&c["training_drop"]), "{name}: training (drop)");
+        let comp = render_for_completion(&t, &conv, Role::Assistant, &RenderOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(comp, ids(&c["completion_drop"]), "{name}: completion");
+    }
+}

@@ -191,8 +191,14 @@ fn check(examples: &[Example]) -> Result<()> {
     Ok(())
 }
 
-/// Right-pads `examples` into `[batch, max_len]`.
+/// Right-pads `examples` into `[batch, max_len]` with [`PAD_TOKEN_ID`].
 pub fn pad(examples: &[Example]) -> Result<Batch> {
+    pad_with_id(examples, PAD_TOKEN_ID)
+}
+
+/// Right-pads `examples` into `[batch, max_len]` with input id `pad_id` (for tokenizers or tiny
+/// test vocabularies without id 199999).
+pub fn pad_with_id(examples: &[Example], pad_id: u32) -> Result<Batch> {
     check(examples)?;
     let seq_len = examples
         .iter()
@@ -203,7 +209,7 @@ pub fn pad(examples: &[Example]) -> Result<Batch> {
     let mut b = Batch {
         rows,
         seq_len,
-        input_ids: vec![PAD_TOKEN_ID; rows * seq_len],
+        input_ids: vec![pad_id; rows * seq_len],
         labels: vec![IGNORE_INDEX; rows * seq_len],
         attention_mask: vec![0; rows * seq_len],
         position_ids: vec![0; rows * seq_len],
@@ -272,6 +278,10 @@ mod tests {
         // From TRL 1.16's DataCollatorForLanguageModeling docstring (pad id 0 there).
         let a = ex(&[1, 2, 3], &[-100, 2, 3]);
         let b = ex(&[4, 5], &[-100, 5]);
+        assert_eq!(
+            pad_with_id(&[b.clone(), a.clone()], 0).unwrap().input_ids,
+            vec![4, 5, 0, 1, 2, 3]
+        );
         let p = pad(&[a.clone(), b.clone()]).unwrap();
         assert_eq!(p.input_ids, vec![1, 2, 3, 4, 5, PAD_TOKEN_ID]);
         assert_eq!(p.attention_mask, vec![1, 1, 1, 1, 1, 0]);

@@ -112,20 +112,19 @@ impl Attention {
         if let Some(m) = ctx.mask(self.layer_type) {
             scores = scores.broadcast_add(m)?;
         }
-        let sinks = self
-            .sinks
-            .reshape((1, nh, 1, 1))?
-            .broadcast_as((b, nh, t, 1))?;
-        let combined = Tensor::cat(&[&scores, &sinks.to_dtype(scores.dtype())?], D::Minus1)?;
-        let max = combined.max_keepdim(D::Minus1)?.detach();
-        let shifted = combined.broadcast_sub(&max)?;
-        let dtype = shifted.dtype();
-        let e = shifted.to_dtype(DType::F32)?.exp()?;
+        // softmax over [scores, sink] without materialising the concatenation; the sink column is dropped.
+        let dtype = scores.dtype();
+        let sinks = self.sinks.to_dtype(dtype)?.reshape((1, nh, 1, 1))?;
+        let max = scores
+            .max_keepdim(D::Minus1)?
+            .broadcast_maximum(&sinks)?
+            .detach(); // [B, nh, T, 1]
+        let e = scores.broadcast_sub(&max)?.to_dtype(DType::F32)?.exp()?;
+        let e_sink = sinks.broadcast_sub(&max)?.to_dtype(DType::F32)?.exp()?;
+        let denom = (e.sum_keepdim(D::Minus1)? + e_sink)?;
         let probs = e
-            .broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-            .to_dtype(dtype)?;
-        let probs = probs
-            .narrow(D::Minus1, 0, tk)?
+            .broadcast_div(&denom)?
+            .to_dtype(dtype)?
             .reshape((b, nkv, g * t, tk))?;
         let out = probs.matmul(&v)?; // [B, nkv, g·T, d]
         let out = out

@@ -22,6 +22,7 @@ mod attention;
 mod checkpoint;
 mod config;
 mod error;
+mod frozen;
 mod generate;
 pub mod hooks;
 mod init;
@@ -32,6 +33,7 @@ mod memory;
 mod model;
 mod moe;
 mod norm;
+mod packed_experts;
 mod rope;
 mod spec;
 
@@ -39,6 +41,7 @@ pub use attention::{Attention, LayerCache};
 pub use checkpoint::{checkpoint_files, load, save, SaveOptions, INDEX_FILE, SINGLE_FILE};
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
 pub use error::{ModelError, Result};
+pub use frozen::frozen_matmul;
 pub use generate::{
     generate, harmony_stop_tokens, GenerationConfig, Generator, Sampler, HARMONY_CALL, HARMONY_END,
     HARMONY_RETURN,
@@ -55,5 +58,6 @@ pub use memory::{memory_estimate, ExpertFormat, MemoryEstimate};
 pub use model::{DecoderLayer, GptOssForCausalLM, GptOssModel, HiddenOutput, KvCache, LayerOutput};
 pub use moe::{Experts, MoeMlp, Router, Routing};
 pub use norm::RmsNorm;
+pub use packed_experts::{init_random_packed, PackedExperts};
 pub use rope::{apply_rotary, RopeParams};
 pub use spec::{named_parameters, num_parameters, tensor_specs, ParamKind, TensorSpec};

@@ -74,7 +74,7 @@ impl Linear {
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let y = x2.matmul(&self.weight.t()?)?;
+        let y = crate::frozen::frozen_matmul(&x2, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -62,8 +62,20 @@ impl AttnContext {
         };
         let positions = match &pad {
             Some(p) => {
-                let pos = (p.cumsum(1)? - 1.0)?.relu()?;
-                pos.narrow(1, past_len, seq_len)?
+                // A running count per row: the [B, past_len + T] mask goes to the host (candle's cumsum
+                // would build an O(L²) triangular matrix on the device).
+                let rows = p.to_vec2::<f32>()?;
+                let mut pos = Vec::with_capacity(batch * seq_len);
+                for row in rows {
+                    let mut seen = 0f32;
+                    for (j, m) in row.iter().enumerate() {
+                        if j >= past_len {
+                            pos.push((seen + m - 1.0).max(0.0));
+                        }
+                        seen += m;
+                    }
+                }
+                Tensor::from_vec(pos, (batch, seq_len), device)?
             }
             None => Tensor::arange(past_len as u32, total as u32, device)?
                 .to_dtype(DType::F32)?

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{ModelError, Result};
+use crate::frozen::frozen_matmul;
 use crate::hooks::{ExpertAdapter, ExpertParam};
+use crate::packed_experts::PackedExperts;
 
 /// `model.layers.{i}.mlp.router`: `logits = x·Wᵀ + b` (not a [`crate::Linear`]: no adapter hook).
 #[derive(Debug, Clone)]
@@ -38,7 +40,7 @@ pub struct Routing {
 impl Router {
     /// `x`: `[N, H]` → routing (top-k of the logits, then a softmax over those k).
     pub fn route(&self, x: &Tensor) -> candle_core::Result<Routing> {
-        let logits = x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        let logits = frozen_matmul(x, &self.weight.t()?)?.broadcast_add(&self.bias)?;
         let indices = logits
             .detach()
             .arg_sort_last_dim(false)?
@@ -69,6 +71,7 @@ pub struct Experts {
     down_proj_bias: Tensor,
     gate_up_adapter: Option<Arc<dyn ExpertAdapter>>,
     down_adapter: Option<Arc<dyn ExpertAdapter>>,
+    packed: Option<Arc<PackedExperts>>,
     /// SwiGLU clamp limit (7.0).
     pub limit: f64,
     /// SwiGLU sigmoid slope (1.702).
@@ -92,6 +95,7 @@ impl Experts {
             down_proj_bias,
             gate_up_adapter: None,
             down_adapter: None,
+            packed: None,
             limit,
             alpha,
         }
@@ -102,6 +106,33 @@ impl Experts {
         match p {
             ExpertParam::GateUp => self.gate_up_adapter = a,
             ExpertParam::Down => self.down_adapter = a,
+        }
+    }
+
+    /// Keep the weights as MXFP4 (`Some`), dequantized per call of [`Self::forward`]; the dense
+    /// parameters are then placeholders (see [`crate::init_random_packed`]). `None` goes back to them.
+    pub fn set_packed(&mut self, packed: Option<Arc<PackedExperts>>) {
+        self.packed = packed;
+    }
+
+    /// The MXFP4-resident weights, if any.
+    pub fn packed(&self) -> Option<&Arc<PackedExperts>> {
+        self.packed.as_ref()
+    }
+
+    /// The weights the forward uses, `[E, in, out]` each: dequantized now when packed, else the
+    /// dense parameters.
+    fn weights(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        match &self.packed {
+            Some(p) => {
+                let dtype = self.gate_up_proj_bias.dtype();
+                let deq = |q| {
+                    p.dequantize(q, dtype)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                };
+                Ok((deq(ExpertParam::GateUp)?, deq(ExpertParam::Down)?))
+            }
+            None => Ok((self.gate_up_proj.clone(), self.down_proj.clone())),
         }
     }
 
@@ -151,8 +182,14 @@ impl Experts {
         self.gate_up_proj.dims().first().copied().unwrap_or(0)
     }
 
-    fn project(&self, p: ExpertParam, e: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = x.matmul(&self.param(p).get(e)?)?;
+    fn project(
+        &self,
+        p: ExpertParam,
+        w: &Tensor,
+        e: usize,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let mut y = frozen_matmul(x, &w.get(e)?)?;
         let adapter = match p {
             ExpertParam::GateUp => &self.gate_up_adapter,
             ExpertParam::Down => &self.down_adapter,
@@ -165,7 +202,18 @@ impl Experts {
 
     /// One expert on its rows: `x` `[n, H]` → `[n, H]` (run dtype), without the routing weight.
     pub fn expert_forward(&self, e: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gu = self.project(ExpertParam::GateUp, e, x)?;
+        let (gu_w, down_w) = self.weights()?;
+        self.expert_forward_with(&gu_w, &down_w, e, x)
+    }
+
+    fn expert_forward_with(
+        &self,
+        gu_w: &Tensor,
+        down_w: &Tensor,
+        e: usize,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let gu = self.project(ExpertParam::GateUp, gu_w, e, x)?;
         let (n, two_i) = gu.dims2()?;
         let gu = gu.reshape((n, two_i / 2, 2))?;
         let gate = gu.narrow(2, 0, 1)?.squeeze(2)?.minimum(self.limit)?;
@@ -175,7 +223,7 @@ impl Experts {
             .clamp(-self.limit, self.limit)?;
         let glu = (&gate * candle_nn::ops::sigmoid(&(&gate * self.alpha)?)?)?;
         let act = ((up + 1.0)? * glu)?;
-        self.project(ExpertParam::Down, e, &act)
+        self.project(ExpertParam::Down, down_w, e, &act)
     }
 
     /// Weighted sum over the routed experts: `x` `[N, H]`, `routing` from [`Router::route`] → `[N, H]`.
@@ -205,13 +253,14 @@ impl Experts {
         let tok_t = Tensor::new(tokens.as_slice(), dev)?;
         let pair_t = Tensor::new(pairs.as_slice(), dev)?;
         let xs = x.index_select(&tok_t, 0)?; // [M, H]
+        let (gu_w, down_w) = self.weights()?;
         let mut outs = Vec::new();
         let mut off = 0usize;
         for (e, g) in groups.iter().enumerate() {
             if g.is_empty() {
                 continue;
             }
-            outs.push(self.expert_forward(e, &xs.narrow(0, off, g.len())?)?);
+            outs.push(self.expert_forward_with(&gu_w, &down_w, e, &xs.narrow(0, off, g.len())?)?);
             off += g.len();
         }
         let ys = Tensor::cat(&outs, 0)?; // [M, H]

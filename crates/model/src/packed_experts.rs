@@ -1,0 +1,198 @@
+//! Experts kept resident as MXFP4 (as the checkpoint stores them) and dequantized one layer at a
+//! time, inside that layer's forward (and again in its gradient-checkpointing recompute).
+//!
+//! gpt-oss-20b's experts are 24 × 32 × (2880·5760 + 2880·2880) weights: 38 GB in bf16, 10.1 GB as
+//! MXFP4 (4.25 bits a weight). Dequantizing a layer's two expert tensors costs 1.6 GB of transient
+//! bf16 (about half a millisecond on an H100/H200 with the NVRTC kernel of `gptoss-mxfp4`), held only
+//! while that layer's autograd graph lives.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::hooks::ExpertParam;
+use crate::model::GptOssForCausalLM;
+use crate::spec::{build_model, ParamKind, TensorSpec};
+
+/// One layer's expert weights in the MXFP4 checkpoint layout: `*_blocks` u8 `[E, out, in/32, 16]`
+/// and `*_scales` u8 `[E, out, in/32]`, for `gate_up_proj` (in = H, out = 2I) and `down_proj`
+/// (in = I, out = H).
+#[derive(Debug, Clone)]
+pub struct PackedExperts {
+    gate_up_blocks: Tensor,
+    gate_up_scales: Tensor,
+    down_blocks: Tensor,
+    down_scales: Tensor,
+}
+
+fn check_pair(name: &str, blocks: &Tensor, scales: &Tensor) -> Result<()> {
+    let bd = blocks.dims();
+    let ok = bd.len() == 4
+        && bd[3] == 16
+        && scales.dims() == &bd[..3]
+        && blocks.dtype() == DType::U8
+        && scales.dtype() == DType::U8;
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::arg(
+            name,
+            format!(
+                "expected blocks u8 [E, out, in/32, 16] and scales u8 [E, out, in/32], got {:?} {:?} and {:?} {:?}",
+                blocks.dims(),
+                blocks.dtype(),
+                scales.dims(),
+                scales.dtype()
+            ),
+        ))
+    }
+}
+
+impl PackedExperts {
+    /// From the four checkpoint tensors (u8, contiguous, on the run device).
+    pub fn new(
+        gate_up_blocks: Tensor,
+        gate_up_scales: Tensor,
+        down_blocks: Tensor,
+        down_scales: Tensor,
+    ) -> Result<Self> {
+        check_pair("gate_up_proj", &gate_up_blocks, &gate_up_scales)?;
+        check_pair("down_proj", &down_blocks, &down_scales)?;
+        Ok(Self {
+            gate_up_blocks: gate_up_blocks.contiguous()?,
+            gate_up_scales: gate_up_scales.contiguous()?,
+            down_blocks: down_blocks.contiguous()?,
+            down_scales: down_scales.contiguous()?,
+        })
+    }
+
+    /// Random blocks (every nibble uniform) and scales uniform in `2^-10 ..= 2^-6` (values of
+    /// magnitude up to 6·2^-6, root-mean-square ≈ 0.015), generated on `device` — what a benchmark
+    /// needs: the memory and the arithmetic of a real checkpoint without reading one.
+    pub fn random(
+        num_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let bytes = |out: usize, inn: usize| -> Result<(Tensor, Tensor)> {
+            let g = inn / 32;
+            let b = Tensor::rand(0f32, 256f32, (num_experts, out, g, 16), device)?
+                .floor()?
+                .clamp(0f32, 255f32)?
+                .to_dtype(DType::U8)?;
+            let s = Tensor::rand(117f32, 122f32, (num_experts, out, g), device)?
+                .floor()?
+                .clamp(117f32, 121f32)?
+                .to_dtype(DType::U8)?;
+            Ok((b, s))
+        };
+        let (gb, gs) = bytes(2 * intermediate, hidden)?;
+        let (db, ds) = bytes(hidden, intermediate)?;
+        Self::new(gb, gs, db, ds)
+    }
+
+    /// The parameter dequantized to `dtype`, as a `[E, in, out]` view (the transpose of the
+    /// contiguous `[E, out, in]` result; candle's matmul takes each `[in, out]` slice as a transposed
+    /// operand without copying).
+    pub fn dequantize(&self, p: ExpertParam, dtype: DType) -> Result<Tensor> {
+        let (b, s) = match p {
+            ExpertParam::GateUp => (&self.gate_up_blocks, &self.gate_up_scales),
+            ExpertParam::Down => (&self.down_blocks, &self.down_scales),
+        };
+        let dense = gptoss_mxfp4::dequantize(b, s, dtype, gptoss_mxfp4::Layout::Checkpoint)
+            .map_err(|err| ModelError::Mxfp4 {
+                name: p.name().to_string(),
+                reason: err.to_string(),
+            })?;
+        Ok(dense.transpose(1, 2)?)
+    }
+
+    /// Bytes held on the device.
+    pub fn nbytes(&self) -> usize {
+        [
+            &self.gate_up_blocks,
+            &self.gate_up_scales,
+            &self.down_blocks,
+            &self.down_scales,
+        ]
+        .iter()
+        .map(|t| t.elem_count())
+        .sum()
+    }
+}
+
+/// A zero-storage stand-in `[E, in, out]` for a parameter held packed (a broadcast scalar): it keeps
+/// `Experts::param` shapes right for adapter targeting; its values are meaningless.
+pub(crate) fn placeholder(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::zeros((), dtype, device)?.broadcast_as(shape)?)
+}
+
+/// A randomly initialised model (as [`crate::init_random`]: N(0, `initializer_range`) weights, zero
+/// biases, unit norms, all created on `device` by its RNG) whose experts are random MXFP4
+/// ([`PackedExperts::random`]) kept packed and dequantized per layer in the forward.
+///
+/// `Experts::param` of such a model is a placeholder; saving or merging it needs dense experts.
+pub fn init_random_packed(
+    config: &Config,
+    dtype: DType,
+    device: &Device,
+    seed: Option<u64>,
+) -> Result<GptOssForCausalLM> {
+    if let (Some(s), false) = (seed, device.is_cpu()) {
+        device.set_seed(s)?;
+    }
+    let std = config.initializer_range as f32;
+    let mut model = build_model(config, dtype, device, |s: &TensorSpec| match s.kind {
+        ParamKind::Bias => Ok(Tensor::zeros(s.shape.as_slice(), dtype, device)?),
+        ParamKind::Norm => Ok(Tensor::ones(s.shape.as_slice(), dtype, device)?),
+        ParamKind::Expert => placeholder(&s.shape, dtype, device),
+        ParamKind::Weight | ParamKind::Normal => {
+            Ok(Tensor::randn(0f32, std, s.shape.as_slice(), device)?.to_dtype(dtype)?)
+        }
+    })?;
+    for layer in model.model.layers.iter_mut() {
+        let packed = PackedExperts::random(
+            config.num_local_experts,
+            config.hidden_size,
+            config.intermediate_size,
+            device,
+        )?;
+        layer.mlp.experts.set_packed(Some(Arc::new(packed)));
+    }
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_forward_equals_dense_forward() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = Config::tiny();
+        let model = init_random_packed(&cfg, DType::F32, &dev, Some(1))?;
+        // The same model with the experts dequantized once into dense parameters.
+        let mut dense = model.clone();
+        for layer in dense.model.layers.iter_mut() {
+            let ex = &mut layer.mlp.experts;
+            let packed = ex
+                .packed()
+                .cloned()
+                .ok_or_else(|| ModelError::arg("packed", "missing"))?;
+            ex.set_packed(None);
+            for p in [ExpertParam::GateUp, ExpertParam::Down] {
+                let w = packed.dequantize(p, DType::F32)?.contiguous()?;
+                ex.set_param(p, w)?;
+            }
+        }
+        let ids = Tensor::new(&[[1u32, 7, 3, 9, 2]], &dev)?;
+        let a = model.forward(&ids, None)?;
+        let b = dense.forward(&ids, None)?;
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "packed vs dense logits differ by {diff}");
+        Ok(())
+    }
+}

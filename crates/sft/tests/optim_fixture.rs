@@ -92,6 +92,12 @@ fn run_steps(
         for (k, v) in meta.params.iter().zip(&vars) {
             let d = max_abs_diff(v.as_tensor(), &t[&format!("param.{step}.{k}")]);
             assert!(d < 2e-6, "step {step} param {k}: max diff {d}");
+            // HF's default optimizer is the fused kernel; it must agree as well.
+            let f = max_abs_diff(v.as_tensor(), &t[&format!("fused.{step}.{k}")]);
+            assert!(f < 2e-6, "step {step} param {k}: max diff {f} vs fused");
+            if std::env::var_os("SFT_PRINT_DIFFS").is_some() {
+                println!("step {step} {k}: {d:e} (fused {f:e})");
+            }
         }
     }
 }

@@ -66,6 +66,18 @@ impl LoraExperts {
         Ok((a_e, b_e))
     }
 
+    /// Expert e's dense update `ΔW[e] = scaling·A_eᵀ·B_eᵀ`, `[in, out]` f32 (for merging expert by expert,
+    /// which keeps the peak memory at one expert's ΔW).
+    pub fn expert_delta_weight(&self, expert: usize) -> candle_core::Result<Tensor> {
+        let (a_e, b_e) = self.expert_factors(expert)?;
+        a_e.t()?.matmul(&b_e.t()?)? * self.scaling
+    }
+
+    /// Number of experts E.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
     /// The dense update `ΔW` `[E, in, out]` f32 (PEFT `get_delta_weight`, einsum "o r e, e r i -> e i o").
     /// Used for merging; the forward never builds it.
     pub fn delta_weight(&self) -> candle_core::Result<Tensor> {

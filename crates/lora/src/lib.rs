@@ -1,8 +1,26 @@
 //! PEFT 0.21.2-compatible LoRA for gpt-oss on candle.
 //!
-//! - [`LoraConfig`]: PEFT's config, read/written as `adapter_config.json`.
-//! - [`resolve_targets`]: PEFT's target matching (`target_modules`, `"all-linear"`, `target_parameters` on the
-//!   3-D expert weights) from shapes alone, with a per-module report and PEFT's trainable-parameter line.
+//! - [`LoraConfig`]: PEFT's config, read/written as `adapter_config.json` (byte-identical to PEFT's writer).
+//! - [`resolve_targets`]: PEFT's target matching (`target_modules` list / regex / `"all-linear"`,
+//!   `exclude_modules`, `layers_to_transform`, `rank_pattern` / `alpha_pattern`, `target_parameters` on the 3-D
+//!   expert weights) from shapes alone, with a per-module report and PEFT's `print_trainable_parameters` line.
+//!   Unlike PEFT, an entry that matches nothing is an error.
+//! - [`LoraLinear`] (`y = base + scaling·B(A(x))`) and [`LoraExperts`] (PEFT `ParamWrapper` layout, applied per
+//!   routed token without materializing ΔW): f32 [`candle_core::Var`] factors on an f32 or bf16 base, installed
+//!   through the model crate's hooks.
+//! - [`LoraModel`]: build fresh adapters onto a [`gptoss_model::GptOssForCausalLM`], list trainable vars under
+//!   PEFT's keys, save/load PEFT adapter directories (validated before anything is applied), merge / unmerge /
+//!   merge_and_unload, and [`save_merged_model`].
+//!
+//! ```
+//! use gptoss_lora::{resolve_targets, LoraConfig};
+//! let plan = resolve_targets(&LoraConfig::cookbook(), &gptoss_model::Config::gpt_oss_20b())?;
+//! assert_eq!(
+//!     plan.trainable_parameters_line(),
+//!     "trainable params: 15,040,512 || all params: 20,929,797,696 || trainable%: 0.0719"
+//! );
+//! # Ok::<(), gptoss_lora::LoraError>(())
+//! ```
 
 pub mod adapter_file;
 pub mod config;

@@ -103,4 +103,19 @@ mod tests {
         let dw: Vec<Vec<f32>> = l.delta_weight().unwrap().to_vec2().unwrap();
         assert_eq!(dw, vec![vec![0.5, -0.5, 1.5], vec![1.0, 0.0, 2.0]]);
     }
+
+    #[test]
+    fn dropout_only_while_training() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::ones((2, 64), DType::F32, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::ones((3, 2), DType::F32, &dev).unwrap()).unwrap();
+        let training = Arc::new(AtomicBool::new(false));
+        let l = LoraLinear::new(a, b, 1.0, 0.5, training.clone());
+        let x = Tensor::ones((4, 64), DType::F32, &dev).unwrap();
+        let eval: Vec<Vec<f32>> = l.lora_term(&x).unwrap().to_vec2().unwrap();
+        assert!(eval.iter().flatten().all(|v| *v == 128.0));
+        training.store(true, Ordering::Relaxed);
+        let train: Vec<Vec<f32>> = l.lora_term(&x).unwrap().to_vec2().unwrap();
+        assert!(train.iter().flatten().any(|v| *v != 128.0));
+    }
 }

@@ -279,8 +279,9 @@ impl LoraModel {
     }
 
     /// Adds every ΔW to its base weight (PEFT `merge_adapter`) and removes the hooks, so the forward runs on
-    /// merged weights. Linear: `W ← (W_f32 + scaling·B·A)` cast to W's dtype; experts: `W ← W + ΔW` with ΔW cast
-    /// to W's dtype first (as PEFT's `ParamWrapper.merge`).
+    /// merged weights. Linear: `W ← (W_f32 + scaling·B·A)` cast to W's dtype; experts: `W[e] ← W[e] + ΔW[e]` with
+    /// ΔW cast to W's dtype first (as PEFT's `ParamWrapper.merge`), one expert at a time. All new weights are
+    /// computed before any is written.
     pub fn merge(&mut self, model: &mut GptOssForCausalLM) -> Result<()> {
         if self.merged {
             return Err(LoraError::State("adapters are already merged".into()));
@@ -339,8 +340,16 @@ impl LoraModel {
                 model.named_experts_mut().into_iter().collect();
             for (t, a) in &self.experts {
                 let w = experts[&t.shape.module].param(t.shape.param);
-                let dw = (a.delta_weight()?.detach() * sign)?.to_dtype(w.dtype())?;
-                new_expert.insert((t.shape.module.clone(), t.shape.param.name()), (w + dw)?);
+                // expert by expert: the peak extra memory is one expert's ΔW, not the whole [E, in, out] stack
+                let mut rows = Vec::with_capacity(a.num_experts());
+                for e in 0..a.num_experts() {
+                    let dw = (a.expert_delta_weight(e)?.detach() * sign)?.to_dtype(w.dtype())?;
+                    rows.push((w.get(e)? + dw)?);
+                }
+                new_expert.insert(
+                    (t.shape.module.clone(), t.shape.param.name()),
+                    Tensor::stack(&rows, 0)?,
+                );
             }
         }
         for (name, lin) in model.named_linears_mut() {

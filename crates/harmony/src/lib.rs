@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! The Harmony chat format of gpt-oss: message types, rendering to token ids (harmony mode,
 //! token-identical to openai-harmony 0.0.8, and HF chat-template mode, identical to transformers'
 //! rendering of the official template), the o200k_harmony tokenizer, a streaming parser for model

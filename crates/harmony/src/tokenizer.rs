@@ -432,6 +432,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tokenizer_is_send_and_sync() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<HarmonyTokenizer>();
+        check::<crate::StreamParser>();
+    }
+
+    #[test]
     fn byte_level_table_is_a_bijection() {
         let mut seen = HashSet::new();
         for cp in 0u32..400 {

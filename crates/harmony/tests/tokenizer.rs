@@ -337,3 +337,20 @@ fn full_tokenizer_json_matches_builtin_when_available() {
         );
     }
 }
+
+#[test]
+fn very_long_inputs_encode() {
+    let t = tok();
+    for s in [
+        " ".repeat(200_000),
+        "\n".repeat(100_000),
+        "a ".repeat(100_000),
+        "😀".repeat(50_000),
+        " \t\r\n".repeat(50_000),
+    ] {
+        let ids = t
+            .encode(&s)
+            .unwrap_or_else(|e| panic!("len {}: {e}", s.len()));
+        assert_eq!(t.decode(&ids).unwrap_or_default(), s);
+    }
+}

@@ -18,8 +18,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::LoadOptions;
 use crate::error::{Result, SftError};
 use crate::optim::AdamWConfig;
+use crate::preprocess::{PreprocessOptions, DEFAULT_TEMPLATE_DATE};
 use crate::schedule::{LrSchedule, MinLr, SchedulerType, Warmup};
 
 /// Which tokens contribute to the loss (the harmony crate's modes: `all`, `assistant_only`,
@@ -314,6 +316,26 @@ impl TrainingConfig {
             }
         }
         Ok(())
+    }
+
+    /// Dataset loader options.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            skip_malformed: self.skip_malformed_rows,
+        }
+    }
+
+    /// Preprocessing options (template date defaults to
+    /// [`DEFAULT_TEMPLATE_DATE`](crate::preprocess::DEFAULT_TEMPLATE_DATE)).
+    pub fn preprocess_options(&self) -> PreprocessOptions {
+        PreprocessOptions {
+            max_length: self.max_length,
+            loss_mask: self.loss_mask,
+            date: self
+                .template_date
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TEMPLATE_DATE.to_string()),
+        }
     }
 
     /// AdamW hyper-parameters.

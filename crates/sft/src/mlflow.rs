@@ -108,8 +108,8 @@ pub enum MlflowClient {
 }
 
 impl MlflowClient {
-    /// From `MLFLOW_TRACKING_URI`: `http(s)://…` → REST; `file:///abs/dir` or a plain path →
-    /// that file store; unset → `default_dir` (e.g. `./mlruns`).
+    /// From `MLFLOW_TRACKING_URI`: `http(s)://…` → REST; `file:///abs/dir`, `file:rel/dir` or a
+    /// plain path → that file store; unset → `default_dir` (e.g. `./mlruns`).
     pub fn from_env(default_dir: &Path) -> Result<Self> {
         match std::env::var("MLFLOW_TRACKING_URI") {
             Ok(uri) if !uri.trim().is_empty() => Self::from_uri(uri.trim()),
@@ -121,7 +121,10 @@ impl MlflowClient {
     pub fn from_uri(uri: &str) -> Result<Self> {
         if uri.starts_with("http://") || uri.starts_with("https://") {
             Ok(MlflowClient::Rest(RestClient::new(uri)?))
-        } else if let Some(path) = uri.strip_prefix("file://") {
+        } else if let Some(path) = uri
+            .strip_prefix("file://")
+            .or_else(|| uri.strip_prefix("file:"))
+        {
             Ok(MlflowClient::File(FileStore::new(Path::new(path))?))
         } else if uri.contains("://") || uri.starts_with("sqlite:") || uri.starts_with("databricks")
         {
@@ -771,5 +774,12 @@ mod tests {
         assert_eq!(fmt_value(2.0), "2.0");
         assert_eq!(fmt_value(f64::NAN), "nan");
         assert_eq!(new_run_id().len(), 32);
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file:{}", dir.path().join("m").display());
+        match MlflowClient::from_uri(&uri).unwrap() {
+            MlflowClient::File(f) => assert!(f.root().join("0/meta.yaml").is_file()),
+            MlflowClient::Rest(_) => panic!("file URI gave a REST client"),
+        }
+        assert!(MlflowClient::from_uri("sqlite:///mlflow.db").is_err());
     }
 }

@@ -72,6 +72,9 @@ fn seed_yaml_sections() {
     assert_eq!(c.report_to, ReportTo::None);
     assert_eq!(c.run_name.as_deref(), Some("seed-run"));
     assert_eq!(c.output_dir, std::path::PathBuf::from("out/seed"));
+    let p = c.preprocess_options();
+    assert_eq!((p.max_length, p.date.as_str()), (1024, "2025-08-05"));
+    assert!(!c.load_options().skip_malformed);
 }
 
 fn config_err(yaml: &str) -> (String, String) {

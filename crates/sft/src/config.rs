@@ -385,6 +385,23 @@ impl TrainingConfig {
         let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
         if let serde_json::Value::Object(map) = value {
             for (k, v) in map {
+                // HF names for the two enum-valued options.
+                if k == "warmup" {
+                    match self.warmup {
+                        Warmup::Ratio(r) => out.push(("warmup_ratio".into(), format!("{r}"))),
+                        Warmup::Steps(n) => out.push(("warmup_steps".into(), n.to_string())),
+                    }
+                    continue;
+                }
+                if k == "min_lr" {
+                    let kw = match self.min_lr {
+                        Some(MinLr::Rate(r)) => format!("{{'min_lr_rate': {r}}}"),
+                        Some(MinLr::Absolute(m)) => format!("{{'min_lr': {m}}}"),
+                        None => "{}".to_string(),
+                    };
+                    out.push(("lr_scheduler_kwargs".into(), kw));
+                    continue;
+                }
                 let s = match v {
                     serde_json::Value::String(s) => s,
                     serde_json::Value::Null => "None".to_string(),

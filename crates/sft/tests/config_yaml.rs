@@ -142,4 +142,10 @@ fn cli_overrides_yaml_overrides_defaults() {
     assert!(params
         .iter()
         .any(|(k, v)| k == "learning_rate" && v == "0.0003"));
+    assert!(params.iter().any(|(k, v)| k == "warmup_steps" && v == "5"));
+    let d = TrainingConfig::default().params();
+    assert!(d.iter().any(|(k, v)| k == "warmup_ratio" && v == "0.03"));
+    assert!(d
+        .iter()
+        .any(|(k, v)| k == "lr_scheduler_kwargs" && v == "{'min_lr_rate': 0.1}"));
 }

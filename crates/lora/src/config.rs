@@ -482,6 +482,35 @@ impl LoraConfig {
                     .into(),
             );
         }
+        // LoraConfig.__post_init__ checks
+        if matches!(self.target_modules, Some(TargetModules::Pattern(_))) {
+            if self.layers_to_transform.is_some() {
+                return invalid(
+                    "layers_to_transform",
+                    "cannot be used when target_modules is a string (regex or \"all-linear\")"
+                        .into(),
+                );
+            }
+            if self.layers_pattern.is_some() {
+                return invalid(
+                    "layers_pattern",
+                    "cannot be used when target_modules is a string (regex or \"all-linear\")"
+                        .into(),
+                );
+            }
+        }
+        let has_pattern = match &self.layers_pattern {
+            None => false,
+            Some(TargetModules::Pattern(p)) => !p.is_empty(),
+            Some(TargetModules::List(v)) => !v.is_empty(),
+        };
+        if has_pattern && self.layers_to_transform.is_none() {
+            return invalid(
+                "layers_pattern",
+                "when layers_pattern is specified, layers_to_transform must also be specified"
+                    .into(),
+            );
+        }
         if matches!(&self.target_parameters, Some(v) if !v.is_empty()) {
             if self.lora_dropout != 0.0 {
                 return invalid(

@@ -360,21 +360,23 @@ pub fn resolve_targets(cfg: &LoraConfig, config: &Config) -> Result<TargetPlan> 
             if excluded {
                 continue;
             }
-            let hit = match matcher {
-                ModuleMatcher::AllLinear => {
-                    (kind == ModuleKind::Linear && name != "lm_head").then_some(0)
+            // layers_to_transform only filters list targets (PEFT rejects it with a string target_modules)
+            let (hit, layer_filtered) = match matcher {
+                ModuleMatcher::AllLinear => (
+                    (kind == ModuleKind::Linear && name != "lm_head").then_some(0),
+                    false,
+                ),
+                ModuleMatcher::Regex(re, _) => (re.is_match(&name).then_some(0), false),
+                ModuleMatcher::List(v) => (list_matches(v, &name), true),
+            };
+            let hit = match (hit, &cfg.layers_to_transform) {
+                (Some(i), Some(layers)) if layer_filtered => {
+                    match layer_index(&name, &cfg.layers_pattern)? {
+                        Some(l) if layers.contains(l) => Some(i),
+                        _ => None,
+                    }
                 }
-                ModuleMatcher::Regex(re, _) => re.is_match(&name).then_some(0),
-                ModuleMatcher::List(v) => match list_matches(v, &name) {
-                    Some(i) => match &cfg.layers_to_transform {
-                        Some(layers) => match layer_index(&name, &cfg.layers_pattern)? {
-                            Some(l) if layers.contains(l) => Some(i),
-                            _ => None,
-                        },
-                        None => Some(i),
-                    },
-                    None => None,
-                },
+                (hit, _) => hit,
             };
             let Some(entry) = hit else { continue };
             let entry_text = match matcher {
@@ -585,6 +587,32 @@ mod tests {
                 "model.layers.5.self_attn.k_proj"
             ]
         );
+        // as in PEFT's LoraConfig.__post_init__
+        c.target_modules = Some(TargetModules::all_linear());
+        let e = resolve_targets(&c, &s).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LoraError::InvalidConfig {
+                    field: "layers_to_transform",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        c.target_modules = Some(TargetModules::list(["k_proj"]));
+        c.layers_to_transform = None;
+        let e = resolve_targets(&c, &s).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LoraError::InvalidConfig {
+                    field: "layers_pattern",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -618,6 +646,86 @@ mod tests {
         assert_eq!(plan.expected_keys()[0].1, vec![256, 2880]);
         assert_eq!(plan.expected_keys()[1].1, vec![5760, 256]);
         assert_eq!(plan.expected_keys()[5].1, vec![2880, 256]);
+    }
+
+    /// Ranks and scalings PEFT 0.21.2 produced for this config on the fixture model (tiny-base), printed from
+    /// its LoraLayer modules: (name, r, scaling, lora_A shape).
+    #[test]
+    fn rank_and_alpha_patterns_match_peft() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-base/config.json");
+        let model = Config::from_file(path).unwrap();
+        let mut c = cfg(
+            Some(TargetModules::list(["q_proj"])),
+            &["down_proj", "0.mlp.experts.gate_up_proj"],
+        );
+        c.r = 4;
+        c.lora_alpha = 8.0;
+        c.use_rslora = true;
+        c.rank_pattern.insert("layers.1.self_attn.q_proj".into(), 2);
+        c.rank_pattern.insert("gate_up_proj".into(), 3);
+        c.alpha_pattern.insert("q_proj".into(), 4.0);
+        c.alpha_pattern
+            .insert("1.mlp.experts.down_proj".into(), 6.0);
+        let plan = resolve_targets(&c, &model).unwrap();
+        let got: Vec<(String, usize, f64, Vec<usize>)> = plan
+            .linears
+            .iter()
+            .map(|t| {
+                (
+                    t.shape.name.clone(),
+                    t.r,
+                    t.scaling,
+                    t.factor_shape(Factor::A),
+                )
+            })
+            .chain(plan.experts.iter().map(|t| {
+                (
+                    t.shape.param_name(),
+                    t.r,
+                    t.scaling,
+                    t.factor_shape(Factor::A),
+                )
+            }))
+            .collect();
+        let want: Vec<(String, usize, f64, Vec<usize>)> = vec![
+            (
+                "model.layers.0.self_attn.q_proj".into(),
+                4,
+                2.0,
+                vec![4, 32],
+            ),
+            (
+                "model.layers.1.self_attn.q_proj".into(),
+                2,
+                2.82842712474619,
+                vec![2, 32],
+            ),
+            (
+                "model.layers.0.mlp.experts.gate_up_proj".into(),
+                3,
+                4.618802153517007,
+                vec![12, 32],
+            ),
+            (
+                "model.layers.0.mlp.experts.down_proj".into(),
+                4,
+                4.0,
+                vec![16, 16],
+            ),
+            (
+                "model.layers.1.mlp.experts.down_proj".into(),
+                4,
+                3.0,
+                vec![16, 16],
+            ),
+        ];
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.0, g.1, &g.3), (&w.0, w.1, &w.3));
+            assert!((g.2 - w.2).abs() < 1e-12, "{}: {} vs {}", g.0, g.2, w.2);
+        }
+        assert!(plan.experts[0].nested && !plan.experts[1].nested && !plan.experts[2].nested);
     }
 
     #[test]

@@ -592,6 +592,12 @@ pub struct RestClient {
 impl RestClient {
     /// A client for the server at `base_url` (e.g. `http://127.0.0.1:5000`).
     pub fn new(base_url: &str) -> Result<Self> {
+        if base_url.starts_with("https://") && !cfg!(feature = "mlflow-https") {
+            return Err(SftError::Mlflow(format!(
+                "{base_url}: https tracking servers need gptoss-sft's `mlflow-https` feature \
+                 (rustls); plain http works without it"
+            )));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
             .http_status_as_error(false)

@@ -203,3 +203,23 @@ fn bad_rows_have_clear_errors() {
         .unwrap_or_default();
     assert!(e.contains("messages[0]") && e.contains("role"), "{e}");
 }
+
+/// With `GPTOSS_TOKENIZER_JSON` (a gpt-oss tokenizer.json), HF mode through the `tokenizers`
+/// backend gives transformers' ids too.
+#[test]
+fn hf_ids_with_tokenizer_json_when_available() {
+    let Some(path) = std::env::var_os("GPTOSS_TOKENIZER_JSON") else {
+        return;
+    };
+    let t = HarmonyTokenizer::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    for case in cases() {
+        let name = case["name"].as_str().unwrap_or("?");
+        if case.get("error").is_some() || name == "literal_special_text" {
+            continue;
+        }
+        let msgs = hf::messages_from_row(&case).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ours =
+            hf::render_ids(&t, &msgs, &options(&case)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(ours, ids(&case["hf_ids"]), "{name}");
+    }
+}

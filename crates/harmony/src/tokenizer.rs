@@ -119,6 +119,7 @@ struct Inner {
     name: String,
     specials: HashMap<String, u32>,
     special_text: HashMap<u32, String>,
+    max_special_len: usize,
     control: ControlTokens,
 }
 
@@ -214,6 +215,7 @@ impl HarmonyTokenizer {
     fn from_parts(backend: Backend, name: String, specials: Vec<(String, u32)>) -> Result<Self> {
         let special_text: HashMap<u32, String> =
             specials.iter().map(|(s, i)| (*i, s.clone())).collect();
+        let max_special_len = specials.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
         let specials: HashMap<String, u32> = specials.into_iter().collect();
         let find = |token: &str| {
             specials
@@ -238,6 +240,7 @@ impl HarmonyTokenizer {
                 name,
                 specials,
                 special_text,
+                max_special_len,
                 control,
             }),
         })
@@ -324,21 +327,28 @@ impl HarmonyTokenizer {
 
     /// Byte spans `(start, end, id)` of the special-token literals in `text`, left to right.
     pub fn find_specials(&self, text: &str) -> Vec<(usize, usize, u32)> {
+        let bytes = text.as_bytes();
+        let max_len = self.inner.max_special_len;
         let mut found = Vec::new();
         let mut pos = 0;
         while let Some(off) = text[pos..].find("<|") {
             let start = pos + off;
-            match text[start + 2..].find("|>") {
+            // Only look as far as the longest special token can reach (keeps this linear).
+            let window_end = (start + max_len).min(bytes.len());
+            let close = bytes[start + 2..window_end]
+                .windows(2)
+                .position(|w| w == b"|>");
+            match close {
                 Some(close) => {
                     let end = start + 2 + close + 2;
                     if let Some(&id) = self.inner.specials.get(&text[start..end]) {
                         found.push((start, end, id));
                         pos = end;
-                    } else {
-                        pos = start + 2;
+                        continue;
                     }
+                    pos = start + 2;
                 }
-                None => break,
+                None => pos = start + 2,
             }
         }
         found

@@ -354,3 +354,16 @@ fn very_long_inputs_encode() {
         assert_eq!(t.decode(&ids).unwrap_or_default(), s);
     }
 }
+
+#[test]
+fn special_scan_is_linear_on_adversarial_text() {
+    let t = tok();
+    let s = "<|".repeat(200_000) + "|>";
+    let start = std::time::Instant::now();
+    assert!(t.find_specials(&s).is_empty());
+    let ids = t
+        .encode_with_special_tokens(&("<|".repeat(1000) + "<|end|>"))
+        .unwrap_or_default();
+    assert_eq!(ids.last(), Some(&200007));
+    assert!(start.elapsed().as_secs() < 5, "took {:?}", start.elapsed());
+}

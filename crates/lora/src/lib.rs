@@ -45,5 +45,6 @@ pub use linear::LoraLinear;
 pub use lora_model::{save_merged_model, LoraModel};
 pub use shapes::{ExpertShape, LinearShape, ModelShapes, ModuleKind};
 pub use target::{
-    resolve_targets, thousands, ExpertTarget, Factor, LinearTarget, TargetPlan, PEFT_KEY_PREFIX,
+    peft_parameter_name, resolve_targets, thousands, ExpertTarget, Factor, LinearTarget,
+    TargetPlan, PEFT_KEY_PREFIX,
 };

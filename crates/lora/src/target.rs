@@ -225,6 +225,18 @@ impl TargetPlan {
     }
 }
 
+/// The name PEFT gives a LoRA parameter inside the model (`named_parameters()`), with the adapter name:
+/// `base_model.model.X.lora_A.weight` → `base_model.model.X.lora_A.default.weight`.
+pub fn peft_parameter_name(key: &str, adapter_name: &str) -> String {
+    for f in [".lora_A.weight", ".lora_B.weight"] {
+        if let Some(stem) = key.strip_suffix(f) {
+            let factor = &f[1..7];
+            return format!("{stem}.{factor}.{adapter_name}.weight");
+        }
+    }
+    key.to_string()
+}
+
 /// `1234567` → `"1,234,567"` (Python's `f"{n:,}"`).
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
@@ -497,6 +509,18 @@ mod tests {
         assert_eq!(
             plan.trainable_parameters_line(),
             "trainable params: 15,040,512 || all params: 20,929,797,696 || trainable%: 0.0719"
+        );
+        let report = plan.report();
+        assert_eq!(report.lines().count(), 96 + 6 + 1);
+        assert!(report.contains("model.layers.7.mlp.experts.gate_up_proj"));
+        assert!(report
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("trainable params: 15,040,512"));
+        assert_eq!(
+            peft_parameter_name(&plan.experts[0].key(Factor::A), "default"),
+            "base_model.model.model.layers.7.mlp.experts.base_layer.lora_A.default.weight"
         );
     }
 

@@ -35,6 +35,8 @@ mod moe;
 mod norm;
 mod packed_experts;
 mod rope;
+mod routed;
+mod sink_softmax;
 mod spec;
 
 pub use attention::{Attention, LayerCache};
@@ -60,4 +62,6 @@ pub use moe::{Experts, MoeMlp, Router, Routing};
 pub use norm::RmsNorm;
 pub use packed_experts::{init_random_packed, PackedExperts};
 pub use rope::{apply_rotary, RopeParams};
+pub use routed::MAX_ONEHOT_ELEMS;
+pub use sink_softmax::sink_softmax;
 pub use spec::{named_parameters, num_parameters, tensor_specs, ParamKind, TensorSpec};

@@ -14,6 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::frozen::frozen_matmul;
 use crate::hooks::{ExpertAdapter, ExpertParam};
 use crate::packed_experts::PackedExperts;
+use crate::routed::RowMap;
 
 /// `model.layers.{i}.mlp.router`: `logits = x·Wᵀ + b` (not a [`crate::Linear`]: no adapter hook).
 #[derive(Debug, Clone)]
@@ -214,6 +215,12 @@ impl Experts {
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let gu = self.project(ExpertParam::GateUp, gu_w, e, x)?;
+        let act = self.swiglu(&gu)?;
+        self.project(ExpertParam::Down, down_w, e, &act)
+    }
+
+    /// Clamped SwiGLU on interleaved gate/up columns: `[n, 2I]` → `[n, I]`.
+    fn swiglu(&self, gu: &Tensor) -> candle_core::Result<Tensor> {
         let (n, two_i) = gu.dims2()?;
         let gu = gu.reshape((n, two_i / 2, 2))?;
         let gate = gu.narrow(2, 0, 1)?.squeeze(2)?.minimum(self.limit)?;
@@ -222,16 +229,15 @@ impl Experts {
             .squeeze(2)?
             .clamp(-self.limit, self.limit)?;
         let glu = (&gate * candle_nn::ops::sigmoid(&(&gate * self.alpha)?)?)?;
-        let act = ((up + 1.0)? * glu)?;
-        self.project(ExpertParam::Down, down_w, e, &act)
+        (up + 1.0)? * glu
     }
 
     /// Weighted sum over the routed experts: `x` `[N, H]`, `routing` from [`Router::route`] → `[N, H]`.
     ///
     /// Rows are grouped per expert from the host copy of the `N·k` indices; gathering and the final
-    /// `index_add` run on the device.
+    /// scatter-add run on the device (see `routed.rs` for the kernel choice).
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> candle_core::Result<Tensor> {
-        let (n, h) = x.dims2()?;
+        let n = x.dim(0)?;
         let k = routing.indices.dim(1)?;
         let idx: Vec<Vec<u32>> = routing.indices.to_vec2::<u32>()?;
         let num_e = self.num_experts();
@@ -250,18 +256,28 @@ impl Experts {
         if tokens.is_empty() {
             return x.zeros_like();
         }
-        let tok_t = Tensor::new(tokens.as_slice(), dev)?;
+        let routed = RowMap::new(&tokens, n, x)?;
         let pair_t = Tensor::new(pairs.as_slice(), dev)?;
-        let xs = x.index_select(&tok_t, 0)?; // [M, H]
+        let xs = routed.gather(x)?; // [M, H]
         let (gu_w, down_w) = self.weights()?;
-        let mut outs = Vec::new();
+        // Projections per expert; the SwiGLU once over all routed rows (fewer, larger kernels).
+        let mut spans = Vec::new();
+        let mut gus = Vec::new();
         let mut off = 0usize;
         for (e, g) in groups.iter().enumerate() {
             if g.is_empty() {
                 continue;
             }
-            outs.push(self.expert_forward_with(&gu_w, &down_w, e, &xs.narrow(0, off, g.len())?)?);
+            let rows = xs.narrow(0, off, g.len())?;
+            gus.push(self.project(ExpertParam::GateUp, &gu_w, e, &rows)?);
+            spans.push((e, off, g.len()));
             off += g.len();
+        }
+        let act = self.swiglu(&Tensor::cat(&gus, 0)?)?; // [M, I]
+        drop(gus);
+        let mut outs = Vec::with_capacity(spans.len());
+        for &(e, off, len) in &spans {
+            outs.push(self.project(ExpertParam::Down, &down_w, e, &act.narrow(0, off, len)?)?);
         }
         let ys = Tensor::cat(&outs, 0)?; // [M, H]
         let w = routing
@@ -270,7 +286,7 @@ impl Experts {
             .index_select(&pair_t, 0)?
             .unsqueeze(1)?;
         let ys = ys.broadcast_mul(&w.to_dtype(ys.dtype())?)?;
-        Tensor::zeros((n, h), x.dtype(), dev)?.index_add(&tok_t, &ys, 0)
+        routed.scatter_add(&ys)
     }
 }
 

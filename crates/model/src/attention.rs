@@ -108,6 +108,18 @@ impl Attention {
         let qg = q.contiguous()?.reshape((b, nkv, g * t, d))?;
         let scores = qg.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, tk))?;
         let scale = 1.0 / (d as f64).sqrt();
+        if crate::sink_softmax::enabled(&scores) {
+            // CUDA: one fused kernel (forward and backward) instead of the reference ops below.
+            let probs = crate::sink_softmax::sink_softmax(
+                &scores,
+                ctx.mask(self.layer_type),
+                &self.sinks,
+                scale,
+            )?
+            .reshape((b, nkv, g * t, tk))?;
+            let out = probs.matmul(&v)?.reshape((b, nh, t, d))?.transpose(1, 2)?;
+            return self.o_proj.forward(&out.reshape((b, t, nh * d))?);
+        }
         let mut scores = (scores * scale)?;
         if let Some(m) = ctx.mask(self.layer_type) {
             scores = scores.broadcast_add(m)?;

@@ -23,13 +23,21 @@ fn loss_falls_over_a_few_steps() -> Result<()> {
         .with_options(trainer_support::options());
     let out = trainer.train(&mut NoObserver)?;
     assert_eq!(out.global_step, 12);
-    assert_eq!(out.log_history.len(), 12);
+    assert_eq!(out.log_history.len(), 13); // 12 steps + the summary
+    assert!(dir.path().join("trainer_state.json").exists());
+    assert!(dir.path().join("loss_curve.png").exists());
     let first = out.step_losses[..3].iter().sum::<f64>() / 3.0;
     let last = out.step_losses[9..].iter().sum::<f64>() / 3.0;
-    assert!(last < first - 0.2, "loss did not fall: {:?}", out.step_losses);
+    assert!(
+        last < first - 0.2,
+        "loss did not fall: {:?}",
+        out.step_losses
+    );
     // Initial loss of a random model ≈ ln(V) = ln(512) = 6.24.
     assert!((out.step_losses[0] - 512f64.ln()).abs() < 0.5);
-    let rec = &out.log_history[11];
+    let Some(rec) = out.log_history[11].as_step() else {
+        panic!("entry 11 is not a step record")
+    };
     assert!(rec.grad_norm > 0.0 && rec.learning_rate == 2e-2);
     assert!(rec.mean_token_accuracy >= 0.0 && rec.mean_token_accuracy <= 1.0);
     assert!(rec.entropy > 0.0 && rec.num_tokens > 0);
@@ -61,10 +69,19 @@ fn resume_reproduces_the_uninterrupted_losses() -> Result<()> {
     cfg2.output_dir = dir.path().join("resumed");
     cfg2.resume_from_checkpoint = Some(ckpt);
     let resumed = Trainer::new(&model2, &adapters2, cfg2, rows, Device::Cpu)?
-        .with_options(trainer_support::options()).train(&mut NoObserver)?;
+        .with_options(trainer_support::options())
+        .train(&mut NoObserver)?;
     assert_eq!(resumed.step_losses, full.step_losses[4..].to_vec());
     assert_eq!(resumed.global_step, 6);
-    assert_eq!(resumed.log_history.len(), 6);
+    assert_eq!(
+        resumed.log_history,
+        full.log_history[..4]
+            .iter()
+            .chain(&resumed.log_history[4..])
+            .cloned()
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(resumed.log_history.len(), 7);
     Ok(())
 }
 
@@ -95,7 +112,10 @@ fn gradient_checkpointing_gives_identical_gradients() -> Result<()> {
         };
         let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(diff <= 1e-5 * scale.max(1e-6), "diff {diff} vs scale {scale}");
+        assert!(
+            diff <= 1e-5 * scale.max(1e-6),
+            "diff {diff} vs scale {scale}"
+        );
         compared += 1;
     }
     assert_eq!(compared, vars.len());
@@ -125,12 +145,18 @@ fn non_finite_loss_names_the_step_and_keeps_the_checkpoint() -> Result<()> {
         .collect();
     let trainer = Trainer::new(&model, &adapters, cfg, synthetic_rows(8), Device::Cpu)?
         .with_options(trainer_support::options());
-    let err = trainer.train(&mut Poison(vars)).expect_err("NaN must stop training");
-    assert!(matches!(err, SftError::NonFiniteLoss { step: 3, .. }), "{err}");
+    let err = trainer
+        .train(&mut Poison(vars))
+        .expect_err("NaN must stop training");
+    assert!(
+        matches!(err, SftError::NonFiniteLoss { step: 3, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("step 3"));
     let ckpt = dir.path().join("checkpoint-2");
     assert!(ckpt.join("trainer_state.json").exists());
-    let saved = candle_core::safetensors::load(ckpt.join("adapter_model.safetensors"), &Device::Cpu)?;
+    let saved =
+        candle_core::safetensors::load(ckpt.join("adapter_model.safetensors"), &Device::Cpu)?;
     for t in saved.values() {
         let s = t.sum_all()?.to_scalar::<f32>()?;
         assert!(s.is_finite());

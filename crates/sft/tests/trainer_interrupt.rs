@@ -31,7 +31,12 @@ fn ctrl_c_saves_a_checkpoint_and_stops() -> Result<()> {
     assert_eq!(out.global_step, 3);
     let ckpt = dir.path().join("checkpoint-3");
     assert_eq!(out.last_checkpoint.as_deref(), Some(ckpt.as_path()));
-    for f in ["trainer_state.json", "adapter_model.safetensors", "optimizer.safetensors", "scheduler.json"] {
+    for f in [
+        "trainer_state.json",
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "scheduler.json",
+    ] {
         assert!(ckpt.join(f).exists(), "{f} missing");
     }
     Ok(())

@@ -40,7 +40,10 @@ impl AuxLossPlan {
         };
         let (n, e) = first.dims2()?;
         if token_mask.len() != n {
-            candle_core::bail!("aux loss: {n} router rows but {} mask entries", token_mask.len());
+            candle_core::bail!(
+                "aux loss: {n} router rows but {} mask entries",
+                token_mask.len()
+            );
         }
         let mut counts = vec![0f64; e];
         let mut prob_sums = vec![0f64; e];
@@ -65,7 +68,12 @@ impl AuxLossPlan {
         }
         let denom = l as f64 * token_mask.iter().map(|&w| w as f64).sum::<f64>();
         let value = if denom > 0.0 {
-            e as f64 * counts.iter().zip(&prob_sums).map(|(c, s)| c * s).sum::<f64>()
+            e as f64
+                * counts
+                    .iter()
+                    .zip(&prob_sums)
+                    .map(|(c, s)| c * s)
+                    .sum::<f64>()
                 / (denom * denom)
         } else {
             0.0
@@ -88,7 +96,9 @@ impl AuxLossPlan {
     /// a scalar f32 tensor whose graph goes through `router_logits` (`[N, E]`).
     pub fn layer_term(&self, router_logits: &Tensor) -> Result<Tensor> {
         let p = candle_nn::ops::softmax(&router_logits.to_dtype(DType::F32)?, D::Minus1)?;
-        self.token_weights.matmul(&p.matmul(&self.weights)?)?.sum_all()
+        self.token_weights
+            .matmul(&p.matmul(&self.weights)?)?
+            .sum_all()
     }
 }
 
@@ -118,7 +128,11 @@ mod tests {
         let mask = [1.0, 1.0, 1.0, 1.0, 0.0, 0.0];
         let plan = AuxLossPlan::new(&[a.clone(), b.clone()], &mask, 2, 0.5)?;
         let sum = (plan.layer_term(&a)? + plan.layer_term(&b)?)?.to_scalar::<f32>()? as f64;
-        assert!((sum - 0.5 * plan.value).abs() < 1e-5, "{sum} vs {}", plan.value);
+        assert!(
+            (sum - 0.5 * plan.value).abs() < 1e-5,
+            "{sum} vs {}",
+            plan.value
+        );
         Ok(())
     }
 }

@@ -25,7 +25,8 @@ pub trait LayeredCausalLm {
     /// Token embeddings: `input_ids` `[B, T]` u32 → `[B, T, H]` (run dtype).
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor>;
     /// Builds the per-batch context. `attention_mask`: `[B, T]` (1 = token, 0 = pad).
-    fn context(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Self::Context>;
+    fn context(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>)
+        -> Result<Self::Context>;
     /// Decoder layer `i`: `h` `[B, T, H]` → (`[B, T, H]`, router logits `[B·T, E]`).
     fn layer(&self, i: usize, h: &Tensor, ctx: &Self::Context) -> Result<(Tensor, Tensor)>;
     /// Final norm: `[.., H]` → `[.., H]`.
@@ -129,7 +130,10 @@ fn head<M: LayeredCausalLm>(
 }
 
 fn collect(params: &[Var], grads: &candle_core::backprop::GradStore) -> Vec<Option<Tensor>> {
-    params.iter().map(|p| grads.get(p.as_tensor()).cloned()).collect()
+    params
+        .iter()
+        .map(|p| grads.get(p.as_tensor()).cloned())
+        .collect()
 }
 
 fn add_grads(acc: &mut [Option<Tensor>], new: Vec<Option<Tensor>>) -> Result<()> {
@@ -295,7 +299,8 @@ pub(crate) mod toy {
                 s.w.push(Tensor::randn(0f32, 0.3, (hidden, hidden), &dev)?);
                 s.a.push(Var::randn(0f32, 0.3, (r, hidden), &dev)?);
                 s.b.push(Var::randn(0f32, 0.3, (hidden, r), &dev)?);
-                s.router.push(Tensor::randn(0f32, 1.0, (experts, hidden), &dev)?);
+                s.router
+                    .push(Tensor::randn(0f32, 1.0, (experts, hidden), &dev)?);
             }
             Ok(s)
         }
@@ -314,7 +319,9 @@ pub(crate) mod toy {
         }
         fn embed(&self, ids: &Tensor) -> Result<Tensor> {
             let (b, t) = ids.dims2()?;
-            self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, ()))
         }
         fn context(&self, _: &Tensor, _: Option<&Tensor>) -> Result<()> {
             Ok(())
@@ -364,7 +371,12 @@ pub(crate) mod toy {
     }
 
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()
+        (a - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()
     }
 }
 
@@ -420,12 +432,21 @@ mod tests {
         let sel = select_positions(&hn, &batch.positions)?;
         let logits = sel.matmul(&model.head.t()?)?;
         let lsm = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
-        let idx = Tensor::from_slice(&batch.targets, (batch.targets.len(), 1), &candle_core::Device::Cpu)?;
-        let loss = lsm.gather(&idx, candle_core::D::Minus1)?.neg()?.mean_all()?;
+        let idx = Tensor::from_slice(
+            &batch.targets,
+            (batch.targets.len(), 1),
+            &candle_core::Device::Cpu,
+        )?;
+        let loss = lsm
+            .gather(&idx, candle_core::D::Minus1)?
+            .neg()?
+            .mean_all()?;
         let g = loss.backward()?;
         for (p, mine) in params.iter().zip(&ours.grads) {
             let r = g.get(p.as_tensor()).expect("reference grad");
-            let Some(mine) = mine else { panic!("missing grad") };
+            let Some(mine) = mine else {
+                panic!("missing grad")
+            };
             assert!(max_abs_diff(r, mine)? < 1e-5);
         }
         let mean = ours.nll_sum / ours.count as f64;

@@ -36,13 +36,15 @@ pub fn micro_batch(batch: &Batch, pad_id: u32, device: &Device) -> Result<MicroB
                 continue;
             }
             let target = u32::try_from(l).map_err(|_| {
-                SftError::Trainer(format!("micro-batch row {r}: invalid label {l} at position {c}"))
+                SftError::Trainer(format!(
+                    "micro-batch row {r}: invalid label {l} at position {c}"
+                ))
             })?;
             positions.push((r * t + c - 1) as u32);
             targets.push(target);
         }
     }
-    let padded = batch.attention_mask.iter().any(|&m| m == 0);
+    let padded = batch.attention_mask.contains(&0);
     Ok(MicroBatch {
         input_ids: Tensor::from_vec(ids, (b, t), device)?,
         attention_mask: if padded {
@@ -72,8 +74,15 @@ mod tests {
             labels: vec![IGNORE_INDEX, 9],
         };
         let mb = micro_batch(&pad(&[a, b])?, 0, &Device::Cpu)?;
-        assert_eq!(mb.input_ids.to_vec2::<u32>()?, vec![vec![5, 6, 7], vec![8, 9, 0]]);
-        let mask = mb.attention_mask.as_ref().map(|m| m.to_vec2::<u32>()).transpose()?;
+        assert_eq!(
+            mb.input_ids.to_vec2::<u32>()?,
+            vec![vec![5, 6, 7], vec![8, 9, 0]]
+        );
+        let mask = mb
+            .attention_mask
+            .as_ref()
+            .map(|m| m.to_vec2::<u32>())
+            .transpose()?;
         assert_eq!(mask, Some(vec![vec![1, 1, 1], vec![1, 1, 0]]));
         assert_eq!(mb.positions, vec![0, 1, 3]);
         assert_eq!(mb.targets, vec![6, 7, 9]);

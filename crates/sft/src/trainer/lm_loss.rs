@@ -58,7 +58,10 @@ pub fn fused_lm_head_loss(
         candle_core::bail!("fused_lm_head_loss: hidden [{n}, {h}] vs lm_head weight [{v}, {hw}]");
     }
     if targets.len() != n {
-        candle_core::bail!("fused_lm_head_loss: {n} hidden rows but {} targets", targets.len());
+        candle_core::bail!(
+            "fused_lm_head_loss: {n} hidden rows but {} targets",
+            targets.len()
+        );
     }
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("fused_lm_head_loss: target id {bad} is outside the vocabulary of {v}");
@@ -165,11 +168,16 @@ fn softmax_stats_generic(
     let log_sum = sum.log()?;
     let t = Tensor::from_slice(targets, (c, 1), dev)?;
     let target_shifted = shifted.gather(&t, D::Minus1)?;
-    let nll = (&log_sum - &target_shifted)?.flatten_all()?.to_vec1::<f32>()?;
+    let nll = (&log_sum - &target_shifted)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let entropy = (&log_sum - (&p * &shifted)?.sum_keepdim(D::Minus1)?)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let arg = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+    let arg = logits
+        .argmax_keepdim(D::Minus1)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
     let onehot = Tensor::zeros((c, v), DType::F32, dev)?.scatter_add(
         &t,
         &Tensor::ones((c, 1), DType::F32, dev)?,
@@ -199,7 +207,10 @@ mod tests {
         let idx = Tensor::from_slice(t, (t.len(), 1), h.device())?;
         let nll = lsm.gather(&idx, D::Minus1)?.neg()?.sum_all()?;
         let grads = (&nll * scale)?.backward()?;
-        let g = grads.get(hv.as_tensor()).cloned().unwrap_or(h.zeros_like()?);
+        let g = grads
+            .get(hv.as_tensor())
+            .cloned()
+            .unwrap_or(h.zeros_like()?);
         Ok((nll.to_scalar::<f32>()? as f64, g))
     }
 
@@ -212,7 +223,10 @@ mod tests {
         let (ref_nll, ref_g) = reference(&h, &w, &t, 0.25)?;
         let fused = fused_lm_head_loss(&h, &w, &t, 0.25, 3)?;
         assert!((fused.nll_sum - ref_nll).abs() < 1e-4 * ref_nll.abs().max(1.0));
-        let diff = (&fused.grad_hidden - &ref_g)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&fused.grad_hidden - &ref_g)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "grad diff {diff}");
         // The generic path gives the same statistics and gradient.
         let logits = h.matmul(&w.t()?)?;
@@ -226,7 +240,10 @@ mod tests {
         assert!(diff < 1e-6);
         // Entropy of the softmax, computed directly.
         let p = candle_nn::ops::softmax_last_dim(&logits)?;
-        let ent = (p.clone() * p.log()?)?.sum_all()?.neg()?.to_scalar::<f32>()? as f64;
+        let ent = (p.clone() * p.log()?)?
+            .sum_all()?
+            .neg()?
+            .to_scalar::<f32>()? as f64;
         assert!((fused.entropy_sum - ent).abs() < 1e-3);
         Ok(())
     }

@@ -6,28 +6,32 @@
 //! - [`lm_loss`]: the fused LM-head cross-entropy at labelled positions, with its gradient.
 //! - [`aux_loss`]: the MoE router load-balancing loss, split per layer.
 //! - [`batch`]: collated batches → device micro-batches with the labelled positions.
-//! - [`state`]: `trainer_state.json`, log records, checkpoint files and pruning.
 //! - [`adapters`]: what the loop needs from the LoRA adapters; restoring them on resume.
 //! - [`interrupt`]: the Ctrl-C flag.
 //! - [`report`]: console lines, progress bar and MLflow run ([`report::StandardObserver`]).
+//!
+//! Checkpoint files come from [`crate::checkpoint`], log records from [`crate::logging`].
+//! - [`chat`]: prompting and streaming generation split by harmony channel.
 //! - [`pipeline`]: the whole recipe in one call ([`pipeline::finetune`]).
 
 pub mod adapters;
 pub mod aux_loss;
 pub mod backward;
 pub mod batch;
+pub mod chat;
 pub mod interrupt;
 pub mod lm_loss;
 pub mod model_adapter;
 pub mod pipeline;
 pub mod report;
 pub mod run;
-pub mod state;
 
 pub use adapters::{load_adapter_weights, TrainableAdapters};
-pub use backward::{forward_backward, BackwardOptions, LayeredCausalLm, MicroBatch, MicroStepOutput};
+pub use backward::{
+    forward_backward, BackwardOptions, LayeredCausalLm, MicroBatch, MicroStepOutput,
+};
 pub use batch::micro_batch;
-pub use run::{NoObserver, TrainObserver, TrainOutcome, Trainer, TrainerOptions};
+pub use chat::{chat_generate, chat_prompt, cookbook_generation_config, ChatReply};
 pub use pipeline::{finetune, lora_config, FinetuneOutput, BUNDLED_DATASET};
 pub use report::StandardObserver;
-pub use state::{LogRecord, TrainerState};
+pub use run::{NoObserver, TrainObserver, TrainOutcome, Trainer, TrainerOptions};

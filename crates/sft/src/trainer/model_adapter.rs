@@ -25,7 +25,8 @@ impl LayeredCausalLm for GptOssForCausalLM {
 
     fn context(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<AttnContext> {
         let (b, t) = input_ids.dims2()?;
-        self.attention_context(b, t, 0, attention_mask).map_err(wrap)
+        self.attention_context(b, t, 0, attention_mask)
+            .map_err(wrap)
     }
 
     fn layer(&self, i: usize, h: &Tensor, ctx: &AttnContext) -> Result<(Tensor, Tensor)> {

@@ -77,7 +77,11 @@ pub fn write_processor_files(dir: &Path, model_dir: Option<&Path>) -> Result<()>
         gptoss_harmony::hf::CHAT_TEMPLATE.as_bytes(),
     )?;
     if let Some(m) = model_dir {
-        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
             let src = m.join(f);
             if src.is_file() {
                 let bytes = std::fs::read(&src).map_err(|e| SftError::io(&src, e))?;
@@ -121,10 +125,6 @@ pub fn finetune(
     let lora = LoraModel::new(model, lora_config(cfg), cfg.seed)
         .map_err(|e| SftError::Trainer(format!("applying LoRA: {e}")))?;
     lora.print_trainable_parameters();
-    let mut observer = StandardObserver::new(cfg)?;
-    if let Some(loc) = observer.mlflow_location() {
-        println!("MLflow: {loc}");
-    }
     let model_dir = cfg.model_name_or_path.clone();
     let extra = move |dir: &Path| write_processor_files(dir, model_dir.as_deref());
     let pad = model.config().pad_token_id.unwrap_or(199_999);
@@ -136,6 +136,10 @@ pub fn finetune(
             ..TrainerOptions::default()
         })
         .with_extra_files(&extra);
+    let mut observer = StandardObserver::new(cfg, trainer.total_steps())?;
+    if let Some(loc) = observer.mlflow_location() {
+        println!("MLflow: {loc}");
+    }
     let outcome = match trainer.train(&mut observer) {
         Ok(o) => o,
         Err(e) => {
@@ -152,4 +156,53 @@ pub fn finetune(
         adapter_dir,
         mlflow,
     })
+}
+
+/// The demo model of `examples/finetune_multilingual.rs`: the real gpt-oss architecture
+/// (o200k_harmony vocabulary of 201,088, YaRN RoPE, sinks, alternating sliding/full attention,
+/// MoE with clamped SwiGLU) at small dims: hidden 128, 4 layers, 4 query heads over 2 kv heads
+/// of width 32, 8 experts top-2 with intermediate 128, sliding window 128. Weights are drawn with
+/// std 0.1 instead of 0.02: with the frozen LM head of a 0.02 init, logits of a 128-wide model
+/// span only ≈ ±2.5, so no adapter could move the loss far below ln(201088) ≈ 12.2.
+pub fn demo_model_config() -> gptoss_model::Config {
+    let mut c = gptoss_model::Config::small();
+    c.initializer_range = 0.1;
+    c.hidden_size = 128;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = Some(32);
+    c.intermediate_size = 128;
+    c.vocab_size = 201_088;
+    c.sliding_window = Some(128);
+    c.pad_token_id = Some(199_999);
+    c.eos_token_id = Some(gptoss_model::TokenIds::One(200_002));
+    c
+}
+
+/// The demo training setup (used when no `--model` is given): the recipe scaled to a random
+/// tiny model on CPU — LoRA r 8 / α 16 on all attention linears plus the experts of layers 1
+/// and 3, lr 2e-3 (a random model needs more than the recipe's 2e-4 to visibly learn in one
+/// epoch), cosine_with_min_lr 0.1, warmup 3 %, batch 1 × GA 4, max_length 512, 1 epoch, no
+/// gradient checkpointing (the model is small), a checkpoint every 10 steps (keep 2), output
+/// in `finetune_multilingual_demo/`.
+pub fn demo_training_config() -> TrainingConfig {
+    TrainingConfig {
+        lora_target_parameters: [1, 3]
+            .iter()
+            .flat_map(|l| {
+                [
+                    format!("{l}.mlp.experts.gate_up_proj"),
+                    format!("{l}.mlp.experts.down_proj"),
+                ]
+            })
+            .collect(),
+        learning_rate: 2e-3,
+        max_length: 512,
+        gradient_checkpointing: false,
+        save_steps: 10,
+        save_total_limit: Some(2),
+        output_dir: PathBuf::from("finetune_multilingual_demo"),
+        run_name: Some("finetune-multilingual-demo".into()),
+        ..TrainingConfig::default()
+    }
 }

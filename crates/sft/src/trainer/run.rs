@@ -17,13 +17,17 @@ use candle_core::Device;
 use super::adapters::{load_adapter_weights, TrainableAdapters};
 use super::backward::{forward_backward, BackwardOptions, LayeredCausalLm};
 use super::batch::micro_batch;
-use crate::collate::{pad, Example};
-use crate::preprocess::epoch_order;
 use super::interrupt;
-use super::state::{self, LogRecord, ResumePoint, TrainerState};
+use crate::checkpoint::{
+    load_checkpoint, load_optimizer, resolve_resume, save_checkpoint, CheckpointContents, RngState,
+    TrainerState, TRAINER_STATE_FILE,
+};
+use crate::collate::{pad, Example};
 use crate::config::TrainingConfig;
 use crate::error::{Result, SftError};
+use crate::logging::{loss_points, write_loss_curve_png, LogEntry, LogRecord, TrainSummary};
 use crate::optim::{AdamW, Gradients};
+use crate::preprocess::epoch_order;
 use crate::schedule::LrSchedule;
 
 /// Receives progress from [`Trainer::train`] (progress bar, console, MLflow, ...).
@@ -64,8 +68,11 @@ pub struct TrainOutcome {
     pub train_loss: f64,
     /// Stopped by Ctrl-C (a checkpoint was saved).
     pub interrupted: bool,
-    /// Every logged record (including those restored from a resumed checkpoint).
-    pub log_history: Vec<LogRecord>,
+    /// Every logged record (including those restored from a resumed checkpoint), then the
+    /// summary when training completed.
+    pub log_history: Vec<LogEntry>,
+    /// HF's end-of-training summary (`None` when interrupted).
+    pub summary: Option<TrainSummary>,
     /// The loss of every optimizer step run in this call, in order.
     pub step_losses: Vec<f64>,
     /// Wall time of this call, seconds.
@@ -163,7 +170,9 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
 
     /// Micro-batches per epoch.
     pub fn micro_batches_per_epoch(&self) -> usize {
-        self.rows.len().div_ceil(self.config.per_device_train_batch_size)
+        self.rows
+            .len()
+            .div_ceil(self.config.per_device_train_batch_size)
     }
 
     /// Optimizer steps of the whole run (`max_steps`, else `ceil(epochs · updates/epoch)`).
@@ -179,7 +188,12 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         let in_epoch = (step % upe) as usize;
         let ga = self.config.gradient_accumulation_steps;
         let bs = self.config.per_device_train_batch_size;
-        let order = epoch_order(self.rows.len(), self.config.seed, epoch, self.config.shuffle);
+        let order = epoch_order(
+            self.rows.len(),
+            self.config.seed,
+            epoch,
+            self.config.shuffle,
+        );
         let n_micro = self.micro_batches_per_epoch();
         let first = in_epoch * ga;
         let last = (first + ga).min(n_micro);
@@ -200,16 +214,17 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         let params = self.adapters.named_parameters();
         let vars: Vec<candle_core::Var> = params.iter().map(|(_, v)| v.clone()).collect();
         let mut optimizer = AdamW::new(params, cfg.adamw())?;
-        let mut history: Vec<LogRecord> = Vec::new();
+        let mut history: Vec<LogEntry> = Vec::new();
         let mut global_step = 0u64;
         let mut num_tokens = 0u64;
-        if let Some(dir) = &cfg.resume_from_checkpoint {
-            let point: ResumePoint = state::read_resume_point(dir)?;
-            load_adapter_weights(self.adapters, dir)?;
-            optimizer.load_state(dir, state::OPTIMIZER_STEM)?;
-            global_step = point.trainer_state.global_step;
-            num_tokens = point.trainer_state.num_input_tokens_seen;
-            history = point.trainer_state.log_history;
+        if let Some(spec) = &cfg.resume_from_checkpoint {
+            let dir = resolve_resume(&cfg.output_dir, spec)?;
+            let loaded = load_checkpoint(&dir)?;
+            load_adapter_weights(self.adapters, &dir)?;
+            load_optimizer(&dir, &mut optimizer)?;
+            global_step = loaded.trainer_state.global_step;
+            num_tokens = loaded.trainer_state.num_input_tokens_seen;
+            history = loaded.trainer_state.log_history;
         }
         observer.on_train_begin(total, global_step)?;
         let mut grads = Gradients::new(vars.len());
@@ -260,7 +275,11 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
                 }
             }
             let step_no = global_step + 1;
-            let ce = if num_items > 0 { nll / num_items as f64 } else { 0.0 };
+            let ce = if num_items > 0 {
+                nll / num_items as f64
+            } else {
+                0.0
+            };
             let loss = ce + aux_scale * aux_sum;
             if !loss.is_finite() {
                 let err = SftError::NonFiniteLoss {
@@ -297,14 +316,42 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
                     cfg.router_aux_loss_coef != 0.0,
                 );
                 observer.on_log(&rec)?;
-                history.push(rec);
+                history.push(LogEntry::Step(rec));
                 window = LogWindow::new(Instant::now());
             }
             interrupted = interrupt::requested();
             let save_now = cfg.save_steps > 0 && global_step % cfg.save_steps == 0;
             if save_now || interrupted {
-                let ts = TrainerState::new(cfg, global_step, epoch_f, total, num_tokens, &history);
-                let dir = self.save_checkpoint(&optimizer, &schedule, &ts)?;
+                let ts = TrainerState::new(
+                    cfg,
+                    global_step,
+                    epoch_f,
+                    total,
+                    num_tokens,
+                    history.clone(),
+                    interrupted || last,
+                );
+                let rng = RngState {
+                    seed: cfg.seed,
+                    shuffle: cfg.shuffle,
+                    global_step,
+                    epoch,
+                    micro_batches_done: consumed as u64,
+                    extra: None,
+                };
+                let contents = CheckpointContents {
+                    trainer_state: &ts,
+                    scheduler: &schedule.state(global_step),
+                    rng: &rng,
+                    config: cfg,
+                    optimizer: &optimizer,
+                };
+                let dir = save_checkpoint(
+                    &cfg.output_dir,
+                    &contents,
+                    |d| self.write_model_files(d),
+                    cfg.save_total_limit,
+                )?;
                 observer.on_save(&dir)?;
                 last_checkpoint = Some(dir);
             }
@@ -317,49 +364,71 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         } else {
             step_losses.iter().sum::<f64>() / step_losses.len() as f64
         };
+        let runtime_s = started.elapsed().as_secs_f64();
+        let summary = (!interrupted).then(|| {
+            let epoch =
+                global_step as f64 / self.config.updates_per_epoch(self.rows.len()).max(1) as f64;
+            TrainSummary {
+                train_runtime: runtime_s,
+                train_samples_per_second: (step_losses.len() * ga * cfg.per_device_train_batch_size)
+                    as f64
+                    / runtime_s.max(1e-9),
+                train_steps_per_second: step_losses.len() as f64 / runtime_s.max(1e-9),
+                total_flos: 0.0,
+                train_loss,
+                epoch,
+                step: global_step,
+            }
+        });
+        if let Some(s) = &summary {
+            history.push(LogEntry::Summary(s.clone()));
+            self.write_final_state(global_step, s.epoch, total, num_tokens, &history)?;
+        }
         let outcome = TrainOutcome {
             global_step,
             train_loss,
             interrupted,
             log_history: history,
+            summary,
             step_losses,
-            runtime_s: started.elapsed().as_secs_f64(),
+            runtime_s,
             last_checkpoint,
         };
         observer.on_train_end(&outcome)?;
         Ok(outcome)
     }
 
-    /// Writes `output_dir/checkpoint-{step}` atomically (a temp dir renamed into place) and
-    /// prunes old checkpoints beyond `save_total_limit`.
-    fn save_checkpoint(
-        &self,
-        optimizer: &AdamW,
-        schedule: &LrSchedule,
-        ts: &TrainerState,
-    ) -> Result<PathBuf> {
-        let out = &self.config.output_dir;
-        let final_dir = out.join(format!("checkpoint-{}", ts.global_step));
-        let tmp = out.join(format!(".checkpoint-{}.tmp", ts.global_step));
-        let io = |p: &Path, e| SftError::io(p, e);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        self.adapters.save_adapter(&tmp)?;
+    /// The adapter files plus the extra (tokenizer / chat template) files, into `dir`.
+    fn write_model_files(&self, dir: &Path) -> Result<()> {
+        self.adapters.save_adapter(dir)?;
         if let Some(f) = self.extra_files {
-            f(&tmp)?;
+            f(dir)?;
         }
-        optimizer.save_state(&tmp, state::OPTIMIZER_STEM)?;
-        state::write_checkpoint_state(&tmp, &self.config, schedule, ts)?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
-        }
-        std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
-        if let Some(limit) = self.config.save_total_limit {
-            state::prune_checkpoints(out, limit)?;
-        }
-        Ok(final_dir)
+        Ok(())
+    }
+
+    /// `output_dir/trainer_state.json` (with the summary) and `output_dir/loss_curve.png`.
+    fn write_final_state(
+        &self,
+        global_step: u64,
+        epoch: f64,
+        total: u64,
+        num_tokens: u64,
+        history: &[LogEntry],
+    ) -> Result<()> {
+        let out = &self.config.output_dir;
+        std::fs::create_dir_all(out).map_err(|e| SftError::io(out, e))?;
+        let ts = TrainerState::new(
+            &self.config,
+            global_step,
+            epoch,
+            total,
+            num_tokens,
+            history.to_vec(),
+            true,
+        );
+        crate::atomic::write_json(&out.join(TRAINER_STATE_FILE), &ts)?;
+        write_loss_curve_png(&out.join("loss_curve.png"), &loss_points(history))
     }
 
     /// TRL's `save_model`: the final adapter files plus the tokenizer / chat template files in
@@ -367,10 +436,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
     pub fn save_model(&self, dir: Option<&Path>) -> Result<PathBuf> {
         let dir = dir.unwrap_or(&self.config.output_dir).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| SftError::io(&dir, e))?;
-        self.adapters.save_adapter(&dir)?;
-        if let Some(f) = self.extra_files {
-            f(&dir)?;
-        }
+        self.write_model_files(&dir)?;
         Ok(dir)
     }
 }

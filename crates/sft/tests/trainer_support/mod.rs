@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use gptoss_model::{init_random, Config, GptOssForCausalLM, LinearAdapter};
+use gptoss_sft::collate::Example;
 use gptoss_sft::config::TrainingConfig;
 use gptoss_sft::schedule::{SchedulerType, Warmup};
-use gptoss_sft::collate::Example;
 use gptoss_sft::trainer::TrainableAdapters;
 use gptoss_sft::Result;
 
@@ -26,7 +26,9 @@ impl LinearAdapter for TestLora {
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let x2 = x.to_dtype(DType::F32)?.reshape(((), inner))?;
-        let d = x2.matmul(&self.a.as_tensor().t()?)?.matmul(&self.b.as_tensor().t()?)?;
+        let d = x2
+            .matmul(&self.a.as_tensor().t()?)?
+            .matmul(&self.b.as_tensor().t()?)?;
         let d = (d * self.scaling)?.reshape(base.shape())?;
         base + d.to_dtype(base.dtype())?
     }
@@ -56,7 +58,10 @@ impl TrainableAdapters for TestAdapters {
 /// `lora_seed` seeds A (B starts at a small nonzero value so every factor gets a gradient).
 pub fn tiny_model(seed: u64, lora_seed: u64) -> Result<(GptOssForCausalLM, TestAdapters)> {
     let dev = Device::Cpu;
-    let mut model = init_random(&Config::tiny(), DType::F32, &dev, Some(seed))
+    // std 0.1 (not 0.02) so that the frozen LM head can express confident predictions.
+    let mut config = Config::tiny();
+    config.initializer_range = 0.1;
+    let mut model = init_random(&config, DType::F32, &dev, Some(seed))
         .map_err(|e| gptoss_sft::SftError::Trainer(e.to_string()))?;
     let mut params = Vec::new();
     let mut k = lora_seed;
@@ -66,9 +71,16 @@ pub fn tiny_model(seed: u64, lora_seed: u64) -> Result<(GptOssForCausalLM, TestA
         }
         let (out, inp) = lin.weight().dims2()?;
         k += 1;
-        let a = Tensor::rand(-0.1f32, 0.1, (4, inp), &dev)?;
-        let a = (a * (1.0 + (k % 7) as f64 * 0.01))?;
-        let a = Var::from_tensor(&a)?;
+        // Deterministic pseudo-random A in [-0.1, 0.1).
+        let vals: Vec<f32> = (0..4 * inp as u64)
+            .map(|i| {
+                let x = (i + 1)
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(k.wrapping_mul(1442695040888963407));
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+            })
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(vals, (4, inp), &dev)?)?;
         let b = Var::from_tensor(&Tensor::full(1e-3f32, (out, 4), &dev)?)?;
         lin.set_adapter(Some(Arc::new(TestLora {
             a: a.clone(),
@@ -87,7 +99,9 @@ pub fn synthetic_rows(n: usize) -> Vec<Example> {
         .map(|i| {
             let pat = (i % 3) as u32;
             let len = 10 + (i % 8);
-            let ids: Vec<u32> = (0..len as u32).map(|t| 1 + (pat * 37 + t * (pat + 3)) % 500).collect();
+            let ids: Vec<u32> = (0..len as u32)
+                .map(|t| 1 + (pat * 37 + t * (pat + 3)) % 500)
+                .collect();
             Example {
                 labels: ids.iter().map(|&x| x as i64).collect(),
                 input_ids: ids,
@@ -98,20 +112,21 @@ pub fn synthetic_rows(n: usize) -> Vec<Example> {
 
 /// A small deterministic config for tests writing into `out`.
 pub fn test_config(out: &Path) -> TrainingConfig {
-    let mut c = TrainingConfig::default();
-    c.output_dir = out.to_path_buf();
-    c.learning_rate = 5e-3;
-    c.per_device_train_batch_size = 2;
-    c.gradient_accumulation_steps = 2;
-    c.gradient_checkpointing = false;
-    c.lr_scheduler_type = SchedulerType::Constant;
-    c.warmup = Warmup::Steps(0);
-    c.min_lr = None;
-    c.save_steps = 0;
-    c.logging_steps = 1;
-    c.progress_bar = false;
-    c.report_to = gptoss_sft::config::ReportTo::None;
-    c
+    TrainingConfig {
+        output_dir: out.to_path_buf(),
+        learning_rate: 5e-3,
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 2,
+        gradient_checkpointing: false,
+        lr_scheduler_type: SchedulerType::Constant,
+        warmup: Warmup::Steps(0),
+        min_lr: None,
+        save_steps: 0,
+        logging_steps: 1,
+        progress_bar: false,
+        report_to: gptoss_sft::config::ReportTo::None,
+        ..TrainingConfig::default()
+    }
 }
 
 /// Trainer options for `Config::tiny()` (pad id 0 = its `pad_token_id`).

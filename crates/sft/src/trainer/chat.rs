@@ -1,0 +1,93 @@
+//! Chatting with a (fine-tuned) model the way the cookbook does after training: the HF chat
+//! template with a generation prompt (system `"reasoning language: X"`, user prompt), sampling
+//! with a KV cache, and a lenient harmony streaming parser that reports every content delta with
+//! its channel as it is generated.
+
+use gptoss_harmony::hf::{render_ids, ChatMessage, ChatTemplateOptions};
+use gptoss_harmony::{HarmonyTokenizer, ParseMode, Role, StreamParser};
+use gptoss_model::{GenerationConfig, Generator, GptOssForCausalLM};
+
+use crate::error::{Result, SftError};
+use crate::preprocess::DEFAULT_TEMPLATE_DATE;
+
+/// The cookbook's sampling settings: `max_new_tokens` 512, temperature 0.6, no top-p/top-k,
+/// stopping at `<|return|>` / `<|call|>`.
+pub fn cookbook_generation_config() -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: 512,
+        temperature: 0.6,
+        top_p: 1.0,
+        top_k: 0,
+        ..GenerationConfig::default()
+    }
+}
+
+/// The generated reply, split by channel.
+#[derive(Debug, Clone, Default)]
+pub struct ChatReply {
+    /// Text of the `analysis` channel (chain of thought).
+    pub analysis: String,
+    /// Text of the `final` channel (the answer).
+    pub final_text: String,
+    /// Text outside any recognizable channel (e.g. an untrained model's output).
+    pub other: String,
+    /// All generated token ids.
+    pub tokens: Vec<u32>,
+}
+
+/// The prompt ids of `[system: "reasoning language: {lang}", user: prompt]` with the template's
+/// generation prompt (`<|start|>assistant`), dated `date` (default: the trainer's fixed date).
+pub fn chat_prompt(
+    tok: &HarmonyTokenizer,
+    reasoning_language: &str,
+    prompt: &str,
+    date: Option<&str>,
+) -> Result<Vec<u32>> {
+    let messages = [
+        ChatMessage::system(format!("reasoning language: {reasoning_language}")),
+        ChatMessage::user(prompt),
+    ];
+    let opts = ChatTemplateOptions::new(date.unwrap_or(DEFAULT_TEMPLATE_DATE))
+        .with_generation_prompt(true);
+    Ok(render_ids(tok, &messages, &opts)?)
+}
+
+/// Generates a reply to `prompt_ids` and calls `on_delta(channel, text)` for every piece of
+/// content as it is decoded (`channel` is `"analysis"`, `"final"`, ... or `""` when unknown).
+pub fn chat_generate(
+    model: &GptOssForCausalLM,
+    tok: &HarmonyTokenizer,
+    prompt_ids: &[u32],
+    cfg: GenerationConfig,
+    on_delta: &mut dyn FnMut(&str, &str),
+) -> Result<ChatReply> {
+    let model_err = |e: gptoss_model::ModelError| SftError::Trainer(format!("generation: {e}"));
+    let mut generator = Generator::new(model, &[prompt_ids.to_vec()], cfg).map_err(model_err)?;
+    let mut parser =
+        StreamParser::with_mode(tok.clone(), Some(Role::Assistant), ParseMode::Lenient);
+    let mut reply = ChatReply::default();
+    while let Some(step) = generator.step().map_err(model_err)? {
+        let Some(Some(token)) = step.first().copied() else {
+            break;
+        };
+        reply.tokens.push(token);
+        parser.process(token)?;
+        if let Some(delta) = parser.last_content_delta() {
+            let channel = parser.current_channel().unwrap_or("").to_string();
+            on_delta(&channel, delta);
+        }
+    }
+    parser.process_eos()?;
+    for m in parser.messages() {
+        let text = m.text();
+        match m.channel.as_deref() {
+            Some("analysis") => reply.analysis.push_str(&text),
+            Some("final") => reply.final_text.push_str(&text),
+            _ => reply.other.push_str(&text),
+        }
+    }
+    if reply.analysis.is_empty() && reply.final_text.is_empty() && reply.other.is_empty() {
+        reply.other = tok.decode_lossy(&reply.tokens)?;
+    }
+    Ok(reply)
+}

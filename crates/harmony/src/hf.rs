@@ -23,6 +23,7 @@ use serde_json::{json, Map, Value};
 
 use crate::chat::ReasoningEffort;
 use crate::error::{HarmonyError, Result};
+pub use crate::mask::TrainingExample;
 use crate::mask::{loss_mask, LossMaskMode};
 use crate::pyjson;
 use crate::tokenizer::HarmonyTokenizer;
@@ -157,15 +158,6 @@ impl ChatTemplateOptions {
         self.tools = Some(tools);
         self
     }
-}
-
-/// Token ids and per-token loss mask of one training example.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TrainingExample {
-    /// Token ids (no BOS/EOS added, as `apply_chat_template(tokenize=True)`).
-    pub ids: Vec<u32>,
-    /// `mask[i]`: token `i` is a training target (TRL's label ≠ -100).
-    pub mask: Vec<bool>,
 }
 
 /// Reads the `messages` column of a dataset row (a JSON object), naming the message at fault.

@@ -39,10 +39,11 @@ pub use chat::{
     SystemContent, TextContent, ToolDescription, ToolNamespaceConfig,
 };
 pub use error::{HarmonyError, Result};
-pub use mask::{loss_mask, LossMaskMode};
+pub use mask::{loss_mask, LossMaskMode, TrainingExample};
 pub use parser::{parse_completion, ParseMode, ParsedHeader, StreamParser};
 pub use render::{
-    render_conversation, render_for_completion, render_for_training, render_message, RenderOptions,
+    render_conversation, render_for_completion, render_for_training, render_message,
+    render_training_example, RenderOptions,
 };
 pub use tokenizer::{ids, ControlTokens, HarmonyTokenizer};
 

@@ -7,6 +7,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::tokenizer::HarmonyTokenizer;
 
+/// Token ids and per-token loss mask of one training example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrainingExample {
+    /// Token ids (no BOS/EOS added, as `apply_chat_template(tokenize=True)`).
+    pub ids: Vec<u32>,
+    /// `mask[i]`: token `i` is a training target (TRL's label ≠ -100).
+    pub mask: Vec<bool>,
+}
+
 /// Which tokens carry loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -82,6 +82,18 @@ pub fn render_for_training(
     Ok(out)
 }
 
+/// Renders a conversation for training (as [`render_for_training`]) with its loss mask.
+pub fn render_training_example(
+    tok: &HarmonyTokenizer,
+    conv: &Conversation,
+    opts: &RenderOptions,
+    mode: crate::mask::LossMaskMode,
+) -> Result<crate::mask::TrainingExample> {
+    let ids = render_for_training(tok, conv, opts)?;
+    let mask = crate::mask::loss_mask(tok, &ids, mode);
+    Ok(crate::mask::TrainingExample { ids, mask })
+}
+
 /// Renders one message (as openai-harmony's `render`), without conversation context: the
 /// "Calls to these tools…" line of a system message needs the conversation's developer tools,
 /// pass them with `conversation_has_function_tools`.

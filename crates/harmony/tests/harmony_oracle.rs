@@ -264,6 +264,19 @@ fn reference_vector_103() {
         render_for_training(&t, &conv, &RenderOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     assert!(dropped.len() < ids.len());
     assert_same_as_oracle(&conv, "vector");
+    // Assistant-only mask: the two assistant messages (analysis + final), from <|start|> to the end.
+    let ex = render_training_example(
+        &t,
+        &conv,
+        &RenderOptions::keep_analysis(),
+        LossMaskMode::AssistantOnly,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ex.ids, ids);
+    let first = ex.mask.iter().position(|&m| m).unwrap_or(0);
+    assert_eq!(first, 86); // the analysis message's <|start|>
+    assert!(ex.mask[first..].iter().all(|&m| m));
+    assert_eq!(ex.mask.iter().filter(|&&m| m).count(), 103 - 86);
 }
 
 #[test]

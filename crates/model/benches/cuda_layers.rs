@@ -76,6 +76,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dev.synchronize()?;
             Ok(start.elapsed().as_secs_f64())
         };
+        {
+            // forward split by block (layer 0): attention vs MoE
+            use candle_core::Module;
+            let layer = &model.model.layers[0];
+            let hs = model.embed(&ids)?;
+            let xn = layer.input_layernorm.forward(&hs)?;
+            let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<f64, Box<dyn std::error::Error>> {
+                f()?;
+                dev.synchronize()?;
+                let start = Instant::now();
+                for _ in 0..5 {
+                    f()?;
+                }
+                dev.synchronize()?;
+                Ok(start.elapsed().as_secs_f64() / 5.0 * 1e3)
+            };
+            let attn = time(&|| layer.self_attn.forward(&xn, &ctx, None))?;
+            let moe = time(&|| layer.mlp.forward(&xn).map(|(y, _)| y))?;
+            let flat = xn.reshape((b * t, h))?;
+            let route = time(&|| layer.mlp.router.route(&flat).map(|r| r.weights))?;
+            println!("  B={b} T={t} layer 0 forward: attention {attn:.1} ms, MoE {moe:.1} ms (router alone {route:.1} ms)");
+        }
         for backward in [false, true] {
             run(backward)?;
             let n = 5;

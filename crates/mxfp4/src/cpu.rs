@@ -108,6 +108,8 @@ fn transposed<T: OutputElement>(
 ) {
     let (rows, groups, cols) = (shape.rows(), shape.groups(), shape.cols());
     let matrix_blocks = rows * groups;
+    #[cfg(target_arch = "x86_64")]
+    let kernel16 = as_u16_table(table).map(crate::transpose16::Kernel16::new);
     out.par_chunks_mut(cols * rows)
         .enumerate()
         .for_each(|(m, out_m)| {
@@ -120,12 +122,8 @@ fn transposed<T: OutputElement>(
                 .for_each(|(c, chunk)| {
                     let g0 = c * GROUPS_PER_TASK;
                     #[cfg(target_arch = "x86_64")]
-                    if let (Some(table16), Some(chunk16)) =
-                        (as_u16_table(table), as_u16_slice(chunk))
-                    {
-                        crate::transpose16::transposed_task_u16(
-                            blocks_m, scales_m, rows, groups, g0, table16, chunk16,
-                        );
+                    if let (Some(k), Some(chunk16)) = (&kernel16, as_u16_slice(chunk)) {
+                        k.task(blocks_m, scales_m, rows, groups, g0, chunk16);
                         return;
                     }
                     transposed_task(blocks_m, scales_m, rows, groups, g0, table, chunk)

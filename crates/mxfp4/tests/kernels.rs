@@ -76,14 +76,14 @@ fn transposed_index_formula() {
     assert_eq!(p.dims(), &[e_, g_ * 32, o_]);
     let p = p.to_vec3::<f32>().unwrap();
     let fp4 = gptoss_mxfp4::format::FP4_VALUES;
-    for e in 0..e_ {
-        for i in 0..g_ * 32 {
-            for o in 0..o_ {
+    for (e, pe) in p.iter().enumerate() {
+        for (i, pi) in pe.iter().enumerate() {
+            for (o, &got) in pi.iter().enumerate() {
                 let blk = (e * o_ + o) * g_ + i / 32;
                 let byte = blocks[blk * 16 + (i % 32) / 2];
                 let nib = if i % 2 == 0 { byte & 15 } else { byte >> 4 };
                 let want = fp4[nib as usize] * 2f32.powi(i32::from(scales[blk]) - 127);
-                assert_eq!(p[e][i][o].to_bits(), want.to_bits(), "e={e} i={i} o={o}");
+                assert_eq!(got.to_bits(), want.to_bits(), "e={e} i={i} o={o}");
             }
         }
     }

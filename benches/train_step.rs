@@ -4,8 +4,10 @@
 //! LoRA r 8 / α 16 on all attention linears and the experts of every layer.
 //! Reference: transformers + PEFT need 1.84 s per step (279 tokens/s) on the 2-core dev machine.
 //!
-//! Run: `cargo bench --bench train_step` (env `STEPS`, default 5). Prints s/step and tokens/s with
-//! and without gradient checkpointing, and the peak resident memory (VmHWM) of each mode.
+//! Run: `cargo bench --bench train_step` (env `STEPS`, default 5; `GC=0` or `GC=1` for one mode;
+//! `PROFILE=1` for a breakdown). Prints s/step and tokens/s with and without gradient
+//! checkpointing, and the process's peak resident memory (VmHWM; run one mode per process for a
+//! per-mode peak).
 
 use std::time::Instant;
 
@@ -96,7 +98,24 @@ fn main() -> Res<()> {
         }
         let t0 = Instant::now();
         let _ = h.matmul(&w.t()?)?;
-        println!("lm head matmul only: {:.3} s", t0.elapsed().as_secs_f64());
+        println!(
+            "lm head matmul h·Wᵀ (strided): {:.3} s",
+            t0.elapsed().as_secs_f64()
+        );
+        let wt = w.t()?.contiguous()?;
+        let t0 = Instant::now();
+        let _ = h.matmul(&wt)?;
+        println!(
+            "lm head matmul h·Wᵀ (contiguous Wᵀ): {:.3} s",
+            t0.elapsed().as_secs_f64()
+        );
+        let g = candle_core::Tensor::randn(0f32, 1.0, (511, 201_088), &dev)?;
+        let t0 = Instant::now();
+        let _ = g.matmul(&w)?;
+        println!(
+            "lm head grad matmul g·W: {:.3} s",
+            t0.elapsed().as_secs_f64()
+        );
         let t0 = Instant::now();
         let _ = model.forward_hidden(&mb.input_ids, None)?;
         println!(
@@ -104,12 +123,18 @@ fn main() -> Res<()> {
             t0.elapsed().as_secs_f64()
         );
     }
-    for ckpt in [false, true] {
+    // GC=0 / GC=1 runs one mode only, so that VmHWM is that mode's peak.
+    let modes: Vec<bool> = match std::env::var("GC").ok().as_deref() {
+        Some("0") => vec![false],
+        Some("1") => vec![true],
+        _ => vec![false, true],
+    };
+    for ckpt in modes {
         let opts = BackwardOptions {
             num_items_in_batch: mb.targets.len(),
             aux_scale: 0.0,
             gradient_checkpointing: ckpt,
-            lm_head_chunk: 128,
+            lm_head_chunk: 256,
         };
         let mut step = || -> Res<(f64, f64)> {
             let t0 = Instant::now();

@@ -407,3 +407,38 @@ fn f32_adapter_on_bf16_base() {
     assert!(layout.iter().all(|(_, _, dt)| dt == "BF16"), "{layout:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same PEFT parity on a CUDA device (f32): logits, every LoRA gradient, merged weights.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_parity_with_peft() {
+    let r = reference();
+    let dev = Device::new_cuda(0).unwrap();
+    let mut model = gptoss_model::load(fixture("tiny-base"), DType::F32, &dev).unwrap();
+    let mut lora = LoraModel::from_pretrained(&mut model, &fixture("peft-adapter")).unwrap();
+    let ids = ids(&r).to_device(&dev).unwrap();
+    let logits = model.forward(&ids, None).unwrap();
+    assert!(max_abs(&logits.to_device(&Device::Cpu).unwrap(), &r["logits_peft"]) < 1e-4);
+    let labels = r["input_ids"].to_device(&dev).unwrap();
+    let loss = causal_lm_loss(&logits, &labels, LossReduction::Mean).unwrap();
+    let grads = loss.backward().unwrap();
+    for (key, var) in lora.trainable_vars() {
+        assert!(var.device().is_cuda());
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        let e = rel_err(&g, &r[&format!("grad.{key}")]);
+        assert!(e < 1e-4, "cuda gradient of {key}: relative error {e}");
+    }
+    lora.merge(&mut model).unwrap();
+    let merged: HashMap<String, Tensor> =
+        gptoss_model::named_parameters(&model).into_iter().collect();
+    for (k, want) in r.iter().filter(|(k, _)| k.starts_with("merged.")) {
+        let got = merged[&k["merged.".len()..]]
+            .to_device(&Device::Cpu)
+            .unwrap();
+        assert!(rel_err(&got, want) < 1e-6, "{k}");
+    }
+}

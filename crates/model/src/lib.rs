@@ -24,6 +24,7 @@ mod config;
 mod error;
 mod frozen;
 mod generate;
+mod grouped;
 pub mod hooks;
 mod init;
 mod linear;

@@ -190,7 +190,8 @@ impl Experts {
         e: usize,
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let mut y = frozen_matmul(x, &w.get(e)?)?;
+        // narrow + squeeze is a view; `get` would copy a non-contiguous (dequantized) slice.
+        let mut y = frozen_matmul(x, &w.narrow(0, e, 1)?.squeeze(0)?)?;
         let adapter = match p {
             ExpertParam::GateUp => &self.gate_up_adapter,
             ExpertParam::Down => &self.down_adapter,
@@ -198,7 +199,7 @@ impl Experts {
         if let Some(a) = adapter {
             y = (y + a.delta(e, x)?)?;
         }
-        y.broadcast_add(&self.bias(p).get(e)?)
+        y.broadcast_add(&self.bias(p).narrow(0, e, 1)?.squeeze(0)?)
     }
 
     /// One expert on its rows: `x` `[n, H]` → `[n, H]` (run dtype), without the routing weight.
@@ -232,6 +233,55 @@ impl Experts {
         (up + 1.0)? * glu
     }
 
+    /// All routed rows `xs` `[M, H]` (grouped by `spans`) through their experts with one grouped matmul
+    /// per weight (frozen weights), biases gathered per row, adapters per span → `[M, H]`.
+    fn forward_grouped(
+        &self,
+        xs: &Tensor,
+        gu_w: &Tensor,
+        down_w: &Tensor,
+        spans: crate::grouped::Spans,
+    ) -> candle_core::Result<Tensor> {
+        let row_expert: Vec<u32> = spans
+            .iter()
+            .flat_map(|&(e, _, len)| std::iter::repeat_n(e as u32, len))
+            .collect();
+        let row_expert = Tensor::new(row_expert.as_slice(), xs.device())?;
+        let project = |p: ExpertParam, w: &Tensor, x: &Tensor| -> candle_core::Result<Tensor> {
+            let mut y = crate::grouped::grouped_matmul(x, w, &spans)?;
+            let adapter = match p {
+                ExpertParam::GateUp => &self.gate_up_adapter,
+                ExpertParam::Down => &self.down_adapter,
+            };
+            if let Some(a) = adapter {
+                let mut deltas = Vec::with_capacity(spans.len());
+                for &(e, off, len) in spans.iter() {
+                    deltas.push(a.delta(e, &x.narrow(0, off, len)?)?);
+                }
+                y = (y + Tensor::cat(&deltas, 0)?)?;
+            }
+            y + self.bias(p).index_select(&row_expert, 0)?
+        };
+        let gu = project(ExpertParam::GateUp, gu_w, xs)?;
+        let act = self.swiglu(&gu)?;
+        project(ExpertParam::Down, down_w, &act)
+    }
+
+    /// The same with candle ops, one expert at a time (weights that take part in autograd).
+    fn forward_per_expert(
+        &self,
+        xs: &Tensor,
+        gu_w: &Tensor,
+        down_w: &Tensor,
+        spans: &[(usize, usize, usize)],
+    ) -> candle_core::Result<Tensor> {
+        let mut outs = Vec::with_capacity(spans.len());
+        for &(e, off, len) in spans {
+            outs.push(self.expert_forward_with(gu_w, down_w, e, &xs.narrow(0, off, len)?)?);
+        }
+        Tensor::cat(&outs, 0)
+    }
+
     /// Weighted sum over the routed experts: `x` `[N, H]`, `routing` from [`Router::route`] → `[N, H]`.
     ///
     /// Rows are grouped per expert from the host copy of the `N·k` indices; gathering and the final
@@ -260,26 +310,19 @@ impl Experts {
         let pair_t = Tensor::new(pairs.as_slice(), dev)?;
         let xs = routed.gather(x)?; // [M, H]
         let (gu_w, down_w) = self.weights()?;
-        // Projections per expert; the SwiGLU once over all routed rows (fewer, larger kernels).
         let mut spans = Vec::new();
-        let mut gus = Vec::new();
         let mut off = 0usize;
         for (e, g) in groups.iter().enumerate() {
-            if g.is_empty() {
-                continue;
+            if !g.is_empty() {
+                spans.push((e, off, g.len()));
+                off += g.len();
             }
-            let rows = xs.narrow(0, off, g.len())?;
-            gus.push(self.project(ExpertParam::GateUp, &gu_w, e, &rows)?);
-            spans.push((e, off, g.len()));
-            off += g.len();
         }
-        let act = self.swiglu(&Tensor::cat(&gus, 0)?)?; // [M, I]
-        drop(gus);
-        let mut outs = Vec::with_capacity(spans.len());
-        for &(e, off, len) in &spans {
-            outs.push(self.project(ExpertParam::Down, &down_w, e, &act.narrow(0, off, len)?)?);
-        }
-        let ys = Tensor::cat(&outs, 0)?; // [M, H]
+        let ys = if gu_w.track_op() || down_w.track_op() {
+            self.forward_per_expert(&xs, &gu_w, &down_w, &spans)?
+        } else {
+            self.forward_grouped(&xs, &gu_w, &down_w, Arc::new(spans))?
+        };
         let w = routing
             .weights
             .flatten_all()?

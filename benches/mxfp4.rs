@@ -20,23 +20,29 @@ const GROUPS: usize = 90;
 /// Deterministic pseudo-random bytes (xorshift64*), filled in parallel.
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; n];
-    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, chunk)| {
-        let mut x = (seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-        for b in chunk {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            *b = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8;
-        }
-    });
+    v.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut x = (seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+            for b in chunk {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                *b = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8;
+            }
+        });
     v
 }
 
 fn bench(c: &mut Criterion) {
-    let shape = Mxfp4Shape::from_dims(&[EXPERTS, ROWS, GROUPS, 16], &[EXPERTS, ROWS, GROUPS], None).unwrap();
+    let shape = Mxfp4Shape::from_dims(&[EXPERTS, ROWS, GROUPS, 16], &[EXPERTS, ROWS, GROUPS], None)
+        .unwrap();
     let blocks = random_bytes(shape.num_blocks() * 16, 1);
     // Realistic scale bytes (gpt-oss weights sit around 2^-8 .. 2^8).
-    let scales: Vec<u8> = random_bytes(shape.num_blocks(), 2).iter().map(|b| 115 + b % 24).collect();
+    let scales: Vec<u8> = random_bytes(shape.num_blocks(), 2)
+        .iter()
+        .map(|b| 115 + b % 24)
+        .collect();
     let n = shape.num_values();
     let out_bytes = (n * 2) as u64;
     // Pre-faulted output buffer, reused by every kernel benchmark; and a copy source.
@@ -49,7 +55,9 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(std::time::Duration::from_secs(8));
     g.throughput(Throughput::Bytes(out_bytes));
 
-    g.bench_function("copy_memcpy_1thread", |b| b.iter(|| out.copy_from_slice(black_box(&src))));
+    g.bench_function("copy_memcpy_1thread", |b| {
+        b.iter(|| out.copy_from_slice(black_box(&src)))
+    });
     g.bench_function("copy_rayon_all_threads", |b| {
         b.iter(|| {
             out.par_chunks_mut(1 << 20)
@@ -58,10 +66,28 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("dequant_transposed_into_prefaulted", |b| {
-        b.iter(|| dequantize_into(black_box(&blocks), &scales, &shape, Layout::Transposed, &mut out).unwrap())
+        b.iter(|| {
+            dequantize_into(
+                black_box(&blocks),
+                &scales,
+                &shape,
+                Layout::Transposed,
+                &mut out,
+            )
+            .unwrap()
+        })
     });
     g.bench_function("dequant_checkpoint_into_prefaulted", |b| {
-        b.iter(|| dequantize_into(black_box(&blocks), &scales, &shape, Layout::Checkpoint, &mut out).unwrap())
+        b.iter(|| {
+            dequantize_into(
+                black_box(&blocks),
+                &scales,
+                &shape,
+                Layout::Checkpoint,
+                &mut out,
+            )
+            .unwrap()
+        })
     });
     drop(src);
     g.bench_function("dequant_transposed_new_tensor", |b| {
@@ -92,7 +118,9 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(std::time::Duration::from_secs(5));
     g.throughput(Throughput::Bytes((small.num_values() * 2) as u64));
     g.bench_function("naive_scalar_reference_transposed", |b| {
-        b.iter(|| dequantize_reference::<bf16>(black_box(sb), ss, &small, Layout::Transposed).unwrap())
+        b.iter(|| {
+            dequantize_reference::<bf16>(black_box(sb), ss, &small, Layout::Transposed).unwrap()
+        })
     });
     g.finish();
 }

@@ -9,7 +9,11 @@ use candle_core::{DType, Device, Tensor};
 use gptoss_mxfp4::{dequantize, Layout};
 use std::time::Instant;
 
-fn time<F: FnMut() -> candle_core::Result<Tensor>>(dev: &Device, iters: usize, mut f: F) -> candle_core::Result<f64> {
+fn time<F: FnMut() -> candle_core::Result<Tensor>>(
+    dev: &Device,
+    iters: usize,
+    mut f: F,
+) -> candle_core::Result<f64> {
     for _ in 0..2 {
         drop(f()?);
     }
@@ -44,14 +48,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let blocks_host: Vec<u8> = (0..nblocks * 16).map(|_| next()).collect();
     let scales_host: Vec<u8> = (0..nblocks).map(|_| 115 + next() % 24).collect();
-    let blocks = Tensor::from_vec(blocks_host, (e, rows, groups, 16), &Device::Cpu)?.to_device(&dev)?;
+    let blocks =
+        Tensor::from_vec(blocks_host, (e, rows, groups, 16), &Device::Cpu)?.to_device(&dev)?;
     let scales = Tensor::from_vec(scales_host, (e, rows, groups), &Device::Cpu)?.to_device(&dev)?;
     let out_bytes = (nblocks * 32 * 2) as f64;
     let gbs = |s: f64| out_bytes / s / 1e9;
 
     let copy_src = Tensor::zeros((e, groups * 32, rows), DType::BF16, &dev)?;
     let t_copy = time(&dev, iters, || copy_src.copy())?;
-    println!("gate_up layer, bf16 output {:.3} GB, {iters} iterations each", out_bytes / 1e9);
+    println!(
+        "gate_up layer, bf16 output {:.3} GB, {iters} iterations each",
+        out_bytes / 1e9
+    );
     println!(
         "{:<40} {:>9.3} ms {:>8.1} GB/s (output bytes)",
         "device-to-device copy (Tensor::copy)",
@@ -59,13 +67,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         gbs(t_copy)
     );
     for (label, dtype, layout) in [
-        ("dequant bf16 transposed [E,in,out]", DType::BF16, Layout::Transposed),
-        ("dequant bf16 checkpoint [E,out,in]", DType::BF16, Layout::Checkpoint),
+        (
+            "dequant bf16 transposed [E,in,out]",
+            DType::BF16,
+            Layout::Transposed,
+        ),
+        (
+            "dequant bf16 checkpoint [E,out,in]",
+            DType::BF16,
+            Layout::Checkpoint,
+        ),
         ("dequant f32 transposed", DType::F32, Layout::Transposed),
         ("dequant f16 transposed", DType::F16, Layout::Transposed),
     ] {
         let t = time(&dev, iters, || {
-            dequantize(&blocks, &scales, dtype, layout).map_err(|e| candle_core::Error::Msg(e.to_string()))
+            dequantize(&blocks, &scales, dtype, layout)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
         })?;
         let bytes = out_bytes * dtype.size_in_bytes() as f64 / 2.0;
         let rate = bytes / t / 1e9;

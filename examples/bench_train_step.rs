@@ -72,6 +72,11 @@ struct Args {
     /// block, expert dequantization) at each sequence length, device-synchronized around each piece.
     #[arg(long)]
     breakdown: bool,
+    /// Keep freed memory in CUDA's default pool (release threshold = unlimited) instead of returning
+    /// it to the driver at every synchronization (candle's MoE synchronizes once per layer), like
+    /// PyTorch's caching allocator. Off by default (the figures in the report were measured without it).
+    #[arg(long)]
+    pool_keep: bool,
 }
 
 /// Device memory figures in bytes, from CUDA's default memory pool (what candle allocates from).
@@ -113,6 +118,19 @@ mod mem {
             )
         }
 
+        /// Never release freed pool memory back to the driver.
+        pub fn keep_memory(&self) {
+            let mut max: u64 = u64::MAX;
+            // SAFETY: the release threshold is a 64-bit value.
+            let _ = unsafe {
+                result::mem_pool::set_attribute(
+                    self.0,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut max as *mut u64 as *mut _,
+                )
+            };
+        }
+
         pub fn reset_high(&self) {
             use sys::CUmemPool_attribute::*;
             for attr in [
@@ -146,6 +164,7 @@ mod mem {
             (0, 0, 0)
         }
         pub fn reset_high(&self) {}
+        pub fn keep_memory(&self) {}
     }
     pub fn info() -> (usize, usize) {
         (0, 0)
@@ -487,6 +506,9 @@ fn main() -> BoxResult<()> {
         Device::new_cuda(0)?
     };
     let pool = mem::Pool::of(&dev);
+    if let (true, Some(p)) = (args.pool_keep, &pool) {
+        p.keep_memory();
+    }
     let t_build = Instant::now();
     let mut model = build_model(&args, &dev)?;
     dev.synchronize()?;

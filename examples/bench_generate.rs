@@ -1,0 +1,132 @@
+//! Decode benchmark of gpt-oss-20b (random weights created on the device) with the KV-cache generator.
+//!
+//! For each batch size: random prompts of `--prompt` tokens, greedy decoding of `--new` tokens with no
+//! stop token; prints the prefill time and the decode throughput (generated tokens of all rows per
+//! second, after the prefill step). Experts are MXFP4-resident by default (dequantized per layer at every
+//! step — slow for decoding, where the weights dominate); `--dense-experts` keeps them bf16.
+//!
+//! ```text
+//! bench_generate [--batch 1,8] [--prompt 128] [--new 64] [--dense-experts] [--layers N] [--cpu --tiny]
+//! ```
+//! Build: `cargo build --release --features cuda --example bench_generate` (see docs/cuda.md).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use clap::Parser;
+use gptoss_model::{init_random, init_random_packed, Config, GenerationConfig, Generator};
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Parser, Debug)]
+#[command(about = "Prefill time and decode tokens/s of gpt-oss with the KV cache")]
+struct Args {
+    /// Batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batch: Vec<usize>,
+    /// Prompt length (random tokens).
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// Generated tokens per row.
+    #[arg(long, default_value_t = 64)]
+    new: usize,
+    /// Random dense bf16 experts instead of MXFP4-resident ones.
+    #[arg(long)]
+    dense_experts: bool,
+    /// Keep only the first N decoder layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Run on the CPU (for a smoke test; use with --tiny).
+    #[arg(long)]
+    cpu: bool,
+    /// The tiny test configuration instead of gpt-oss-20b.
+    #[arg(long)]
+    tiny: bool,
+    /// Seed of the weights and the prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> BoxResult<()> {
+    let args = Args::parse();
+    let dev = if args.cpu {
+        Device::Cpu
+    } else {
+        Device::new_cuda(0)?
+    };
+    let mut config = if args.tiny {
+        Config::tiny()
+    } else {
+        Config::gpt_oss_20b()
+    };
+    if let Some(n) = args.layers {
+        config.num_hidden_layers = n.min(config.num_hidden_layers);
+        if let Some(t) = config.layer_types.as_mut() {
+            t.truncate(config.num_hidden_layers);
+        }
+    }
+    let dtype = if args.cpu { DType::F32 } else { DType::BF16 };
+    let t0 = Instant::now();
+    let model = if args.dense_experts {
+        init_random(&config, dtype, &dev, Some(args.seed))?
+    } else {
+        init_random_packed(&config, dtype, &dev, Some(args.seed))?
+    };
+    dev.synchronize()?;
+    println!(
+        "model: {} layers, experts {}, built in {:.1} s; prompt {} tokens, {} new tokens, greedy",
+        config.num_hidden_layers,
+        if args.dense_experts {
+            "dense bf16"
+        } else {
+            "MXFP4-resident"
+        },
+        t0.elapsed().as_secs_f64(),
+        args.prompt,
+        args.new
+    );
+    println!(
+        "{:>6} {:>12} {:>14} {:>16}",
+        "batch", "prefill_s", "decode_s/step", "decode_tokens/s"
+    );
+    let vocab = (config.vocab_size as u64).min(199_000);
+    let mut state = 0x2545_F491_4F6C_DD1Du64 ^ args.seed;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % vocab) as u32
+    };
+    for &b in &args.batch {
+        let prompts: Vec<Vec<u32>> = (0..b)
+            .map(|_| (0..args.prompt).map(|_| next()).collect())
+            .collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: args.new,
+            temperature: 0.0,
+            stop_tokens: Vec::new(),
+            pad_token_id: config
+                .pad_token_id
+                .filter(|&p| (p as usize) < config.vocab_size)
+                .unwrap_or(config.vocab_size as u32 - 1),
+            ..GenerationConfig::default()
+        };
+        let mut g = Generator::new(&model, &prompts, cfg)?;
+        dev.synchronize()?;
+        let t = Instant::now();
+        g.step()?; // prefill + first token
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut steps = 0usize;
+        while g.step()?.is_some() {
+            steps += 1;
+        }
+        let decode = t.elapsed().as_secs_f64();
+        let per_step = decode / steps.max(1) as f64;
+        println!(
+            "{b:>6} {prefill:>12.4} {per_step:>14.5} {:>16.1}",
+            (b * steps) as f64 / decode
+        );
+    }
+    Ok(())
+}

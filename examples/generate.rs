@@ -134,6 +134,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         print!("{delta}");
         let _ = std::io::stdout().flush();
     })?;
-    println!("\n\n({} tokens generated)", reply.tokens.len());
+    if !reply.other.is_empty() {
+        println!("\n[outside any channel] {}", reply.other);
+    }
+    println!("\n({} tokens generated)", reply.tokens.len());
     Ok(())
 }

@@ -8,10 +8,14 @@
 //! multiple of 32 go through a scalar loop.
 
 use core::arch::x86_64::{
-    __m128i, _mm_and_si128, _mm_loadu_si128, _mm_prefetch, _mm_set1_epi8, _mm_setzero_si128,
-    _mm_sfence, _mm_shuffle_epi8, _mm_srli_epi16, _mm_storeu_si128, _mm_stream_si128,
-    _mm_unpackhi_epi16, _mm_unpackhi_epi32, _mm_unpackhi_epi64, _mm_unpackhi_epi8,
-    _mm_unpacklo_epi16, _mm_unpacklo_epi32, _mm_unpacklo_epi64, _mm_unpacklo_epi8, _MM_HINT_T0,
+    __m128i, _mm256_and_si256, _mm256_set1_epi8, _mm256_set_m128i, _mm256_setzero_si256,
+    _mm256_shuffle_epi8, _mm256_srli_epi16, _mm256_storeu_si256, _mm256_unpackhi_epi16,
+    _mm256_unpackhi_epi32, _mm256_unpackhi_epi64, _mm256_unpackhi_epi8, _mm256_unpacklo_epi16,
+    _mm256_unpacklo_epi32, _mm256_unpacklo_epi64, _mm256_unpacklo_epi8, _mm_and_si128,
+    _mm_loadu_si128, _mm_prefetch, _mm_set1_epi8, _mm_setzero_si128, _mm_sfence, _mm_shuffle_epi8,
+    _mm_srli_epi16, _mm_storeu_si128, _mm_stream_si128, _mm_unpackhi_epi16, _mm_unpackhi_epi32,
+    _mm_unpackhi_epi64, _mm_unpackhi_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32,
+    _mm_unpacklo_epi64, _mm_unpacklo_epi8, _MM_HINT_T0,
 };
 
 use crate::format::{BLOCK_BYTES, BLOCK_VALUES};
@@ -67,6 +71,7 @@ pub(crate) struct Kernel16<'a> {
     table: &'a [PairRow<u16>],
     nibble_bytes: Vec<[[u8; 16]; 2]>,
     ssse3: bool,
+    avx2: bool,
 }
 
 impl<'a> Kernel16<'a> {
@@ -89,6 +94,7 @@ impl<'a> Kernel16<'a> {
             table,
             nibble_bytes,
             ssse3: std::arch::is_x86_feature_detected!("ssse3"),
+            avx2: std::arch::is_x86_feature_detected!("avx2"),
         }
     }
 
@@ -103,12 +109,123 @@ impl<'a> Kernel16<'a> {
         g0: usize,
         chunk: &mut [u16],
     ) {
-        if self.ssse3 {
+        if self.avx2 {
+            // SAFETY: the CPU supports AVX2 (checked in `new`).
+            unsafe { self.task_avx2(blocks, scales, rows, groups, g0, chunk) }
+        } else if self.ssse3 {
             // SAFETY: the CPU supports SSSE3 (checked in `new`).
             unsafe { self.task_ssse3(blocks, scales, rows, groups, g0, chunk) }
         } else {
             // SAFETY: only SSE2 is used, part of the x86-64 baseline.
-            unsafe { self.body::<false>(blocks, scales, rows, groups, g0, chunk) }
+            unsafe { self.body::<false, false>(blocks, scales, rows, groups, g0, chunk) }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn task_avx2(
+        &self,
+        blocks: &[u8],
+        scales: &[u8],
+        rows: usize,
+        groups: usize,
+        g0: usize,
+        chunk: &mut [u16],
+    ) {
+        // SAFETY: AVX2 (and so SSSE3) is enabled for this function.
+        unsafe { self.body::<true, true>(blocks, scales, rows, groups, g0, chunk) }
+    }
+
+    /// AVX2: decodes rows `o` and `o + 8` in the two 128-bit lanes at once (each lane shuffles
+    /// with its own scale's table) and transposes two 8 × 8 tiles per instruction, filling
+    /// `tile_t[j][0..32]` for the 32 rows from `o0`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn fill_avx2(
+        &self,
+        blocks: &[u8],
+        scales: &[u8],
+        groups: usize,
+        o0: usize,
+        g: usize,
+        tile_t: &mut [[u16; TILE]; BLOCK_VALUES],
+    ) {
+        // SAFETY: every load/store stays inside the 16-byte blocks, the 16-byte tables and the
+        // rows of `tile_t` (ob·16 + 16 ≤ TILE); AVX2 per contract.
+        unsafe {
+            let mask = _mm256_set1_epi8(0x0F);
+            for ob in 0..TILE / 16 {
+                let mut v = [[_mm256_setzero_si256(); 4]; 8];
+                for (oi, vo) in v.iter_mut().enumerate() {
+                    let ba = (o0 + ob * 16 + oi) * groups + g;
+                    let bb = ba + 8 * groups;
+                    let na = &self.nibble_bytes[usize::from(scales[ba])];
+                    let nb = &self.nibble_bytes[usize::from(scales[bb])];
+                    let x = _mm256_set_m128i(
+                        _mm_loadu_si128(blocks[bb * BLOCK_BYTES..][..BLOCK_BYTES].as_ptr().cast()),
+                        _mm_loadu_si128(blocks[ba * BLOCK_BYTES..][..BLOCK_BYTES].as_ptr().cast()),
+                    );
+                    let lo = _mm256_and_si256(x, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
+                    let n0 = _mm256_unpacklo_epi8(lo, hi);
+                    let n1 = _mm256_unpackhi_epi8(lo, hi);
+                    let tl = _mm256_set_m128i(
+                        _mm_loadu_si128(nb[0].as_ptr().cast()),
+                        _mm_loadu_si128(na[0].as_ptr().cast()),
+                    );
+                    let th = _mm256_set_m128i(
+                        _mm_loadu_si128(nb[1].as_ptr().cast()),
+                        _mm_loadu_si128(na[1].as_ptr().cast()),
+                    );
+                    let (l0, h0) = (_mm256_shuffle_epi8(tl, n0), _mm256_shuffle_epi8(th, n0));
+                    let (l1, h1) = (_mm256_shuffle_epi8(tl, n1), _mm256_shuffle_epi8(th, n1));
+                    *vo = [
+                        _mm256_unpacklo_epi8(l0, h0),
+                        _mm256_unpackhi_epi8(l0, h0),
+                        _mm256_unpacklo_epi8(l1, h1),
+                        _mm256_unpackhi_epi8(l1, h1),
+                    ];
+                }
+                for jb in 0..BLOCK_VALUES / 8 {
+                    let a = [
+                        v[0][jb], v[1][jb], v[2][jb], v[3][jb], v[4][jb], v[5][jb], v[6][jb],
+                        v[7][jb],
+                    ];
+                    let t0 = _mm256_unpacklo_epi16(a[0], a[1]);
+                    let t1 = _mm256_unpackhi_epi16(a[0], a[1]);
+                    let t2 = _mm256_unpacklo_epi16(a[2], a[3]);
+                    let t3 = _mm256_unpackhi_epi16(a[2], a[3]);
+                    let t4 = _mm256_unpacklo_epi16(a[4], a[5]);
+                    let t5 = _mm256_unpackhi_epi16(a[4], a[5]);
+                    let t6 = _mm256_unpacklo_epi16(a[6], a[7]);
+                    let t7 = _mm256_unpackhi_epi16(a[6], a[7]);
+                    let u0 = _mm256_unpacklo_epi32(t0, t2);
+                    let u1 = _mm256_unpackhi_epi32(t0, t2);
+                    let u2 = _mm256_unpacklo_epi32(t1, t3);
+                    let u3 = _mm256_unpackhi_epi32(t1, t3);
+                    let u4 = _mm256_unpacklo_epi32(t4, t6);
+                    let u5 = _mm256_unpackhi_epi32(t4, t6);
+                    let u6 = _mm256_unpacklo_epi32(t5, t7);
+                    let u7 = _mm256_unpackhi_epi32(t5, t7);
+                    let cols = [
+                        _mm256_unpacklo_epi64(u0, u4),
+                        _mm256_unpackhi_epi64(u0, u4),
+                        _mm256_unpacklo_epi64(u1, u5),
+                        _mm256_unpackhi_epi64(u1, u5),
+                        _mm256_unpacklo_epi64(u2, u6),
+                        _mm256_unpackhi_epi64(u2, u6),
+                        _mm256_unpacklo_epi64(u3, u7),
+                        _mm256_unpackhi_epi64(u3, u7),
+                    ];
+                    for (jj, col) in cols.iter().enumerate() {
+                        _mm256_storeu_si256(
+                            tile_t[jb * 8 + jj][ob * 16..].as_mut_ptr().cast(),
+                            *col,
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -123,7 +240,7 @@ impl<'a> Kernel16<'a> {
         chunk: &mut [u16],
     ) {
         // SAFETY: SSSE3 is enabled for this function.
-        unsafe { self.body::<true>(blocks, scales, rows, groups, g0, chunk) }
+        unsafe { self.body::<true, false>(blocks, scales, rows, groups, g0, chunk) }
     }
 
     /// Decodes one block into 4 vectors of 8 values (elements 0–7, 8–15, 16–23, 24–31).
@@ -174,9 +291,9 @@ impl<'a> Kernel16<'a> {
     }
 
     /// # Safety
-    /// With `SSSE3`, the CPU must support SSSE3.
+    /// With `SSSE3`, the CPU must support SSSE3; with `AVX2`, AVX2.
     #[inline(always)]
-    unsafe fn body<const SSSE3: bool>(
+    unsafe fn body<const SSSE3: bool, const AVX2: bool>(
         &self,
         blocks: &[u8],
         scales: &[u8],
@@ -201,7 +318,11 @@ impl<'a> Kernel16<'a> {
             }
             for gi in 0..ng {
                 let g = g0 + gi;
-                for ob in 0..TILE / 8 {
+                if AVX2 {
+                    // SAFETY: forwarded contract (AVX2 with `AVX2`).
+                    unsafe { self.fill_avx2(blocks, scales, groups, o0, g, &mut tile_t) };
+                }
+                for ob in (0..TILE / 8).filter(|_| !AVX2) {
                     // Plain loops, no closures: closures would not inherit `target_feature`.
                     // SAFETY: a register-only operation.
                     let mut v = [[unsafe { _mm_setzero_si128() }; 4]; 8];
@@ -275,9 +396,9 @@ mod tests {
     use crate::lut::build_table;
     use half::bf16;
 
-    /// The SSE2-only fallback and the SSSE3 path give the same bits as the scalar decoder.
+    /// The SSE2-only fallback, the SSSE3 and the AVX2 paths give the same bits as the scalar decoder.
     #[test]
-    fn sse2_and_ssse3_paths_agree_with_scalar() {
+    fn sse2_ssse3_avx2_paths_agree_with_scalar() {
         let table16: Vec<_> = build_table::<bf16>()
             .iter()
             .map(|row| row.map(|p| p.map(|v| v.to_bits())))
@@ -304,12 +425,17 @@ mod tests {
                     }
                 }
             }
-            for ssse3 in [false, std::arch::is_x86_feature_detected!("ssse3")] {
+            let (has_ssse3, has_avx2) = (
+                std::arch::is_x86_feature_detected!("ssse3"),
+                std::arch::is_x86_feature_detected!("avx2"),
+            );
+            for (ssse3, avx2) in [(false, false), (has_ssse3, false), (has_ssse3, has_avx2)] {
                 let mut k = Kernel16::new(&table16);
                 k.ssse3 = ssse3;
+                k.avx2 = avx2;
                 let mut got = vec![0u16; groups * 32 * rows];
                 k.task(&blocks, &scales, rows, groups, 0, &mut got);
-                assert_eq!(got, want, "ssse3 = {ssse3}, rows = {rows}");
+                assert_eq!(got, want, "ssse3 = {ssse3}, avx2 = {avx2}, rows = {rows}");
             }
         }
     }

@@ -49,6 +49,7 @@ fn reset_hwm() {
 }
 
 fn main() -> Res<()> {
+    gptoss_sft::trainer::pipeline::tune_cpu_runtime();
     let steps: usize = std::env::var("STEPS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -44,6 +44,7 @@ struct Cli {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
+    gptoss_sft::trainer::pipeline::tune_cpu_runtime();
     let demo = cli.train.model_name_or_path.is_none();
     // Defaults (recipe, or the demo's scaled-down recipe) < --config YAML < flags.
     let mut cfg = if demo {

@@ -63,6 +63,7 @@ struct Cli {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
+    gptoss_sft::trainer::pipeline::tune_cpu_runtime();
     let device = Device::cuda_if_available(0)?;
     let (mut model, tok) = match &cli.model {
         Some(dir) => {

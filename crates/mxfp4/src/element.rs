@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use crate::lut::{build_table, PairRow};
 
-/// A float type the dequantizer writes. Sealed: implemented for `f32`, [`bf16`] and [`f16`].
+/// A float type the dequantizer writes. Sealed: implemented for `f32`, [`half::bf16`] and [`half::f16`].
 pub trait OutputElement: Copy + Send + Sync + 'static + private::Sealed {
     /// The matching candle dtype.
     const DTYPE: DType;
@@ -22,7 +22,7 @@ pub trait OutputElement: Copy + Send + Sync + 'static + private::Sealed {
     fn to_bits_u32(self) -> u32;
     /// The value as f32 (exact for every dequantized value).
     fn to_f32(self) -> f32;
-    /// The cached byte → value-pair table of this type ([`crate::lut`]), indexed by scale byte.
+    /// The cached byte → value-pair table of this type (see [`PairRow`]), indexed by scale byte.
     fn pair_table() -> &'static [PairRow<Self>];
 }
 

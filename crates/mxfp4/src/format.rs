@@ -4,7 +4,7 @@
 //! element `2k` in its low nibble and element `2k + 1` in its high nibble. A nibble is an
 //! E2M1 number (bit 3 = sign) and the block's value `j` is `FP4[nibble_j] · 2^(scale − 127)`.
 //!
-//! These are the scalar definitions; the fast kernels ([`crate::cpu`], the CUDA kernel)
+//! These are the scalar definitions; the fast kernels ([`crate::dequantize_into`], the CUDA kernel)
 //! are tested against them.
 
 /// Values per block (one scale per this many values).

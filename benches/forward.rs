@@ -6,7 +6,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use gptoss_model::{init_random, memory_estimate, Config, ExpertFormat};
 
 fn print_memory_estimates() {
-    for (name, cfg) in [("gpt-oss-20b", Config::gpt_oss_20b()), ("gpt-oss-120b", Config::gpt_oss_120b())] {
+    for (name, cfg) in [
+        ("gpt-oss-20b", Config::gpt_oss_20b()),
+        ("gpt-oss-120b", Config::gpt_oss_120b()),
+    ] {
         for fmt in [ExpertFormat::Bf16, ExpertFormat::Mxfp4] {
             println!("{name}: {}", memory_estimate(&cfg, fmt));
         }
@@ -25,15 +28,19 @@ fn forward(c: &mut Criterion) {
             Err(e) => panic!("init failed: {e}"),
         };
         for (b, t) in [(1usize, 128usize), (4, 256)] {
-            let ids: Vec<u32> = (0..b * t).map(|i| (i * 7919 % cfg.vocab_size) as u32).collect();
+            let ids: Vec<u32> = (0..b * t)
+                .map(|i| (i * 7919 % cfg.vocab_size) as u32)
+                .collect();
             let ids = match Tensor::from_vec(ids, (b, t), &dev) {
                 Ok(x) => x,
                 Err(e) => panic!("{e}"),
             };
             group.throughput(Throughput::Elements((b * t) as u64));
-            group.bench_with_input(BenchmarkId::new(format!("{dtype:?}"), format!("{b}x{t}")), &ids, |bench, ids| {
-                bench.iter(|| model.forward(ids, None).map(|l| l.dims().to_vec()))
-            });
+            group.bench_with_input(
+                BenchmarkId::new(format!("{dtype:?}"), format!("{b}x{t}")),
+                &ids,
+                |bench, ids| bench.iter(|| model.forward(ids, None).map(|l| l.dims().to_vec())),
+            );
         }
     }
     group.finish();

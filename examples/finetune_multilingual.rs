@@ -17,7 +17,9 @@ use clap::Parser;
 use gptoss_harmony::HarmonyTokenizer;
 use gptoss_sft::config::{TrainingArgs, TrainingConfig};
 use gptoss_sft::trainer::pipeline::{demo_model_config, demo_training_config, finetune};
-use gptoss_sft::trainer::{chat_generate, chat_prompt, cookbook_generation_config};
+use gptoss_sft::trainer::{
+    chat_generate, chat_prompt, cookbook_generation_config, print_channel_deltas,
+};
 
 /// Command line: every trainer option, plus the chat after training.
 #[derive(Debug, Parser)]
@@ -114,16 +116,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &cli.prompt,
         cfg.template_date.as_deref(),
     )?;
-    let mut last_channel = None::<String>;
-    let reply = chat_generate(&model, &tok, &prompt, gen, &mut |channel, delta| {
-        if last_channel.as_deref() != Some(channel) {
-            print!("\n[{}] ", if channel.is_empty() { "?" } else { channel });
-            last_channel = Some(channel.to_string());
-        }
-        print!("{delta}");
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-    })?;
+    let reply = chat_generate(&model, &tok, &prompt, gen, &mut print_channel_deltas())?;
     println!("\n\n=== analysis (reasoning) ===\n{}", reply.analysis);
     println!("=== final ===\n{}", reply.final_text);
     if !reply.other.is_empty() {

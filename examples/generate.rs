@@ -9,7 +9,6 @@
 //! cargo run --release --example generate -- --adapter finetune_multilingual_demo --max-new-tokens 48
 //! ```
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
@@ -17,7 +16,9 @@ use clap::Parser;
 use gptoss_harmony::HarmonyTokenizer;
 use gptoss_lora::LoraModel;
 use gptoss_sft::trainer::pipeline::demo_model_config;
-use gptoss_sft::trainer::{chat_generate, chat_prompt, cookbook_generation_config};
+use gptoss_sft::trainer::{
+    chat_generate, chat_prompt, cookbook_generation_config, print_channel_deltas,
+};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -126,15 +127,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "system: reasoning language: {}\nuser: {}",
         cli.reasoning_language, cli.prompt
     );
-    let mut last = None::<String>;
-    let reply = chat_generate(&model, &tok, &prompt, gen, &mut |channel, delta| {
-        if last.as_deref() != Some(channel) {
-            print!("\n[{}] ", if channel.is_empty() { "?" } else { channel });
-            last = Some(channel.to_string());
-        }
-        print!("{delta}");
-        let _ = std::io::stdout().flush();
-    })?;
+    let reply = chat_generate(&model, &tok, &prompt, gen, &mut print_channel_deltas())?;
     if !reply.other.is_empty() {
         println!("\n[outside any channel] {}", reply.other);
     }

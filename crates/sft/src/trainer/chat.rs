@@ -91,3 +91,18 @@ pub fn chat_generate(
     }
     Ok(reply)
 }
+
+/// An `on_delta` callback for [`chat_generate`] that streams the reply to stdout, printing a
+/// `[channel]` header whenever the channel changes (`[?]` for content outside any channel).
+pub fn print_channel_deltas() -> impl FnMut(&str, &str) {
+    let mut last_channel: Option<String> = None;
+    move |channel, delta| {
+        use std::io::Write;
+        if last_channel.as_deref() != Some(channel) {
+            print!("\n[{}] ", if channel.is_empty() { "?" } else { channel });
+            last_channel = Some(channel.to_string());
+        }
+        print!("{delta}");
+        let _ = std::io::stdout().flush();
+    }
+}

@@ -31,7 +31,9 @@ pub use backward::{
     forward_backward, BackwardOptions, LayeredCausalLm, MicroBatch, MicroStepOutput,
 };
 pub use batch::micro_batch;
-pub use chat::{chat_generate, chat_prompt, cookbook_generation_config, ChatReply};
+pub use chat::{
+    chat_generate, chat_prompt, cookbook_generation_config, print_channel_deltas, ChatReply,
+};
 pub use pipeline::{finetune, lora_config, FinetuneOutput, BUNDLED_DATASET};
 pub use report::StandardObserver;
 pub use run::{NoObserver, TrainObserver, TrainOutcome, Trainer, TrainerOptions};

@@ -242,13 +242,7 @@ fn step(
     let dev = model.device();
     let vocab = model.config().vocab_size as u64;
     let ids: Vec<u32> = (0..seq).map(|_| (xorshift(rng) % vocab) as u32).collect();
-    let batch = MicroBatch {
-        input_ids: Tensor::from_vec(ids.clone(), (1, seq), dev)?,
-        attention_mask: None,
-        positions: (0..seq as u32 - 1).collect(),
-        targets: ids[1..].to_vec(),
-        token_mask: vec![1.0; seq],
-    };
+    let batch = MicroBatch::causal(&ids, dev)?;
     let opts = BackwardOptions {
         num_items_in_batch: seq - 1,
         aux_scale: 0.0,
@@ -323,13 +317,7 @@ fn check_run(
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let seq = 24usize;
     let ids: Vec<u32> = (0..seq as u32).map(|i| (i * 37 + 11) % 500).collect();
-    let batch = MicroBatch {
-        input_ids: Tensor::from_vec(ids.clone(), (1, seq), dev)?,
-        attention_mask: None,
-        positions: (0..seq as u32 - 1).collect(),
-        targets: ids[1..].to_vec(),
-        token_mask: vec![1.0; seq],
-    };
+    let batch = MicroBatch::causal(&ids, dev)?;
     let opts = BackwardOptions {
         num_items_in_batch: seq - 1,
         aux_scale: 0.0,

@@ -83,7 +83,70 @@ impl AttnContext {
                 .broadcast_as((batch, seq_len))?
                 .contiguous()?,
         };
-        let (cos, sin) = rope.cos_sin(&positions, dtype)?;
+        Self::from_parts(
+            config,
+            rope,
+            &positions,
+            (batch, seq_len),
+            past_len,
+            pad.as_ref(),
+            None,
+            (dtype, device),
+        )
+    }
+
+    /// Context for one packed row `[1, T]` that holds several sequences back to back (padding-free
+    /// training, TRL's `padding_free=True`): positions restart at 0 for every sequence, and no query
+    /// attends to a key of another sequence (on top of the causal and sliding-window rules).
+    ///
+    /// * `seq_lens`: the packed sequences' lengths in order (each ≥ 1; their sum is T).
+    pub fn packed(
+        config: &Config,
+        rope: &RopeParams,
+        seq_lens: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if seq_lens.is_empty() || seq_lens.contains(&0) {
+            return Err(ModelError::arg(
+                "seq_lens",
+                format!("expected one or more sequence lengths ≥ 1, got {seq_lens:?}"),
+            ));
+        }
+        let total: usize = seq_lens.iter().sum();
+        let mut positions = Vec::with_capacity(total);
+        let mut segments = Vec::with_capacity(total);
+        for (s, &len) in seq_lens.iter().enumerate() {
+            positions.extend((0..len).map(|p| p as f32));
+            segments.extend(std::iter::repeat_n(s as f32, len));
+        }
+        let positions = Tensor::from_vec(positions, (1, total), device)?;
+        let segments = Tensor::from_vec(segments, total, device)?;
+        Self::from_parts(
+            config,
+            rope,
+            &positions,
+            (1, total),
+            0,
+            None,
+            Some(&segments),
+            (dtype, device),
+        )
+    }
+
+    /// RoPE tables for `positions` `[B, T]` (f32) and the additive masks of the layer types present.
+    #[allow(clippy::too_many_arguments)]
+    fn from_parts(
+        config: &Config,
+        rope: &RopeParams,
+        positions: &Tensor,
+        (batch, seq_len): (usize, usize),
+        past_len: usize,
+        pad: Option<&Tensor>,
+        segments: Option<&Tensor>,
+        (dtype, device): (DType, &Device),
+    ) -> Result<Self> {
+        let (cos, sin) = rope.cos_sin(positions, dtype)?;
         let types = config.layer_types();
         let window = config.sliding_window;
         let mut ctx = Self {
@@ -96,28 +159,20 @@ impl AttnContext {
             batch,
             window,
         };
+        let spec = MaskSpec {
+            past_len,
+            seq_len,
+            pad,
+            segments,
+            dtype,
+            device,
+        };
         if types.contains(&LayerType::Full) {
-            ctx.full_mask = Some(build_mask(
-                past_len,
-                seq_len,
-                0,
-                None,
-                pad.as_ref(),
-                dtype,
-                device,
-            )?);
+            ctx.full_mask = Some(build_mask(&spec, 0, None)?);
         }
         if types.contains(&LayerType::Sliding) {
             let ks = ctx.key_start(LayerType::Sliding);
-            ctx.sliding_mask = Some(build_mask(
-                past_len,
-                seq_len,
-                ks,
-                window,
-                pad.as_ref(),
-                dtype,
-                device,
-            )?);
+            ctx.sliding_mask = Some(build_mask(&spec, ks, window)?);
         }
         Ok(ctx)
     }
@@ -144,16 +199,29 @@ impl AttnContext {
     }
 }
 
-/// key j visible to query i iff `j ≤ i`, `j > i − window` (sliding) and `pad[b, j] ≠ 0`.
-fn build_mask(
+/// What every mask of one context shares.
+struct MaskSpec<'a> {
     past_len: usize,
     seq_len: usize,
-    key_start: usize,
-    window: Option<usize>,
-    pad: Option<&Tensor>,
+    /// `[B, past_len + T]` f32, nonzero = token.
+    pad: Option<&'a Tensor>,
+    /// `[T]` f32 sequence index of each token of a packed row (`past_len` must be 0).
+    segments: Option<&'a Tensor>,
     dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+    device: &'a Device,
+}
+
+/// key j visible to query i iff `j ≤ i`, `j > i − window` (sliding), `pad[b, j] ≠ 0` and, in a
+/// packed row, `segment[j] == segment[i]`. Returns `[B or 1, 1, T, Tk]` (0 visible, −inf hidden).
+fn build_mask(spec: &MaskSpec, key_start: usize, window: Option<usize>) -> Result<Tensor> {
+    let MaskSpec {
+        past_len,
+        seq_len,
+        pad,
+        segments,
+        dtype,
+        device,
+    } = *spec;
     let total = past_len + seq_len;
     let tk = total - key_start;
     let q = Tensor::arange(past_len as u32, total as u32, device)?
@@ -166,6 +234,13 @@ fn build_mask(
     if let Some(w) = window {
         let inside = (k + w as f64)?.broadcast_gt(&q)?;
         allowed = (allowed * inside)?;
+    }
+    if let Some(seg) = segments {
+        let same = seg
+            .narrow(0, key_start, tk)?
+            .reshape((1, tk))?
+            .broadcast_eq(&seg.reshape((seq_len, 1))?)?;
+        allowed = (allowed * same)?;
     }
     let allowed = allowed.reshape((1, 1, seq_len, tk))?;
     let allowed = match pad {

@@ -220,6 +220,12 @@ impl GptOssForCausalLM {
         )
     }
 
+    /// The attention context of one packed row `[1, Σ seq_lens]` (padding-free training): positions
+    /// restart per sequence and attention never crosses sequences. See [`AttnContext::packed`].
+    pub fn packed_attention_context(&self, seq_lens: &[usize]) -> Result<AttnContext> {
+        AttnContext::packed(&self.config, &self.rope, seq_lens, self.dtype, &self.device)
+    }
+
     /// Decoder layer `i`: `h` `[B, T, H]` → hidden and router logits (for gradient checkpointing).
     pub fn layer_forward(&self, i: usize, h: &Tensor, ctx: &AttnContext) -> Result<LayerOutput> {
         self.layer_forward_cached(i, h, ctx, None)
@@ -274,6 +280,24 @@ impl GptOssForCausalLM {
             hidden: self.final_hidden(&h)?,
             router_logits,
         })
+    }
+
+    /// Forward of one packed row: `input_ids` `[1, T]` u32 holding sequences of `seq_lens` (summing
+    /// to T) back to back → logits `[1, T, V]` f32, each sequence's equal to its own forward.
+    pub fn forward_packed(&self, input_ids: &Tensor, seq_lens: &[usize]) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        if b != 1 || seq_lens.iter().sum::<usize>() != t {
+            return Err(ModelError::arg(
+                "seq_lens",
+                format!("a packed batch is one row whose length {t} is the sum of {seq_lens:?}; got {b} rows"),
+            ));
+        }
+        let ctx = self.packed_attention_context(seq_lens)?;
+        let mut h = self.embed(input_ids)?;
+        for i in 0..self.model.layers.len() {
+            h = self.layer_forward(i, &h, &ctx)?.hidden;
+        }
+        self.lm_head(&self.final_hidden(&h)?)
     }
 
     /// `input_ids` `[B, T]` u32; `attention_mask` `[B, T]` (1 = token, 0 = pad) optional → logits `[B, T, V]` f32.

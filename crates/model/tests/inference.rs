@@ -160,3 +160,39 @@ fn sampling_is_seeded_and_stops_on_stop_tokens() {
         generate(&model, &prompt, &top1).unwrap()
     );
 }
+
+#[test]
+fn packed_row_equals_separate_sequences() {
+    // Two prefixes of the fixture's rows packed into one row: each segment must give transformers'
+    // logits of its own sequence (positions restart, no attention across the boundary, sliding
+    // window of 8 inside each segment).
+    let name = "tiny-gpt-oss";
+    let model = load(fixture(name), DType::F32, &Device::Cpu).unwrap();
+    let r = reference(name);
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    let lens = [25usize, 30];
+    let mut packed = Vec::new();
+    for (row, &len) in lens.iter().enumerate() {
+        let part: Vec<u32> = ids
+            .get(row)
+            .unwrap()
+            .narrow(0, 0, len)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        packed.extend(part);
+    }
+    let total = packed.len();
+    let input = Tensor::from_vec(packed, (1, total), &Device::Cpu).unwrap();
+    let logits = model.forward_packed(&input, &lens).unwrap();
+    let mut offset = 0;
+    for (row, &len) in lens.iter().enumerate() {
+        let want = r["logits"].get(row).unwrap().narrow(0, 0, len).unwrap();
+        let got = logits.get(0).unwrap().narrow(0, offset, len).unwrap();
+        let err = max_abs(&got, &want);
+        assert!(err <= 1e-4, "packed segment {row}: max |Δ| = {err}");
+        offset += len;
+    }
+    assert!(model.forward_packed(&input, &[25, 29]).is_err());
+    assert!(model.packed_attention_context(&[25, 0, 30]).is_err());
+}

@@ -24,9 +24,9 @@ pub trait LayeredCausalLm {
     fn experts_per_token(&self) -> usize;
     /// Token embeddings: `input_ids` `[B, T]` u32 → `[B, T, H]` (run dtype).
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor>;
-    /// Builds the per-batch context. `attention_mask`: `[B, T]` (1 = token, 0 = pad).
-    fn context(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>)
-        -> Result<Self::Context>;
+    /// Builds the per-batch context from the micro-batch's ids, attention mask (`[B, T]`, 1 = token,
+    /// 0 = pad) and, for a packed row, its sequence lengths.
+    fn context(&self, batch: &MicroBatch) -> Result<Self::Context>;
     /// Decoder layer `i`: `h` `[B, T, H]` → (`[B, T, H]`, router logits `[B·T, E]`).
     fn layer(&self, i: usize, h: &Tensor, ctx: &Self::Context) -> Result<(Tensor, Tensor)>;
     /// Final norm: `[.., H]` → `[.., H]`.
@@ -49,6 +49,25 @@ pub struct MicroBatch {
     pub targets: Vec<u32>,
     /// `[B·T]` token weights for the aux loss (the attention mask, 1.0 when absent).
     pub token_mask: Vec<f32>,
+    /// For a packed row (padding-free, `B = 1`): the lengths of the sequences laid back to back;
+    /// attention never crosses them and positions restart in each.
+    pub packed_seq_lens: Option<Vec<usize>>,
+}
+
+impl MicroBatch {
+    /// One unpadded row of `ids` with every next token trained (plain causal-LM pre-training
+    /// style), on `device`: `input_ids` `[1, T]` u32, `T - 1` labelled positions.
+    pub fn causal(ids: &[u32], device: &candle_core::Device) -> Result<Self> {
+        let t = ids.len();
+        Ok(Self {
+            input_ids: Tensor::from_slice(ids, (1, t), device)?,
+            attention_mask: None,
+            positions: (0..t.saturating_sub(1) as u32).collect(),
+            targets: ids.iter().skip(1).copied().collect(),
+            token_mask: vec![1.0; t],
+            packed_seq_lens: None,
+        })
+    }
 }
 
 /// Options of [`forward_backward`].
@@ -152,7 +171,7 @@ fn plain<M: LayeredCausalLm>(
     batch: &MicroBatch,
     opts: &BackwardOptions,
 ) -> Result<MicroStepOutput> {
-    let ctx = model.context(&batch.input_ids, batch.attention_mask.as_ref())?;
+    let ctx = model.context(batch)?;
     let mut h = model.embed(&batch.input_ids)?;
     let mut router = Vec::with_capacity(model.num_layers());
     for i in 0..model.num_layers() {
@@ -200,7 +219,7 @@ fn checkpointed<M: LayeredCausalLm>(
     batch: &MicroBatch,
     opts: &BackwardOptions,
 ) -> Result<MicroStepOutput> {
-    let ctx = model.context(&batch.input_ids, batch.attention_mask.as_ref())?;
+    let ctx = model.context(batch)?;
     let n_layers = model.num_layers();
     // Forward: keep only each layer's (detached) input, and the detached router logits.
     let mut inputs = Vec::with_capacity(n_layers + 1);
@@ -323,7 +342,7 @@ pub(crate) mod toy {
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, t, ()))
         }
-        fn context(&self, _: &Tensor, _: Option<&Tensor>) -> Result<()> {
+        fn context(&self, _: &MicroBatch) -> Result<()> {
             Ok(())
         }
         fn layer(&self, i: usize, h: &Tensor, _: &()) -> Result<(Tensor, Tensor)> {
@@ -367,6 +386,7 @@ pub(crate) mod toy {
             positions,
             targets,
             token_mask: vec![1.0; b * t],
+            packed_seq_lens: None,
         })
     }
 

@@ -11,15 +11,9 @@ use candle_core::{Device, Tensor};
 ///
 /// `input_ids` `[B, T]` u32 with padding replaced by `pad_id` (the model's padding token),
 /// `attention_mask` `[B, T]` u32 (omitted when nothing is padded), positions `b·T + t` with
-/// `labels[b][t+1] != -100` and their labels as targets. Packed batches are rejected (the model's
-/// attention context has no per-sample block mask).
+/// `labels[b][t+1] != -100` and their labels as targets. A packed batch (one row, padding-free)
+/// carries its sequence lengths so the model keeps attention inside each sequence.
 pub fn micro_batch(batch: &Batch, pad_id: u32, device: &Device) -> Result<MicroBatch> {
-    if batch.packed {
-        return Err(SftError::config(
-            "padding_free",
-            "packed micro-batches are not supported by the training forward yet; use padding",
-        ));
-    }
     let (b, t) = (batch.rows, batch.seq_len);
     let mut ids = batch.input_ids.clone();
     for (id, &m) in ids.iter_mut().zip(&batch.attention_mask) {
@@ -55,6 +49,7 @@ pub fn micro_batch(batch: &Batch, pad_id: u32, device: &Device) -> Result<MicroB
         positions,
         targets,
         token_mask: batch.attention_mask.iter().map(|&m| m as f32).collect(),
+        packed_seq_lens: batch.packed.then(|| batch.seq_lens.clone()),
     })
 }
 

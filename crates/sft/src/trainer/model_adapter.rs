@@ -1,6 +1,6 @@
 //! [`LayeredCausalLm`] for [`GptOssForCausalLM`]: the per-layer forward pieces of the model crate.
 
-use super::backward::LayeredCausalLm;
+use super::backward::{LayeredCausalLm, MicroBatch};
 use candle_core::{Result, Tensor};
 use gptoss_model::{AttnContext, GptOssForCausalLM};
 
@@ -23,10 +23,15 @@ impl LayeredCausalLm for GptOssForCausalLM {
         GptOssForCausalLM::embed(self, input_ids).map_err(wrap)
     }
 
-    fn context(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<AttnContext> {
-        let (b, t) = input_ids.dims2()?;
-        self.attention_context(b, t, 0, attention_mask)
-            .map_err(wrap)
+    fn context(&self, batch: &MicroBatch) -> Result<AttnContext> {
+        match &batch.packed_seq_lens {
+            Some(lens) => self.packed_attention_context(lens),
+            None => {
+                let (b, t) = batch.input_ids.dims2()?;
+                self.attention_context(b, t, 0, batch.attention_mask.as_ref())
+            }
+        }
+        .map_err(wrap)
     }
 
     fn layer(&self, i: usize, h: &Tensor, ctx: &AttnContext) -> Result<(Tensor, Tensor)> {

@@ -128,12 +128,6 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
                 "no training rows (every row was empty or had no trained token)".into(),
             ));
         }
-        if config.padding_free {
-            return Err(SftError::config(
-                "padding_free",
-                "packing is not supported by the training forward yet (the model has no per-sample block mask)",
-            ));
-        }
         if config.per_device_train_batch_size == 0 || config.gradient_accumulation_steps == 0 {
             return Err(SftError::config(
                 "per_device_train_batch_size / gradient_accumulation_steps",

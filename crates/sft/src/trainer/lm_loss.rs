@@ -9,7 +9,9 @@
 //! The per-row statistics follow TRL: `mean_token_accuracy` (argmax == label) and `entropy`
 //! (nats, of the full next-token distribution), both over labelled positions.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+mod fastmath;
+
+use candle_core::{DType, Device, Result, Storage, Tensor, D};
 use rayon::prelude::*;
 
 /// Result of [`fused_lm_head_loss`] for one micro-batch.
@@ -77,6 +79,12 @@ pub fn fused_lm_head_loss(
         return Ok(out);
     }
     let chunk_rows = chunk_rows.max(1);
+    if let Some(grad) =
+        cpu_f32_gemm_path(hidden, weight, targets, grad_scale, chunk_rows, &mut out)?
+    {
+        out.grad_hidden = grad;
+        return Ok(out);
+    }
     let mut grads = Vec::with_capacity(n.div_ceil(chunk_rows));
     let mut start = 0;
     while start < n {
@@ -89,11 +97,7 @@ pub fn fused_lm_head_loss(
         } else {
             softmax_stats_generic(&logits, tc, grad_scale)?
         };
-        for s in stats {
-            out.nll_sum += s.nll;
-            out.entropy_sum += s.entropy;
-            out.correct += usize::from(s.correct);
-        }
+        out.add_stats(&stats);
         let g = grad_logits
             .to_dtype(weight.dtype())?
             .matmul(weight)?
@@ -105,8 +109,135 @@ pub fn fused_lm_head_loss(
     Ok(out)
 }
 
-/// CPU fast path: one rayon pass per row computing max, log-sum-exp, target log-prob, argmax,
-/// entropy and `scale · (softmax − onehot)`. `logits`: `[c, V]` f32 on the CPU.
+impl FusedLmLoss {
+    fn add_stats(&mut self, stats: &[RowStats]) {
+        for s in stats {
+            self.nll_sum += s.nll;
+            self.entropy_sum += s.entropy;
+            self.correct += usize::from(s.correct);
+        }
+    }
+}
+
+/// CPU path for an f32, contiguous LM-head weight: the two matmuls call `gemm` (the sgemm under
+/// candle's CPU matmul) on the weight's own buffer, and one `[chunk_rows, V]` logits buffer is
+/// reused for every chunk (logits → softmax gradient in place → `∂L/∂h`). Returns `None` (the
+/// caller takes the tensor path) off the CPU, for other weight dtypes or a strided weight.
+fn cpu_f32_gemm_path(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    grad_scale: f64,
+    chunk_rows: usize,
+    out: &mut FusedLmLoss,
+) -> Result<Option<Tensor>> {
+    if !weight.device().is_cpu() || weight.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (n, h) = hidden.dims2()?;
+    let (v, _) = weight.dims2()?;
+    let hid = hidden
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (storage, layout) = weight.storage_and_layout();
+    let w: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((lo, hi))) => &cpu.as_slice::<f32>()?[lo..hi],
+        _ => return Ok(None),
+    };
+    let mut grad = vec![0f32; n * h];
+    let mut logits = vec![0f32; chunk_rows.min(n) * v];
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    let mut start = 0;
+    while start < n {
+        let len = chunk_rows.min(n - start);
+        let buf = &mut logits[..len * v];
+        let hc = &hid[start * h..(start + len) * h];
+        // SAFETY: buf is [len, V] row-major, hc is [len, H] row-major, w is [V, H] row-major read
+        // as Wᵀ [H, V] (row stride 1, column stride H); all in bounds, no aliasing.
+        unsafe {
+            gemm::gemm(
+                len,
+                v,
+                h,
+                buf.as_mut_ptr(),
+                1,
+                v as isize,
+                false,
+                hc.as_ptr(),
+                1,
+                h as isize,
+                w.as_ptr(),
+                h as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        let tc = &targets[start..start + len];
+        let stats: Vec<RowStats> = buf
+            .par_chunks_mut(v)
+            .zip(tc.par_iter())
+            .map(|(row, &t)| softmax_row(row, t as usize, grad_scale))
+            .collect();
+        out.add_stats(&stats);
+        let gc = &mut grad[start * h..(start + len) * h];
+        // SAFETY: gc is [len, H] row-major, buf [len, V] row-major, w [V, H] row-major.
+        unsafe {
+            gemm::gemm(
+                len,
+                h,
+                v,
+                gc.as_mut_ptr(),
+                1,
+                h as isize,
+                false,
+                buf.as_ptr(),
+                1,
+                v as isize,
+                w.as_ptr(),
+                1,
+                h as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        start += len;
+    }
+    let grad = Tensor::from_vec(grad, (n, h), &Device::Cpu)?.to_dtype(hidden.dtype())?;
+    Ok(Some(grad.to_device(hidden.device())?))
+}
+
+/// One logits row → its statistics, with the row replaced by `scale · (softmax − onehot(t))`.
+fn softmax_row(row: &mut [f32], t: usize, scale: f64) -> RowStats {
+    let max = fastmath::max(row);
+    let arg = row.iter().position(|&x| x == max).unwrap_or(0);
+    let target_shifted = (row[t] - max) as f64;
+    let (sum, dot) = fastmath::exp_shifted_sums(row, max);
+    let log_sum = sum.ln();
+    let inv = 1.0 / sum;
+    let k = (inv * scale) as f32;
+    for x in row.iter_mut() {
+        *x *= k;
+    }
+    row[t] -= scale as f32;
+    RowStats {
+        nll: log_sum - target_shifted,
+        entropy: log_sum - dot * inv,
+        correct: arg == t,
+    }
+}
+
+/// CPU path for other dtypes: one rayon pass per row ([`softmax_row`]): max, log-sum-exp, target
+/// log-prob, argmax, entropy and `scale · (softmax − onehot)`. `logits`: `[c, V]` f32 on the CPU.
 fn softmax_stats_cpu(
     logits: &Tensor,
     targets: &[u32],
@@ -117,36 +248,7 @@ fn softmax_stats_cpu(
     let stats: Vec<RowStats> = data
         .par_chunks_mut(v)
         .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let (mut max, mut arg) = (f32::NEG_INFINITY, 0usize);
-            for (j, &x) in row.iter().enumerate() {
-                if x > max {
-                    max = x;
-                    arg = j;
-                }
-            }
-            let target_shifted = (row[t as usize] - max) as f64;
-            let mut sum = 0f64;
-            let mut dot = 0f64; // Σ e^(x-max) · (x-max)
-            for x in row.iter_mut() {
-                let s = *x - max;
-                let e = s.exp();
-                sum += e as f64;
-                dot += (e * s) as f64;
-                *x = e;
-            }
-            let log_sum = sum.ln();
-            let inv = 1.0 / sum;
-            for x in row.iter_mut() {
-                *x = (*x as f64 * inv * scale) as f32;
-            }
-            row[t as usize] -= scale as f32;
-            RowStats {
-                nll: log_sum - target_shifted,
-                entropy: log_sum - dot * inv,
-                correct: arg == t as usize,
-            }
-        })
+        .map(|(row, &t)| softmax_row(row, t as usize, scale))
         .collect();
     let grad = Tensor::from_vec(data, (c, v), &Device::Cpu)?;
     Ok((stats, grad))

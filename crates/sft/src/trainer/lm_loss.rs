@@ -12,6 +12,8 @@
 mod fastmath;
 
 use candle_core::{DType, Device, Result, Storage, Tensor, D};
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 /// Result of [`fused_lm_head_loss`] for one micro-batch.
@@ -146,7 +148,7 @@ fn cpu_f32_gemm_path(
         _ => return Ok(None),
     };
     let mut grad = vec![0f32; n * h];
-    let mut logits = vec![0f32; chunk_rows.min(n) * v];
+    let mut logits = take_logits_buffer(chunk_rows.min(n) * v);
     let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
     let mut start = 0;
     while start < n {
@@ -212,8 +214,31 @@ fn cpu_f32_gemm_path(
         }
         start += len;
     }
+    return_logits_buffer(logits);
     let grad = Tensor::from_vec(grad, (n, h), &Device::Cpu)?.to_dtype(hidden.dtype())?;
     Ok(Some(grad.to_device(hidden.device())?))
+}
+
+/// The `[chunk_rows, V]` logits buffer of the last call, kept so that every training step does not
+/// page-fault ~200 MB of fresh memory (≈ 0.05 s per step at V = 201,088). At most one buffer is
+/// kept; concurrent calls allocate their own.
+static LOGITS_BUFFER: Mutex<Vec<f32>> = Mutex::new(Vec::new());
+
+/// A buffer of `len` f32 (contents unspecified), reusing the kept one when present.
+fn take_logits_buffer(len: usize) -> Vec<f32> {
+    let mut buf = LOGITS_BUFFER
+        .lock()
+        .map(|mut b| std::mem::take(&mut *b))
+        .unwrap_or_default();
+    buf.resize(len, 0.0);
+    buf
+}
+
+/// Keeps `buf` for the next call.
+fn return_logits_buffer(buf: Vec<f32>) {
+    if let Ok(mut kept) = LOGITS_BUFFER.lock() {
+        *kept = buf;
+    }
 }
 
 /// One logits row → its statistics, with the row replaced by `scale · (softmax − onehot(t))`.

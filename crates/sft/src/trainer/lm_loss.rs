@@ -48,7 +48,9 @@ struct RowStats {
 /// - `targets`: `N` token ids (each `< V`).
 ///
 /// `grad_scale` multiplies the returned gradient (e.g. `1 / num_items_in_batch`).
-/// `chunk_rows` bounds the rows processed at once (memory `chunk_rows · V · 8` bytes).
+/// `chunk_rows` bounds the rows processed at once (memory `chunk_rows · V · 8` bytes; `· 4` on the
+/// CPU with an f32 contiguous weight, where the two matmuls call `gemm` directly and the logits
+/// buffer is kept for the next call).
 pub fn fused_lm_head_loss(
     hidden: &Tensor,
     weight: &Tensor,
@@ -372,6 +374,30 @@ mod tests {
             .neg()?
             .to_scalar::<f32>()? as f64;
         assert!((fused.entropy_sum - ent).abs() < 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn gemm_path_matches_tensor_path_across_calls() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1.0, (37, 24), &dev)?;
+        // A transposed (strided) weight takes the tensor path; its contiguous copy the gemm path.
+        let w_strided = Tensor::randn(0f32, 0.5, (24, 1000), &dev)?.t()?;
+        let w = w_strided.contiguous()?;
+        let t: Vec<u32> = (0..37).map(|i| (i * 271 % 1000) as u32).collect();
+        let want = fused_lm_head_loss(&h, &w_strided, &t, 0.5, 8)?;
+        // Growing and shrinking chunk sizes exercise the kept logits buffer.
+        for chunk in [5, 64, 16, 1] {
+            let got = fused_lm_head_loss(&h, &w, &t, 0.5, chunk)?;
+            assert!((got.nll_sum - want.nll_sum).abs() < 1e-4 * want.nll_sum.abs());
+            assert!((got.entropy_sum - want.entropy_sum).abs() < 1e-4 * want.entropy_sum.abs());
+            assert_eq!(got.correct, want.correct);
+            let diff = (&got.grad_hidden - &want.grad_hidden)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "chunk {chunk}: grad diff {diff}");
+        }
         Ok(())
     }
 

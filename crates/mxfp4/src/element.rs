@@ -63,52 +63,37 @@ impl OutputElement for f32 {
     }
 }
 
-impl OutputElement for bf16 {
-    cached_table!(bf16);
-    const DTYPE: DType = DType::BF16;
-    const ZERO: Self = bf16::ZERO;
-    #[inline]
-    fn from_exact(v: f64) -> Self {
-        // Every MXFP4 value has at most 2 significant bits and its f32 rounding is exact
-        // (or ±inf where bf16 overflows too), so going through f32 rounds only once.
-        bf16::from_f32(v as f32)
-    }
-    fn zeroed_vec(n: usize) -> Vec<Self> {
-        use half::vec::HalfBitsVecExt;
-        let v: Vec<Self> = vec![0u16; n].reinterpret_into();
-        advise_huge_pages(&v);
-        v
-    }
-    fn to_bits_u32(self) -> u32 {
-        u32::from(self.to_bits())
-    }
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
+/// bf16 and f16: every MXFP4 value has at most 2 significant bits and its f32 rounding is exact
+/// (or ±inf where the half type overflows too), so going through f32 rounds only once;
+/// `from_f32` rounds to nearest even (for f16 also into subnormals).
+macro_rules! half_output_element {
+    ($t:ty, $dtype:expr) => {
+        impl OutputElement for $t {
+            cached_table!($t);
+            const DTYPE: DType = $dtype;
+            const ZERO: Self = <$t>::ZERO;
+            #[inline]
+            fn from_exact(v: f64) -> Self {
+                <$t>::from_f32(v as f32)
+            }
+            fn zeroed_vec(n: usize) -> Vec<Self> {
+                use half::vec::HalfBitsVecExt;
+                let v: Vec<Self> = vec![0u16; n].reinterpret_into();
+                advise_huge_pages(&v);
+                v
+            }
+            fn to_bits_u32(self) -> u32 {
+                u32::from(self.to_bits())
+            }
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+        }
+    };
 }
 
-impl OutputElement for f16 {
-    cached_table!(f16);
-    const DTYPE: DType = DType::F16;
-    const ZERO: Self = f16::ZERO;
-    #[inline]
-    fn from_exact(v: f64) -> Self {
-        // Exact in f32 (see bf16); f16::from_f32 rounds to nearest even, also into subnormals.
-        f16::from_f32(v as f32)
-    }
-    fn zeroed_vec(n: usize) -> Vec<Self> {
-        use half::vec::HalfBitsVecExt;
-        let v: Vec<Self> = vec![0u16; n].reinterpret_into();
-        advise_huge_pages(&v);
-        v
-    }
-    fn to_bits_u32(self) -> u32 {
-        u32::from(self.to_bits())
-    }
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
-}
+half_output_element!(bf16, DType::BF16);
+half_output_element!(f16, DType::F16);
 
 /// Asks Linux to back a large, still untouched buffer with transparent huge pages, so that the
 /// kernel's first writes fault in 2 MiB pages instead of 4 KiB ones (about 5x less time for a

@@ -8,6 +8,21 @@ use std::collections::BTreeMap;
 
 use crate::chat::ToolNamespaceConfig;
 
+/// The TypeScript type of `schema`, with ` | null` appended when it is `"nullable": true` and the
+/// type does not already admit null (as openai-harmony renders it).
+fn nullable_type(schema: &serde_json::Value, indent: &str) -> String {
+    let ts = json_schema_to_typescript(schema, indent);
+    let nullable = schema
+        .get("nullable")
+        .and_then(|n| n.as_bool())
+        .unwrap_or(false);
+    if nullable && !ts.contains("null") {
+        format!("{ts} | null")
+    } else {
+        ts
+    }
+}
+
 pub(crate) fn json_schema_to_typescript(schema: &serde_json::Value, indent: &str) -> String {
     // Helper to check if this schema is an enum
     fn is_enum(schema: &serde_json::Value) -> bool {
@@ -30,17 +45,7 @@ pub(crate) fn json_schema_to_typescript(schema: &serde_json::Value, indent: &str
                     out.push_str(&format!("\n{indent} | "));
                     first = false;
                 }
-                let type_str = json_schema_to_typescript(variant, &format!("{indent}   "));
-                let mut type_str = type_str;
-                if variant
-                    .get("nullable")
-                    .and_then(|n| n.as_bool())
-                    .unwrap_or(false)
-                    && !type_str.contains("null")
-                {
-                    type_str = format!("{type_str} | null");
-                }
-                out.push_str(&type_str);
+                out.push_str(&nullable_type(variant, &format!("{indent}   ")));
                 // Add trailing comments (description, default)
                 let mut trailing_comments = Vec::new();
                 if let Some(desc) = variant.get("description") {
@@ -203,21 +208,10 @@ pub(crate) fn json_schema_to_typescript(schema: &serde_json::Value, indent: &str
                                     // Render each variant
                                     for (i, variant) in arr.iter().enumerate() {
                                         out.push_str(&format!("{indent} | "));
-                                        let type_str = json_schema_to_typescript(
+                                        out.push_str(&nullable_type(
                                             variant,
                                             &format!("{indent}   "),
-                                        );
-                                        // Handle nullable in variant
-                                        let mut type_str = type_str;
-                                        if variant
-                                            .get("nullable")
-                                            .and_then(|n| n.as_bool())
-                                            .unwrap_or(false)
-                                            && !type_str.contains("null")
-                                        {
-                                            type_str = format!("{type_str} | null");
-                                        }
-                                        out.push_str(&type_str);
+                                        ));
                                         // Add variant-level comments after the type
                                         let mut trailing_comments = Vec::new();
                                         if i == 0 && rendered_property_desc_above {
@@ -269,18 +263,7 @@ pub(crate) fn json_schema_to_typescript(schema: &serde_json::Value, indent: &str
                                     "?"
                                 }
                             ));
-                            // Handle nullable
-                            let mut type_str =
-                                json_schema_to_typescript(val, &format!("{indent}    "));
-                            if val
-                                .get("nullable")
-                                .and_then(|n| n.as_bool())
-                                .unwrap_or(false)
-                                && !type_str.contains("null")
-                            {
-                                type_str = format!("{type_str} | null");
-                            }
-                            out.push_str(&type_str);
+                            out.push_str(&nullable_type(val, &format!("{indent}    ")));
                             out.push(',');
                             // Add default as comment if present (and not already handled)
                             if val.get("oneOf").is_none() {

@@ -589,6 +589,14 @@ pub struct RestClient {
     token: Option<String>,
 }
 
+/// The string at JSON `pointer` of an MLflow REST response, or an error naming the endpoint.
+fn string_at(v: &Value, pointer: &str, endpoint: &str) -> Result<String> {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| SftError::Mlflow(format!("{endpoint}: no {pointer} in the response {v}")))
+}
+
 impl RestClient {
     /// A client for the server at `base_url` (e.g. `http://127.0.0.1:5000`).
     pub fn new(base_url: &str) -> Result<Self> {
@@ -681,10 +689,7 @@ impl RestClient {
             )));
         }
         let v = self.post("experiments/create", json!({"name": name}))?;
-        v.get("experiment_id")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| SftError::Mlflow(format!("experiments/create: no experiment_id in {v}")))
+        string_at(&v, "/experiment_id", "experiments/create")
     }
 
     /// POST runs/create.
@@ -710,10 +715,7 @@ impl RestClient {
                 "tags": kv(tags),
             }),
         )?;
-        v.pointer("/run/info/run_id")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| SftError::Mlflow(format!("runs/create: no run.info.run_id in {v}")))
+        string_at(&v, "/run/info/run_id", "runs/create")
     }
 
     /// POST runs/log-batch.

@@ -34,7 +34,10 @@ mod memory;
 mod model;
 mod moe;
 mod norm;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 mod packed_experts;
+pub mod profile;
 mod rope;
 mod routed;
 mod sink_softmax;

@@ -195,54 +195,19 @@ impl CustomOp2 for SinkSoftmaxBwd {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::OnceLock;
-
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Layout, Result};
     use half::bf16;
 
-    const MODULE: &str = "gptoss_sink_softmax";
+    use crate::nvrtc::{contiguous_range, Kernels};
+
     const THREADS: u32 = 256;
-
+    /// Row elements each thread keeps in registers (rows up to `THREADS · PER_THREAD` keys are read
+    /// once; longer rows are re-read from memory).
     const SRC: &str = r#"
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
-__device__ __forceinline__ float ld(const u16* p, u64 i) { return __uint_as_float(((u32)p[i]) << 16); }
-__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(u16* p, u64 i, float v) {
-    u32 b = __float_as_uint(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) { p[i] = 0x7fc0; return; }
-    b += 0x7fffu + ((b >> 16) & 1u);
-    p[i] = (u16)(b >> 16);
-}
-
-__device__ __forceinline__ float warp_red(float v, bool mx) {
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = mx ? fmaxf(v, w) : v + w;
-    }
-    return v;
-}
-
-__device__ float block_red(float v, bool mx, float* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_red(v, mx);
-    __syncthreads();
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    float ident = mx ? __int_as_float(0xff800000) : 0.f;
-    v = (threadIdx.x < nw) ? sh[threadIdx.x] : ident;
-    if (w == 0) v = warp_red(v, mx);
-    if (threadIdx.x == 0) sh[0] = v;
-    __syncthreads();
-    return sh[0];
-}
+#define PER_THREAD 16
 
 template <typename T>
 __device__ void fwd(const T* __restrict__ s, const T* __restrict__ m, const float* __restrict__ sinks,
@@ -256,26 +221,71 @@ __device__ void fwd(const T* __restrict__ s, const T* __restrict__ m, const floa
     const u64 so = row * (u64)tk;
     const u64 mo = ((u64)(mb > 1 ? b : 0) * t + i) * (u64)tk;
     const float sink = sinks[h];
+    const float ninf = __int_as_float(0xff800000);
+    float x[PER_THREAD];
+    const bool cached = tk <= PER_THREAD * (int)blockDim.x;
     float mx = sink;
-    for (int j = threadIdx.x; j < tk; j += blockDim.x) mx = fmaxf(mx, ld(s, so + j) * scale + ld(m, mo + j));
+    if (cached) {
+#pragma unroll
+        for (int c = 0; c < PER_THREAD; ++c) {
+            const int j = threadIdx.x + c * blockDim.x;
+            x[c] = j < tk ? ld(s, so + j) * scale + ld(m, mo + j) : ninf;
+            mx = fmaxf(mx, x[c]);
+        }
+    } else {
+        for (int j = threadIdx.x; j < tk; j += blockDim.x) mx = fmaxf(mx, ld(s, so + j) * scale + ld(m, mo + j));
+    }
     mx = block_red(mx, true, sh);
     float sum = 0.f;
-    for (int j = threadIdx.x; j < tk; j += blockDim.x) sum += expf(ld(s, so + j) * scale + ld(m, mo + j) - mx);
+    if (cached) {
+#pragma unroll
+        for (int c = 0; c < PER_THREAD; ++c) { x[c] = expf(x[c] - mx); sum += x[c]; }
+    } else {
+        for (int j = threadIdx.x; j < tk; j += blockDim.x) sum += expf(ld(s, so + j) * scale + ld(m, mo + j) - mx);
+    }
     sum = block_red(sum, false, sh) + expf(sink - mx);
     const float inv = 1.f / sum;
-    for (int j = threadIdx.x; j < tk; j += blockDim.x)
-        st(out, so + j, expf(ld(s, so + j) * scale + ld(m, mo + j) - mx) * inv);
+    if (cached) {
+#pragma unroll
+        for (int c = 0; c < PER_THREAD; ++c) {
+            const int j = threadIdx.x + c * blockDim.x;
+            if (j < tk) st(out, so + j, x[c] * inv);
+        }
+    } else {
+        for (int j = threadIdx.x; j < tk; j += blockDim.x)
+            st(out, so + j, expf(ld(s, so + j) * scale + ld(m, mo + j) - mx) * inv);
+    }
 }
 
 template <typename T>
 __device__ void bwd(const T* __restrict__ p, const T* __restrict__ g, T* __restrict__ out, int tk, float scale) {
     __shared__ float sh[32];
     const u64 o = (u64)blockIdx.x * (u64)tk;
+    float pv[PER_THREAD], gv[PER_THREAD];
+    const bool cached = tk <= PER_THREAD * (int)blockDim.x;
     float dot = 0.f;
-    for (int j = threadIdx.x; j < tk; j += blockDim.x) dot += ld(p, o + j) * ld(g, o + j);
+    if (cached) {
+#pragma unroll
+        for (int c = 0; c < PER_THREAD; ++c) {
+            const int j = threadIdx.x + c * blockDim.x;
+            pv[c] = j < tk ? ld(p, o + j) : 0.f;
+            gv[c] = j < tk ? ld(g, o + j) : 0.f;
+            dot += pv[c] * gv[c];
+        }
+    } else {
+        for (int j = threadIdx.x; j < tk; j += blockDim.x) dot += ld(p, o + j) * ld(g, o + j);
+    }
     dot = block_red(dot, false, sh);
-    for (int j = threadIdx.x; j < tk; j += blockDim.x)
-        st(out, o + j, scale * ld(p, o + j) * (ld(g, o + j) - dot));
+    if (cached) {
+#pragma unroll
+        for (int c = 0; c < PER_THREAD; ++c) {
+            const int j = threadIdx.x + c * blockDim.x;
+            if (j < tk) st(out, o + j, scale * pv[c] * (gv[c] - dot));
+        }
+    } else {
+        for (int j = threadIdx.x; j < tk; j += blockDim.x)
+            st(out, o + j, scale * ld(p, o + j) * (ld(g, o + j) - dot));
+    }
 }
 
 extern "C" __global__ void sink_softmax_fwd_f32(const float* s, const float* m, const float* k, float* o,
@@ -288,32 +298,23 @@ extern "C" __global__ void sink_softmax_bwd_bf16(const u16* p, const u16* g, u16
     bwd<u16>(p, g, o, tk, scale); }
 "#;
 
-    fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            let opts = CompileOptions {
-                arch: Some("sm_90"),
-                ..Default::default()
-            };
-            compile_ptx_with_opts(SRC, opts)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("sink_softmax: NVRTC compilation failed: {e:?}"))
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(e.clone()))
+    static KERNELS: Kernels = Kernels::new("gptoss_sink_softmax", SRC);
+
+    /// Threads per row: enough for the row to fit the registers when possible, at least one warp.
+    fn launch(rows: usize, tk: usize) -> LaunchConfig {
+        let want = tk
+            .div_ceil(16)
+            .next_power_of_two()
+            .clamp(32, THREADS as usize) as u32;
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (want, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     fn offsets(l: &Layout) -> Result<(usize, usize)> {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("sink_softmax: input not contiguous".into()))
-    }
-
-    fn launch(rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        contiguous_range(l, "sink_softmax")
     }
 
     pub(super) fn forward(
@@ -332,13 +333,14 @@ extern "C" __global__ void sink_softmax_bwd_bf16(const u16* p, const u16* g, u16
         let (t, nh, tk_i, mb) = (t as i32, nh as i32, tk as i32, mb as i32);
         macro_rules! run {
             ($t:ty, $name:literal) => {{
-                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+                let func = KERNELS.func(&dev, $name)?;
+                let stream = dev.cuda_stream();
                 let sv = s.as_cuda_slice::<$t>()?.slice(s0..s1);
                 let mv = m.as_cuda_slice::<$t>()?.slice(m0..m1);
                 // SAFETY: the kernel writes every element of every row.
                 let mut out = unsafe { dev.alloc::<$t>(rows * tk)? };
                 if rows > 0 && tk > 0 {
-                    let mut b = func.builder();
+                    let mut b = stream.launch_builder(&func);
                     b.arg(&sv);
                     b.arg(&mv);
                     b.arg(&sinks);
@@ -348,7 +350,7 @@ extern "C" __global__ void sink_softmax_bwd_bf16(const u16* p, const u16* g, u16
                     b.arg(&tk_i);
                     b.arg(&mb);
                     b.arg(&scale);
-                    unsafe { b.launch(launch(rows)) }.w()?;
+                    unsafe { b.launch(launch(rows, tk)) }.w()?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
@@ -374,19 +376,20 @@ extern "C" __global__ void sink_softmax_bwd_bf16(const u16* p, const u16* g, u16
         let tk_i = tk as i32;
         macro_rules! run {
             ($t:ty, $name:literal) => {{
-                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+                let func = KERNELS.func(&dev, $name)?;
+                let stream = dev.cuda_stream();
                 let pv = p.as_cuda_slice::<$t>()?.slice(p0..p1);
                 let gv = g.as_cuda_slice::<$t>()?.slice(g0..g1);
                 // SAFETY: the kernel writes every element of every row.
                 let mut out = unsafe { dev.alloc::<$t>(rows * tk)? };
                 if rows > 0 && tk > 0 {
-                    let mut b = func.builder();
+                    let mut b = stream.launch_builder(&func);
                     b.arg(&pv);
                     b.arg(&gv);
                     b.arg(&mut out);
                     b.arg(&tk_i);
                     b.arg(&scale);
-                    unsafe { b.launch(launch(rows)) }.w()?;
+                    unsafe { b.launch(launch(rows, tk)) }.w()?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};

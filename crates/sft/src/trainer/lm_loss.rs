@@ -9,6 +9,8 @@
 //! The per-row statistics follow TRL: `mean_token_accuracy` (argmax == label) and `entropy`
 //! (nats, of the full next-token distribution), both over labelled positions.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod fastmath;
 
 use candle_core::{DType, Device, Result, Storage, Tensor, D};
@@ -50,7 +52,8 @@ struct RowStats {
 /// `grad_scale` multiplies the returned gradient (e.g. `1 / num_items_in_batch`).
 /// `chunk_rows` bounds the rows processed at once (memory `chunk_rows · V · 8` bytes; `· 4` on the
 /// CPU with an f32 contiguous weight, where the two matmuls call `gemm` directly and the logits
-/// buffer is kept for the next call).
+/// buffer is kept for the next call; `· size_of(weight dtype)` on CUDA with an f32 or bf16 weight,
+/// where one kernel turns the logits into their gradient in place, see `lm_loss/cuda.rs`).
 pub fn fused_lm_head_loss(
     hidden: &Tensor,
     weight: &Tensor,
@@ -94,13 +97,9 @@ pub fn fused_lm_head_loss(
     while start < n {
         let len = chunk_rows.min(n - start);
         let hc = hidden.narrow(0, start, len)?.to_dtype(weight.dtype())?;
-        let logits = hc.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
+        let logits = hc.matmul(&weight.t()?)?;
         let tc = &targets[start..start + len];
-        let (stats, grad_logits) = if logits.device().is_cpu() {
-            softmax_stats_cpu(&logits, tc, grad_scale)?
-        } else {
-            softmax_stats_generic(&logits, tc, grad_scale)?
-        };
+        let (stats, grad_logits) = softmax_stats(logits, tc, grad_scale)?;
         out.add_stats(&stats);
         let g = grad_logits
             .to_dtype(weight.dtype())?
@@ -263,6 +262,24 @@ fn softmax_row(row: &mut [f32], t: usize, scale: f64) -> RowStats {
     }
 }
 
+/// Row statistics and `scale · (softmax − onehot)` of one `[c, V]` logits chunk (weight dtype),
+/// dispatched by device: the CUDA kernel (f32/bf16, gradient written over the logits, in their
+/// dtype), the CPU rows ([`softmax_stats_cpu`]) or candle ops ([`softmax_stats_generic`]); the
+/// latter two take the logits to f32 first (transformers' `logits.float()`).
+fn softmax_stats(logits: Tensor, targets: &[u32], scale: f64) -> Result<(Vec<RowStats>, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && cuda::supports(logits.dtype()) {
+        let stats = cuda::softmax_stats_in_place(&logits, targets, scale)?;
+        return Ok((stats, logits));
+    }
+    let logits = logits.to_dtype(DType::F32)?;
+    if logits.device().is_cpu() {
+        softmax_stats_cpu(&logits, targets, scale)
+    } else {
+        softmax_stats_generic(&logits, targets, scale)
+    }
+}
+
 /// CPU path for other dtypes: one rayon pass per row ([`softmax_row`]): max, log-sum-exp, target
 /// log-prob, argmax, entropy and `scale · (softmax − onehot)`. `logits`: `[c, V]` f32 on the CPU.
 fn softmax_stats_cpu(
@@ -281,7 +298,8 @@ fn softmax_stats_cpu(
     Ok((stats, grad))
 }
 
-/// Device-generic path with candle ops (used off the CPU). Same outputs as [`softmax_stats_cpu`].
+/// Device-generic path with candle ops (off the CPU where no kernel applies: metal, or f16 logits
+/// on CUDA). Same outputs as [`softmax_stats_cpu`]. `logits`: `[c, V]` f32.
 fn softmax_stats_generic(
     logits: &Tensor,
     targets: &[u32],

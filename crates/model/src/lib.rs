@@ -33,13 +33,13 @@ mod mask;
 mod memory;
 mod model;
 mod moe;
+pub mod moe_kernels;
 mod norm;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 mod packed_experts;
 pub mod profile;
 mod rope;
-mod routed;
 mod sink_softmax;
 mod spec;
 
@@ -66,6 +66,5 @@ pub use moe::{Experts, MoeMlp, Router, Routing};
 pub use norm::RmsNorm;
 pub use packed_experts::{init_random_packed, PackedExperts};
 pub use rope::{apply_rotary, RopeParams};
-pub use routed::MAX_ONEHOT_ELEMS;
 pub use sink_softmax::sink_softmax;
 pub use spec::{named_parameters, num_parameters, tensor_specs, ParamKind, TensorSpec};

@@ -3,8 +3,9 @@
 //!
 //! Only routed (token, expert) pairs are computed. The routing decision (top-k indices) is taken on the device
 //! by an arg-sort; the k indices per token (`N·k` u32, a few KiB) are then copied to the host once per layer,
-//! because candle tensor shapes — here the number of rows of each expert — live on the host. The grouped
-//! gather/scatter itself runs on the device (`index_select` of the routed rows, one `index_add` back).
+//! because candle tensor shapes — here the number of rows of each expert — live on the host. Everything
+//! else runs on the device: gather of the routed rows, grouped expert matmuls, and the fused bias/SwiGLU
+//! and weighted-combine ops of [`crate::moe_kernels`].
 
 use std::sync::Arc;
 
@@ -12,9 +13,11 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{ModelError, Result};
 use crate::frozen::frozen_matmul;
+use crate::grouped::{grouped_matmul, Spans};
 use crate::hooks::{ExpertAdapter, ExpertParam};
+use crate::moe_kernels::{combine, gather_rows, swiglu_bias};
 use crate::packed_experts::PackedExperts;
-use crate::routed::RowMap;
+use crate::profile::scope;
 
 /// `model.layers.{i}.mlp.router`: `logits = x·Wᵀ + b` (not a [`crate::Linear`]: no adapter hook).
 #[derive(Debug, Clone)]
@@ -183,153 +186,191 @@ impl Experts {
         self.gate_up_proj.dims().first().copied().unwrap_or(0)
     }
 
-    fn project(
+    /// Rows `x` `[M, in]` (grouped by `spans`) times their experts' weights `w` `[E, in, out]`, plus
+    /// the adapter's deltas → `[M, out]` (no bias). Frozen weights go through one grouped matmul;
+    /// weights that take part in autograd (merged or `Var` experts) through one matmul per expert.
+    fn project_rows(
         &self,
         p: ExpertParam,
         w: &Tensor,
-        e: usize,
         x: &Tensor,
+        spans: &Spans,
     ) -> candle_core::Result<Tensor> {
-        // narrow + squeeze is a view; `get` would copy a non-contiguous (dequantized) slice.
-        let mut y = frozen_matmul(x, &w.narrow(0, e, 1)?.squeeze(0)?)?;
+        let y = if w.track_op() {
+            let mut parts = Vec::with_capacity(spans.len());
+            for &(e, off, len) in spans.iter() {
+                let we = w.narrow(0, e, 1)?.squeeze(0)?;
+                parts.push(frozen_matmul(&x.narrow(0, off, len)?, &we)?);
+            }
+            Tensor::cat(&parts, 0)?
+        } else {
+            grouped_matmul(x, w, spans)?
+        };
         let adapter = match p {
             ExpertParam::GateUp => &self.gate_up_adapter,
             ExpertParam::Down => &self.down_adapter,
         };
-        if let Some(a) = adapter {
-            y = (y + a.delta(e, x)?)?;
+        let Some(a) = adapter else {
+            return Ok(y);
+        };
+        let mut deltas = Vec::with_capacity(spans.len());
+        for &(e, off, len) in spans.iter() {
+            deltas.push(a.delta(e, &x.narrow(0, off, len)?)?);
         }
-        y.broadcast_add(&self.bias(p).narrow(0, e, 1)?.squeeze(0)?)
+        y + Tensor::cat(&deltas, 0)?
     }
 
     /// One expert on its rows: `x` `[n, H]` → `[n, H]` (run dtype), without the routing weight.
     pub fn expert_forward(&self, e: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let (gu_w, down_w) = self.weights()?;
-        self.expert_forward_with(&gu_w, &down_w, e, x)
-    }
-
-    fn expert_forward_with(
-        &self,
-        gu_w: &Tensor,
-        down_w: &Tensor,
-        e: usize,
-        x: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let gu = self.project(ExpertParam::GateUp, gu_w, e, x)?;
-        let act = self.swiglu(&gu)?;
-        self.project(ExpertParam::Down, down_w, e, &act)
-    }
-
-    /// Clamped SwiGLU on interleaved gate/up columns: `[n, 2I]` → `[n, I]`.
-    fn swiglu(&self, gu: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, two_i) = gu.dims2()?;
-        let gu = gu.reshape((n, two_i / 2, 2))?;
-        let gate = gu.narrow(2, 0, 1)?.squeeze(2)?.minimum(self.limit)?;
-        let up = gu
-            .narrow(2, 1, 1)?
-            .squeeze(2)?
-            .clamp(-self.limit, self.limit)?;
-        let glu = (&gate * candle_nn::ops::sigmoid(&(&gate * self.alpha)?)?)?;
-        (up + 1.0)? * glu
-    }
-
-    /// All routed rows `xs` `[M, H]` (grouped by `spans`) through their experts with one grouped matmul
-    /// per weight (frozen weights), biases gathered per row, adapters per span → `[M, H]`.
-    fn forward_grouped(
-        &self,
-        xs: &Tensor,
-        gu_w: &Tensor,
-        down_w: &Tensor,
-        spans: crate::grouped::Spans,
-    ) -> candle_core::Result<Tensor> {
-        let row_expert: Vec<u32> = spans
-            .iter()
-            .flat_map(|&(e, _, len)| std::iter::repeat_n(e as u32, len))
-            .collect();
-        let row_expert = Tensor::new(row_expert.as_slice(), xs.device())?;
-        let project = |p: ExpertParam, w: &Tensor, x: &Tensor| -> candle_core::Result<Tensor> {
-            let mut y = crate::grouped::grouped_matmul(x, w, &spans)?;
-            let adapter = match p {
-                ExpertParam::GateUp => &self.gate_up_adapter,
-                ExpertParam::Down => &self.down_adapter,
-            };
-            if let Some(a) = adapter {
-                let mut deltas = Vec::with_capacity(spans.len());
-                for &(e, off, len) in spans.iter() {
-                    deltas.push(a.delta(e, &x.narrow(0, off, len)?)?);
-                }
-                y = (y + Tensor::cat(&deltas, 0)?)?;
-            }
-            y + self.bias(p).index_select(&row_expert, 0)?
-        };
-        let gu = project(ExpertParam::GateUp, gu_w, xs)?;
-        let act = self.swiglu(&gu)?;
-        project(ExpertParam::Down, down_w, &act)
-    }
-
-    /// The same with candle ops, one expert at a time (weights that take part in autograd).
-    fn forward_per_expert(
-        &self,
-        xs: &Tensor,
-        gu_w: &Tensor,
-        down_w: &Tensor,
-        spans: &[(usize, usize, usize)],
-    ) -> candle_core::Result<Tensor> {
-        let mut outs = Vec::with_capacity(spans.len());
-        for &(e, off, len) in spans {
-            outs.push(self.expert_forward_with(gu_w, down_w, e, &xs.narrow(0, off, len)?)?);
-        }
-        Tensor::cat(&outs, 0)
+        let n = x.dim(0)?;
+        let spans: Spans = Arc::new(vec![(e, 0, n)]);
+        let row_expert = Tensor::full(e as u32, n, x.device())?;
+        let gu = self.project_rows(ExpertParam::GateUp, &gu_w, x, &spans)?;
+        let act = swiglu_bias(
+            &gu,
+            &self.gate_up_proj_bias,
+            &row_expert,
+            self.limit,
+            self.alpha,
+        )?;
+        let y = self.project_rows(ExpertParam::Down, &down_w, &act, &spans)?;
+        y.broadcast_add(&self.down_proj_bias.narrow(0, e, 1)?.squeeze(0)?)
     }
 
     /// Weighted sum over the routed experts: `x` `[N, H]`, `routing` from [`Router::route`] → `[N, H]`.
     ///
-    /// Rows are grouped per expert from the host copy of the `N·k` indices; gathering and the final
-    /// scatter-add run on the device (see `routed.rs` for the kernel choice).
+    /// The `N·k` expert indices are copied to the host once; the rows are grouped per expert there
+    /// ([`RoutePlan`]) and the index maps uploaded in one copy. Then, on the device: gather of the
+    /// routed rows, grouped gate/up matmul (+ adapter deltas), bias + clamped SwiGLU, grouped down
+    /// matmul (+ deltas), and the weighted sum with the down bias back to the tokens
+    /// (see [`crate::moe_kernels`]).
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> candle_core::Result<Tensor> {
-        let n = x.dim(0)?;
-        let k = routing.indices.dim(1)?;
-        let idx: Vec<Vec<u32>> = routing.indices.to_vec2::<u32>()?;
-        let num_e = self.num_experts();
-        let mut groups: Vec<Vec<(u32, u32)>> = vec![Vec::new(); num_e];
-        for (t, row) in idx.iter().enumerate() {
-            for (slot, &e) in row.iter().enumerate() {
-                let e = e as usize;
-                if e < num_e {
-                    groups[e].push((t as u32, (t * k + slot) as u32));
-                }
-            }
-        }
-        let tokens: Vec<u32> = groups.iter().flatten().map(|p| p.0).collect();
-        let pairs: Vec<u32> = groups.iter().flatten().map(|p| p.1).collect();
-        let dev: &Device = x.device();
-        if tokens.is_empty() {
+        let dev = x.device();
+        let plan = scope("moe.route", dev, || {
+            RoutePlan::new(&routing.indices, self.num_experts())
+        })?;
+        if plan.rows() == 0 {
             return x.zeros_like();
         }
-        let routed = RowMap::new(&tokens, n, x)?;
-        let pair_t = Tensor::new(pairs.as_slice(), dev)?;
-        let xs = routed.gather(x)?; // [M, H]
-        let (gu_w, down_w) = self.weights()?;
-        let mut spans = Vec::new();
-        let mut off = 0usize;
-        for (e, g) in groups.iter().enumerate() {
-            if !g.is_empty() {
-                spans.push((e, off, g.len()));
-                off += g.len();
+        let maps = scope("moe.upload", dev, || plan.upload(dev))?;
+        let xs = scope("moe.gather", dev, || {
+            gather_rows(x, &maps.tokens, &maps.pos)
+        })?;
+        let (gu_w, down_w) = scope("moe.dequant", dev, || self.weights())?;
+        let spans = plan.spans;
+        let gu = scope("moe.gate_up", dev, || {
+            self.project_rows(ExpertParam::GateUp, &gu_w, &xs, &spans)
+        })?;
+        let act = scope("moe.swiglu", dev, || {
+            swiglu_bias(
+                &gu,
+                &self.gate_up_proj_bias,
+                &maps.row_expert,
+                self.limit,
+                self.alpha,
+            )
+        })?;
+        let ys = scope("moe.down", dev, || {
+            self.project_rows(ExpertParam::Down, &down_w, &act, &spans)
+        })?;
+        scope("moe.combine", dev, || {
+            combine(
+                &ys,
+                &routing.weights,
+                &maps.pos,
+                &self.down_proj_bias,
+                &routing.indices,
+            )
+        })
+    }
+}
+
+/// The routed rows of one call, grouped by expert on the host (tokens in order within an expert).
+#[derive(Debug, Clone)]
+struct RoutePlan {
+    /// `(expert, first row, rows)` of every expert with rows.
+    spans: Spans,
+    /// Token of each routed row, `[M]`.
+    tokens: Vec<u32>,
+    /// Row of each (token, slot), `[N·k]`: the inverse of `tokens`.
+    pos: Vec<u32>,
+    /// Expert of each routed row, `[M]`.
+    row_expert: Vec<u32>,
+    /// `(N, k)`.
+    nk: (usize, usize),
+}
+
+/// The index maps of a [`RoutePlan`] on the device (u32).
+struct RouteMaps {
+    tokens: Tensor,
+    pos: Tensor,
+    row_expert: Tensor,
+}
+
+impl RoutePlan {
+    /// From the selected experts `[N, k]` u32 (copied to the host here).
+    fn new(indices: &Tensor, num_experts: usize) -> candle_core::Result<Self> {
+        let (n, k) = indices.dims2()?;
+        let idx: Vec<u32> = indices.flatten_all()?.to_vec1()?;
+        let mut count = vec![0usize; num_experts];
+        for (i, &e) in idx.iter().enumerate() {
+            match count.get_mut(e as usize) {
+                Some(c) => *c += 1,
+                None => candle_core::bail!(
+                    "routing indices[{}, {}] = {e}: only {num_experts} experts",
+                    i / k.max(1),
+                    i % k.max(1)
+                ),
             }
         }
-        let ys = if gu_w.track_op() || down_w.track_op() {
-            self.forward_per_expert(&xs, &gu_w, &down_w, &spans)?
-        } else {
-            self.forward_grouped(&xs, &gu_w, &down_w, Arc::new(spans))?
-        };
-        let w = routing
-            .weights
-            .flatten_all()?
-            .index_select(&pair_t, 0)?
-            .unsqueeze(1)?;
-        let ys = ys.broadcast_mul(&w.to_dtype(ys.dtype())?)?;
-        routed.scatter_add(&ys)
+        let mut next = Vec::with_capacity(num_experts);
+        let mut spans = Vec::new();
+        let mut off = 0usize;
+        for (e, &c) in count.iter().enumerate() {
+            next.push(off);
+            if c > 0 {
+                spans.push((e, off, c));
+            }
+            off += c;
+        }
+        let m = idx.len();
+        let (mut tokens, mut pos, mut row_expert) = (vec![0u32; m], vec![0u32; m], vec![0u32; m]);
+        for (i, &e) in idx.iter().enumerate() {
+            let r = next[e as usize];
+            next[e as usize] += 1;
+            tokens[r] = (i / k) as u32;
+            pos[i] = r as u32;
+            row_expert[r] = e;
+        }
+        Ok(Self {
+            spans: Arc::new(spans),
+            tokens,
+            pos,
+            row_expert,
+            nk: (n, k),
+        })
+    }
+
+    /// Routed rows `M = N·k`.
+    fn rows(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The maps on `dev`, in one host→device copy.
+    fn upload(&self, dev: &Device) -> candle_core::Result<RouteMaps> {
+        let m = self.rows();
+        let all: Vec<u32> = [&self.tokens, &self.pos, &self.row_expert]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        let all = Tensor::from_vec(all, 3 * m, dev)?;
+        Ok(RouteMaps {
+            tokens: all.narrow(0, 0, m)?,
+            pos: all.narrow(0, m, m)?.reshape(self.nk)?,
+            row_expert: all.narrow(0, 2 * m, m)?,
+        })
     }
 }
 

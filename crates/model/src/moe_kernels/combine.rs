@@ -1,0 +1,353 @@
+//! [`combine`]: down bias, routing weights and the sum over each token's experts.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+
+use super::{check_dtype, cpu_f32, cpu_of, cpu_out, cpu_u32, float_operand, index, indices};
+
+/// Weighted sum of each token's expert outputs: `ys` `[M, H]` (f32 or bf16; the routed rows before
+/// the down bias), `weights` `[N, k]` (routing weights, converted to ys's dtype), `pos` `[N, k]` u32
+/// (the row of `ys` holding token `t`'s slot `s`; every row appears once), `bias` `[E, H]` (the down
+/// bias, converted to ys's dtype), `expert` `[N, k]` u32 (the expert of each slot) → `[N, H]` in
+/// ys's dtype:
+///
+/// `out[t] = Σ_s weights[t, s] · (ys[pos[t, s]] + bias[expert[t, s]])`, accumulated in f32.
+///
+/// Differentiable in `ys` (`∂ys[pos[t, s]] = weights[t, s] · ∂out[t]`) and in `weights`
+/// (`∂weights[t, s] = ∂out[t] · (ys[pos[t, s]] + bias[expert[t, s]])`); the bias is frozen.
+pub fn combine(
+    ys: &Tensor,
+    weights: &Tensor,
+    pos: &Tensor,
+    bias: &Tensor,
+    expert: &Tensor,
+) -> candle_core::Result<Tensor> {
+    check_dtype(ys, "combine: ys")?;
+    let (m, h) = ys.dims2()?;
+    let (n, k) = weights.dims2()?;
+    let (_e, bh) = bias.dims2()?;
+    if n * k != m || bh != h {
+        candle_core::bail!(
+            "combine: weights {:?}, bias {:?} do not fit ys {:?} (expected [N, k] with N·k = {m}, [E, {h}])",
+            weights.dims(),
+            bias.dims(),
+            ys.dims()
+        );
+    }
+    let ctx = Ctx {
+        pos: indices(pos, m, "combine: pos")?.reshape((n, k))?,
+        bias: float_operand(bias, ys.dtype())?,
+        expert: indices(expert, m, "combine: expert")?.reshape((n, k))?,
+    };
+    let w = weights.to_dtype(ys.dtype())?.contiguous()?;
+    ys.contiguous()?.apply_op2(&w, Combine(ctx))
+}
+
+/// The index maps and the frozen bias.
+#[derive(Clone)]
+struct Ctx {
+    pos: Tensor,
+    bias: Tensor,
+    expert: Tensor,
+}
+
+/// CPU view of the index maps and the bias.
+struct CpuCtx<'a> {
+    pos: &'a [u32],
+    expert: &'a [u32],
+    bias: std::borrow::Cow<'a, [f32]>,
+    num_e: usize,
+}
+
+impl Ctx {
+    /// Runs `f` with the CPU view (indices not yet checked).
+    fn with_cpu<R>(
+        &self,
+        f: impl FnOnce(CpuCtx<'_>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (pg, pl) = self.pos.storage_and_layout();
+        let (eg, el) = self.expert.storage_and_layout();
+        let (bg, bl) = self.bias.storage_and_layout();
+        let bias = cpu_f32(cpu_of(&bg, "combine: bias")?, bl, "combine: bias")?;
+        let num_e = self.bias.dim(0)?;
+        f(CpuCtx {
+            pos: cpu_u32(cpu_of(&pg, "combine: pos")?, pl, "combine: pos")?,
+            expert: cpu_u32(cpu_of(&eg, "combine: expert")?, el, "combine: expert")?,
+            bias,
+            num_e,
+        })
+    }
+
+    /// Runs `f` with the CUDA storages and layouts of `(pos, bias, expert)`.
+    #[cfg(feature = "cuda")]
+    fn with_cuda<R>(
+        &self,
+        f: impl FnOnce(super::cuda::Held<'_>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (pg, pl) = self.pos.storage_and_layout();
+        let (eg, el) = self.expert.storage_and_layout();
+        let (bg, bl) = self.bias.storage_and_layout();
+        f(super::cuda::Held {
+            pos: (super::cuda_of(&pg, "combine: pos")?, pl),
+            bias: (super::cuda_of(&bg, "combine: bias")?, bl),
+            expert: (super::cuda_of(&eg, "combine: expert")?, el),
+        })
+    }
+}
+
+impl CpuCtx<'_> {
+    /// `(slot index t·k + s, row of ys, bias row)` of every slot, indices checked against `m` rows.
+    fn slots(&self, m: usize, h: usize) -> candle_core::Result<Vec<(usize, usize, &[f32])>> {
+        self.pos
+            .iter()
+            .zip(self.expert)
+            .enumerate()
+            .map(|(i, (&r, &e))| {
+                let r = index(r, m, "combine: pos", i)?;
+                let e = index(e, self.num_e, "combine: expert", i)?;
+                Ok((i, r, &self.bias[e * h..][..h]))
+            })
+            .collect()
+    }
+}
+
+struct Combine(Ctx);
+
+impl CustomOp2 for Combine {
+    fn name(&self) -> &'static str {
+        "moe-combine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, h) = l.shape().dims2()?;
+        let (n, k) = wl.shape().dims2()?;
+        let ys = cpu_f32(s, l, "combine: ys")?;
+        let w = cpu_f32(ws, wl, "combine: weights")?;
+        let out = self.0.with_cpu(|c| {
+            let mut out = vec![0f32; n * h];
+            for (i, r, b) in c.slots(m, h)? {
+                let o = &mut out[(i / k) * h..][..h];
+                for ((o, y), b) in o.iter_mut().zip(&ys[r * h..][..h]).zip(b) {
+                    *o += w[i] * (y + b);
+                }
+            }
+            Ok(out)
+        })?;
+        Ok((cpu_out(out, s.dtype(), "combine")?, Shape::from((n, h))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (_m, h) = l.shape().dims2()?;
+        let (n, _k) = wl.shape().dims2()?;
+        let out = self
+            .0
+            .with_cuda(|c| super::cuda::combine((s, l), (ws, wl), &c))?;
+        Ok((out, Shape::from((n, h))))
+    }
+
+    fn bwd(
+        &self,
+        ys: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        crate::profile::scope("moe.combine.bwd", grad.device(), || {
+            let g = grad.detach().to_dtype(ys.dtype())?.contiguous()?;
+            let dys = match ys.track_op() {
+                true => Some(g.apply_op2_no_bwd(&w.detach(), &CombineBwdRows(self.0.clone()))?),
+                false => None,
+            };
+            let dw = match w.track_op() {
+                true => Some(g.apply_op2_no_bwd(&ys.detach(), &CombineBwdWeights(self.0.clone()))?),
+                false => None,
+            };
+            Ok((dys, dw))
+        })
+    }
+}
+
+/// `(∂out [N, H], weights [N, k])` → `∂ys [M, H]` (rows no slot points to get zero).
+struct CombineBwdRows(Ctx);
+
+impl CustomOp2 for CombineBwdRows {
+    fn name(&self) -> &'static str {
+        "moe-combine-bwd-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_n, h) = l.shape().dims2()?;
+        let (_n, k) = wl.shape().dims2()?;
+        let m = wl.shape().elem_count();
+        let g = cpu_f32(s, l, "combine backward: grad")?;
+        let w = cpu_f32(ws, wl, "combine: weights")?;
+        let out = self.0.with_cpu(|c| {
+            let mut out = vec![0f32; m * h];
+            for (i, r, _) in c.slots(m, h)? {
+                let src = &g[(i / k) * h..][..h];
+                for (o, v) in out[r * h..][..h].iter_mut().zip(src) {
+                    *o = w[i] * v;
+                }
+            }
+            Ok(out)
+        })?;
+        Ok((
+            cpu_out(out, s.dtype(), "combine backward")?,
+            Shape::from((m, h)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (_n, h) = l.shape().dims2()?;
+        let m = wl.shape().elem_count();
+        let out = self
+            .0
+            .with_cuda(|c| super::cuda::combine_bwd_rows((s, l), (ws, wl), &c))?;
+        Ok((out, Shape::from((m, h))))
+    }
+}
+
+/// `(∂out [N, H], ys [M, H])` → `∂weights [N, k]` (ys's dtype).
+struct CombineBwdWeights(Ctx);
+
+impl CustomOp2 for CombineBwdWeights {
+    fn name(&self) -> &'static str {
+        "moe-combine-bwd-weights"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_n, h) = l.shape().dims2()?;
+        let (m, _h) = yl.shape().dims2()?;
+        let shape = self.0.pos.shape().clone();
+        let k = self.0.pos.dim(1)?;
+        let g = cpu_f32(s, l, "combine backward: grad")?;
+        let y = cpu_f32(ys, yl, "combine: ys")?;
+        let out = self.0.with_cpu(|c| {
+            let mut out = vec![0f32; m];
+            for (i, r, b) in c.slots(m, h)? {
+                let dout = &g[(i / k) * h..][..h];
+                out[i] = dout
+                    .iter()
+                    .zip(&y[r * h..][..h])
+                    .zip(b)
+                    .map(|((d, y), b)| d * (y + b))
+                    .sum();
+            }
+            Ok(out)
+        })?;
+        Ok((cpu_out(out, s.dtype(), "combine backward")?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let shape = self.0.pos.shape().clone();
+        let out = self
+            .0
+            .with_cuda(|c| super::cuda::combine_bwd_weights((s, l), (ys, yl), &c))?;
+        Ok((out, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::rel_diff;
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The candle-op formulation `Experts` used before: per-row bias, weight, index_add.
+    fn reference(
+        ys: &Tensor,
+        w: &Tensor,
+        tokens: &Tensor,
+        pairs: &Tensor,
+        row_expert: &Tensor,
+        bias: &Tensor,
+        n: usize,
+    ) -> candle_core::Result<Tensor> {
+        let y = (ys + bias.index_select(row_expert, 0)?)?;
+        let w = w.flatten_all()?.index_select(pairs, 0)?.unsqueeze(1)?;
+        let y = y.broadcast_mul(&w)?;
+        Tensor::zeros((n, ys.dim(1)?), ys.dtype(), ys.device())?.index_add(tokens, &y, 0)
+    }
+
+    #[test]
+    fn matches_candle_ops_values_and_gradients() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, h, e) = (5, 3, 7, 4);
+        let m = n * k;
+        // experts of each (token, slot), distinct per token
+        let ex: Vec<u32> = (0..m).map(|i| ((i / k + i % k) % e) as u32).collect();
+        // rows grouped by expert (stable), as Experts::forward builds them
+        let mut pairs: Vec<usize> = (0..m).collect();
+        pairs.sort_by_key(|&p| ex[p]);
+        let mut pos = vec![0u32; m];
+        for (row, &p) in pairs.iter().enumerate() {
+            pos[p] = row as u32;
+        }
+        let tokens: Vec<u32> = pairs.iter().map(|&p| (p / k) as u32).collect();
+        let row_expert: Vec<u32> = pairs.iter().map(|&p| ex[p]).collect();
+        let pairs: Vec<u32> = pairs.iter().map(|&p| p as u32).collect();
+        let (tokens, pairs) = (Tensor::new(tokens, &dev)?, Tensor::new(pairs, &dev)?);
+        let row_expert = Tensor::new(row_expert, &dev)?;
+        let pos = Tensor::from_vec(pos, (n, k), &dev)?;
+        let expert = Tensor::from_vec(ex, (n, k), &dev)?;
+
+        let ys = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, h), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::rand(0f32, 1.0, (n, k), &dev)?)?;
+        let bias = Tensor::randn(0f32, 1.0, (e, h), &dev)?;
+        let g = Tensor::randn(0f32, 1.0, (n, h), &dev)?;
+        let (yt, wt) = (ys.as_tensor(), w.as_tensor());
+        let a = combine(yt, wt, &pos, &bias, &expert)?;
+        let r = reference(yt, wt, &tokens, &pairs, &row_expert, &bias, n)?;
+        let d = rel_diff(&a, &r)?;
+        assert!(d < 1e-6, "forward differs by {d}");
+        let ga = (&a * &g)?.sum_all()?.backward()?;
+        let gr = (&r * &g)?.sum_all()?.backward()?;
+        for (name, t) in [("ys", yt), ("weights", wt)] {
+            let (Some(da), Some(dr)) = (ga.get(t), gr.get(t)) else {
+                panic!("missing gradient of {name}");
+            };
+            let d = rel_diff(da, dr)?;
+            assert!(d < 1e-6, "gradient of {name} differs by {d}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,561 @@
+//! The CUDA kernels of the MoE ops (NVRTC, module `gptoss_moe`).
+//!
+//! One thread block per output row (a routed row or a token); threads stride over the hidden columns
+//! with 16-byte loads and stores (8 bf16 or 4 f32 values) when the row length and the start offsets
+//! allow it, else one element at a time. Arithmetic is f32; bf16 results are rounded to nearest even.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+use half::bf16;
+
+use crate::nvrtc::{contiguous_range, Kernels};
+
+const SRC: &str = r#"
+// N consecutive elements of p from index i, as f32. VEC: one 4/8/16-byte access (p + i aligned).
+template <typename T, int N, bool VEC>
+__device__ __forceinline__ void ldv(const T* __restrict__ p, u64 i, float* o) {
+    constexpr int B = N * (int)sizeof(T);
+    if constexpr (VEC && B >= 4) {
+        constexpr int W = B / 4;
+        u32 w[W];
+        if constexpr (W == 4) {
+            const uint4 r = *reinterpret_cast<const uint4*>(p + i);
+            w[0] = r.x; w[1] = r.y; w[2] = r.z; w[3] = r.w;
+        } else if constexpr (W == 2) {
+            const uint2 r = *reinterpret_cast<const uint2*>(p + i);
+            w[0] = r.x; w[1] = r.y;
+        } else {
+            w[0] = *reinterpret_cast<const u32*>(p + i);
+        }
+#pragma unroll
+        for (int q = 0; q < W; ++q) {
+            if constexpr (sizeof(T) == 4) {
+                o[q] = __uint_as_float(w[q]);
+            } else {
+                o[2 * q] = __uint_as_float(w[q] << 16);
+                o[2 * q + 1] = __uint_as_float(w[q] & 0xffff0000u);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < N; ++q) o[q] = ld(p, i + q);
+    }
+}
+
+template <typename T, int N, bool VEC>
+__device__ __forceinline__ void stv(T* __restrict__ p, u64 i, const float* v) {
+    constexpr int B = N * (int)sizeof(T);
+    if constexpr (VEC && B >= 4) {
+        constexpr int W = B / 4;
+        u32 w[W];
+#pragma unroll
+        for (int q = 0; q < W; ++q) {
+            if constexpr (sizeof(T) == 4) {
+                w[q] = __float_as_uint(v[q]);
+            } else {
+                w[q] = (__float_as_uint(bf16_round(v[2 * q])) >> 16)
+                     | (__float_as_uint(bf16_round(v[2 * q + 1])) & 0xffff0000u);
+            }
+        }
+        if constexpr (W == 4) {
+            *reinterpret_cast<uint4*>(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
+        } else if constexpr (W == 2) {
+            *reinterpret_cast<uint2*>(p + i) = make_uint2(w[0], w[1]);
+        } else {
+            *reinterpret_cast<u32*>(p + i) = w[0];
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < N; ++q) st(p, i + q, v[q]);
+    }
+}
+
+// out[m] = x[tok[m]] (zero for an out-of-range token).
+template <typename T, int V, bool VEC>
+__device__ void gather_rows(const T* __restrict__ x, const u32* __restrict__ tok, T* __restrict__ out,
+                            u32 n, u32 h) {
+    const u64 m = blockIdx.x;
+    const u32 t = tok[m];
+    for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+        float v[V];
+        if (t < n) {
+            ldv<T, V, VEC>(x, (u64)t * h + j, v);
+        } else {
+#pragma unroll
+            for (int q = 0; q < V; ++q) v[q] = 0.f;
+        }
+        stv<T, V, VEC>(out, m * h + j, v);
+    }
+}
+
+// out[t] = sum_s g[pos[t, s]] (f32, slots in order).
+template <typename T, int V, bool VEC>
+__device__ void sum_rows(const T* __restrict__ g, const u32* __restrict__ pos, T* __restrict__ out,
+                         u32 m, u32 h, u32 k) {
+    const u64 t = blockIdx.x;
+    for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+        float acc[V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[q] = 0.f;
+        for (u32 s = 0; s < k; ++s) {
+            const u32 r = pos[t * k + s];
+            if (r < m) {
+                float v[V];
+                ldv<T, V, VEC>(g, (u64)r * h + j, v);
+#pragma unroll
+                for (int q = 0; q < V; ++q) acc[q] += v[q];
+            }
+        }
+        stv<T, V, VEC>(out, t * h + j, acc);
+    }
+}
+
+// out[t] = sum_s w[t, s] * (ys[pos[t, s]] + bias[ex[t, s]]).
+template <typename T, int V, bool VEC>
+__device__ void combine(const T* __restrict__ ys, const T* __restrict__ w, const u32* __restrict__ pos,
+                        const T* __restrict__ bias, const u32* __restrict__ ex, T* __restrict__ out,
+                        u32 m, u32 h, u32 k, u32 ne) {
+    const u64 t = blockIdx.x;
+    for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+        float acc[V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[q] = 0.f;
+        for (u32 s = 0; s < k; ++s) {
+            const u64 i = t * k + s;
+            const u32 r = pos[i], e = ex[i];
+            if (r < m && e < ne) {
+                const float ws = ld(w, i);
+                float y[V], b[V];
+                ldv<T, V, VEC>(ys, (u64)r * h + j, y);
+                ldv<T, V, VEC>(bias, (u64)e * h + j, b);
+#pragma unroll
+                for (int q = 0; q < V; ++q) acc[q] += ws * (y[q] + b[q]);
+            }
+        }
+        stv<T, V, VEC>(out, t * h + j, acc);
+    }
+}
+
+// dys[pos[t, s]] = w[t, s] * dout[t] (dys zeroed beforehand).
+template <typename T, int V, bool VEC>
+__device__ void combine_bwd_rows(const T* __restrict__ dout, const T* __restrict__ w,
+                                 const u32* __restrict__ pos, T* __restrict__ dys, u32 m, u32 h, u32 k) {
+    const u64 t = blockIdx.x;
+    for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+        float d[V];
+        ldv<T, V, VEC>(dout, t * h + j, d);
+        for (u32 s = 0; s < k; ++s) {
+            const u64 i = t * k + s;
+            const u32 r = pos[i];
+            if (r < m) {
+                const float ws = ld(w, i);
+                float o[V];
+#pragma unroll
+                for (int q = 0; q < V; ++q) o[q] = ws * d[q];
+                stv<T, V, VEC>(dys, (u64)r * h + j, o);
+            }
+        }
+    }
+}
+
+// dw[t, s] = dout[t] . (ys[pos[t, s]] + bias[ex[t, s]]) (blockDim.x a multiple of 32).
+template <typename T, int V, bool VEC>
+__device__ void combine_bwd_weights(const T* __restrict__ dout, const T* __restrict__ ys,
+                                    const u32* __restrict__ pos, const T* __restrict__ bias,
+                                    const u32* __restrict__ ex, T* __restrict__ dw,
+                                    u32 m, u32 h, u32 k, u32 ne) {
+    __shared__ float sh[32];
+    const u64 t = blockIdx.x;
+    for (u32 s = 0; s < k; ++s) {
+        const u64 i = t * k + s;
+        const u32 r = pos[i], e = ex[i];
+        float part = 0.f;
+        if (r < m && e < ne) {
+            for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+                float d[V], y[V], b[V];
+                ldv<T, V, VEC>(dout, t * h + j, d);
+                ldv<T, V, VEC>(ys, (u64)r * h + j, y);
+                ldv<T, V, VEC>(bias, (u64)e * h + j, b);
+#pragma unroll
+                for (int q = 0; q < V; ++q) part += d[q] * (y[q] + b[q]);
+            }
+        }
+        const float tot = block_red(part, false, sh);
+        if (threadIdx.x == 0) st(dw, i, tot);
+    }
+}
+
+// Clamped SwiGLU with bias on interleaved gate/up pairs; BWD: d gu from d act.
+template <typename T, int V, bool VEC, bool BWD>
+__device__ void swiglu(const T* __restrict__ gu, const T* __restrict__ da, const T* __restrict__ bias,
+                       const u32* __restrict__ re, T* __restrict__ out, u32 ni, u32 ne,
+                       float limit, float alpha) {
+    const u64 m = blockIdx.x;
+    const u32 e = re[m];
+    const u64 two_i = 2ull * ni;
+    for (u32 j = threadIdx.x * V; j < ni; j += blockDim.x * V) {
+        float x[2 * V], b[2 * V];
+        ldv<T, 2 * V, VEC>(gu, m * two_i + 2 * j, x);
+        if (e < ne) {
+            ldv<T, 2 * V, VEC>(bias, (u64)e * two_i + 2 * j, b);
+        } else {
+#pragma unroll
+            for (int q = 0; q < 2 * V; ++q) b[q] = 0.f;
+        }
+        float d[V];
+        if constexpr (BWD) ldv<T, V, VEC>(da, m * ni + j, d);
+        float o[BWD ? 2 * V : V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+            const float g0 = x[2 * q] + b[2 * q], u0 = x[2 * q + 1] + b[2 * q + 1];
+            const float g = g0 > limit ? limit : g0;
+            const float u = u0 > limit ? limit : (u0 < -limit ? -limit : u0);
+            const float sg = 1.f / (expf(-(g * alpha)) + 1.f);
+            if constexpr (BWD) {
+                const bool pass_g = g0 <= limit, pass_u = u0 >= -limit && u0 <= limit;
+                o[2 * q] = pass_g ? d[q] * (u + 1.f) * (sg + g * alpha * sg * (1.f - sg)) : 0.f;
+                o[2 * q + 1] = pass_u ? d[q] * g * sg : 0.f;
+            } else {
+                o[q] = (u + 1.f) * (g * sg);
+            }
+        }
+        if constexpr (BWD) {
+            stv<T, 2 * V, VEC>(out, m * two_i + 2 * j, o);
+        } else {
+            stv<T, V, VEC>(out, m * ni + j, o);
+        }
+    }
+}
+
+// Entry points: <op>_<dtype>_vec (16-byte accesses) and <op>_<dtype>_scalar.
+#define ENTRIES(TN, T, VR, VS)                                                                        \
+extern "C" __global__ void gather_rows_##TN##_vec(const T* x, const u32* tok, T* out, u32 n, u32 h)   \
+    { gather_rows<T, VR, true>(x, tok, out, n, h); }                                                  \
+extern "C" __global__ void gather_rows_##TN##_scalar(const T* x, const u32* tok, T* out, u32 n, u32 h)\
+    { gather_rows<T, 1, false>(x, tok, out, n, h); }                                                  \
+extern "C" __global__ void sum_rows_##TN##_vec(const T* g, const u32* pos, T* out, u32 m, u32 h, u32 k)\
+    { sum_rows<T, VR, true>(g, pos, out, m, h, k); }                                                  \
+extern "C" __global__ void sum_rows_##TN##_scalar(const T* g, const u32* pos, T* out, u32 m, u32 h,   \
+    u32 k) { sum_rows<T, 1, false>(g, pos, out, m, h, k); }                                           \
+extern "C" __global__ void combine_##TN##_vec(const T* ys, const T* w, const u32* pos, const T* bias, \
+    const u32* ex, T* out, u32 m, u32 h, u32 k, u32 ne)                                               \
+    { combine<T, VR, true>(ys, w, pos, bias, ex, out, m, h, k, ne); }                                 \
+extern "C" __global__ void combine_##TN##_scalar(const T* ys, const T* w, const u32* pos,             \
+    const T* bias, const u32* ex, T* out, u32 m, u32 h, u32 k, u32 ne)                                \
+    { combine<T, 1, false>(ys, w, pos, bias, ex, out, m, h, k, ne); }                                 \
+extern "C" __global__ void combine_bwd_rows_##TN##_vec(const T* d, const T* w, const u32* pos,        \
+    T* dys, u32 m, u32 h, u32 k) { combine_bwd_rows<T, VR, true>(d, w, pos, dys, m, h, k); }          \
+extern "C" __global__ void combine_bwd_rows_##TN##_scalar(const T* d, const T* w, const u32* pos,     \
+    T* dys, u32 m, u32 h, u32 k) { combine_bwd_rows<T, 1, false>(d, w, pos, dys, m, h, k); }          \
+extern "C" __global__ void combine_bwd_weights_##TN##_vec(const T* d, const T* ys, const u32* pos,    \
+    const T* bias, const u32* ex, T* dw, u32 m, u32 h, u32 k, u32 ne)                                 \
+    { combine_bwd_weights<T, VR, true>(d, ys, pos, bias, ex, dw, m, h, k, ne); }                      \
+extern "C" __global__ void combine_bwd_weights_##TN##_scalar(const T* d, const T* ys, const u32* pos, \
+    const T* bias, const u32* ex, T* dw, u32 m, u32 h, u32 k, u32 ne)                                 \
+    { combine_bwd_weights<T, 1, false>(d, ys, pos, bias, ex, dw, m, h, k, ne); }                      \
+extern "C" __global__ void swiglu_fwd_##TN##_vec(const T* gu, const T* da, const T* bias,             \
+    const u32* re, T* out, u32 ni, u32 ne, float limit, float alpha)                                  \
+    { swiglu<T, VS, true, false>(gu, da, bias, re, out, ni, ne, limit, alpha); }                      \
+extern "C" __global__ void swiglu_fwd_##TN##_scalar(const T* gu, const T* da, const T* bias,          \
+    const u32* re, T* out, u32 ni, u32 ne, float limit, float alpha)                                  \
+    { swiglu<T, 1, false, false>(gu, da, bias, re, out, ni, ne, limit, alpha); }                      \
+extern "C" __global__ void swiglu_bwd_##TN##_vec(const T* gu, const T* da, const T* bias,             \
+    const u32* re, T* out, u32 ni, u32 ne, float limit, float alpha)                                  \
+    { swiglu<T, VS, true, true>(gu, da, bias, re, out, ni, ne, limit, alpha); }                       \
+extern "C" __global__ void swiglu_bwd_##TN##_scalar(const T* gu, const T* da, const T* bias,          \
+    const u32* re, T* out, u32 ni, u32 ne, float limit, float alpha)                                  \
+    { swiglu<T, 1, false, true>(gu, da, bias, re, out, ni, ne, limit, alpha); }
+
+ENTRIES(f32, float, 4, 2)
+ENTRIES(bf16, u16, 8, 4)
+"#;
+
+static KERNELS: Kernels = Kernels::new("gptoss_moe", SRC);
+
+/// A storage and its layout.
+pub(super) type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+/// The held operands of [`super::combine`]: the index maps and the bias.
+pub(super) struct Held<'a> {
+    pub(super) pos: Arg<'a>,
+    pub(super) bias: Arg<'a>,
+    pub(super) expert: Arg<'a>,
+}
+
+/// An activation element type: its kernel-name suffix and its elements per 16 bytes.
+trait Elem:
+    CudaDType + DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
+{
+    const NAME: &'static str;
+    const VEC: usize;
+}
+
+impl Elem for f32 {
+    const NAME: &'static str = "f32";
+    const VEC: usize = 4;
+}
+
+impl Elem for bf16 {
+    const NAME: &'static str = "bf16";
+    const VEC: usize = 8;
+}
+
+/// Calls `$f::<T>(args)` for the element type of `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($a:expr),* $(,)?)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($a),*),
+            DType::BF16 => $f::<bf16>($($a),*),
+            d => candle_core::bail!("moe kernels: dtype {d:?}, expected f32 or bf16"),
+        }
+    };
+}
+
+/// The contiguous view of an operand and its start offset (elements).
+fn view<'a, T: CudaDType + DeviceRepr>(a: Arg<'a>, what: &str) -> Result<(CudaView<'a, T>, usize)> {
+    let (s, e) = contiguous_range(a.1, what)?;
+    Ok((a.0.as_cuda_slice::<T>()?.slice(s..e), s))
+}
+
+/// Whether 16-byte accesses of `v` elements work: every length a multiple of `v`, every start
+/// offset a multiple of `align`.
+fn vectorizable(v: usize, lens: &[usize], align: usize, starts: &[usize]) -> bool {
+    lens.iter().all(|l| l % v == 0) && starts.iter().all(|s| s % align == 0)
+}
+
+/// The function `<op>_<dtype>_<vec|scalar>`.
+fn func<T: Elem>(
+    dev: &CudaDevice,
+    op: &str,
+    vec: bool,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    let kind = if vec { "vec" } else { "scalar" };
+    KERNELS.func(dev, &format!("{op}_{}_{kind}", T::NAME))
+}
+
+/// One block per row, threads for `cols` column groups (a multiple of 32, at most 256).
+fn config(rows: usize, cols: usize) -> LaunchConfig {
+    let threads = cols.div_ceil(32).clamp(1, 8) * 32;
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn wrap<T: Elem>(out: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(out, dev.clone())
+}
+
+/// Routed rows `x[tok[m]]`: `x` `[n, h]`, `tok` `[m]` → `[m, h]`.
+pub(super) fn gather_rows(
+    x: &CudaStorage,
+    xl: &Layout,
+    tok: &CudaStorage,
+    tl: &Layout,
+    (n, h, m): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    fn run<T: Elem>(x: Arg, tok: Arg, (n, h, m): (usize, usize, usize)) -> Result<CudaStorage> {
+        let dev = x.0.device();
+        let (xv, x0) = view::<T>(x, "gather_rows: x")?;
+        let (tv, _) = view::<u32>(tok, "gather_rows: tokens")?;
+        let vec = vectorizable(T::VEC, &[h], T::VEC, &[x0]);
+        // SAFETY: every row is written.
+        let mut out = unsafe { dev.alloc::<T>(m * h)? };
+        if m > 0 && h > 0 {
+            let f = func::<T>(dev, "gather_rows", vec)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (n, h32) = (n as u32, h as u32);
+            b.arg(&xv).arg(&tv).arg(&mut out).arg(&n).arg(&h32);
+            let cfg = config(m, h / if vec { T::VEC } else { 1 });
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, dev))
+    }
+    by_dtype!(x.dtype(), run((x, xl), (tok, tl), (n, h, m)))
+}
+
+/// `out[t] = Σ_s g[pos[t, s]]`: `g` `[m, h]`, `pos` `[n, k]` → `[n, h]`.
+pub(super) fn sum_rows(
+    g: &CudaStorage,
+    gl: &Layout,
+    pos: &CudaStorage,
+    pl: &Layout,
+    dims: (usize, usize, usize, usize),
+) -> Result<CudaStorage> {
+    fn run<T: Elem>(
+        g: Arg,
+        pos: Arg,
+        (m, h, n, k): (usize, usize, usize, usize),
+    ) -> Result<CudaStorage> {
+        let dev = g.0.device();
+        let (gv, g0) = view::<T>(g, "gather_rows backward: grad")?;
+        let (pv, _) = view::<u32>(pos, "gather_rows: pos")?;
+        let vec = vectorizable(T::VEC, &[h], T::VEC, &[g0]);
+        // SAFETY: every row is written.
+        let mut out = unsafe { dev.alloc::<T>(n * h)? };
+        if n > 0 && h > 0 {
+            let f = func::<T>(dev, "sum_rows", vec)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (m, h32, k) = (m as u32, h as u32, k as u32);
+            b.arg(&gv).arg(&pv).arg(&mut out).arg(&m).arg(&h32).arg(&k);
+            let cfg = config(n, h / if vec { T::VEC } else { 1 });
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, dev))
+    }
+    by_dtype!(g.dtype(), run((g, gl), (pos, pl), dims))
+}
+
+/// Forward (`da` `None`: `gu` `[m, 2i]` → act `[m, i]`) or backward (`da` `[m, i]` → ∂gu `[m, 2i]`)
+/// of the clamped SwiGLU with bias `[e, 2i]` of expert `re[m]`.
+pub(super) fn swiglu(
+    gu: Arg,
+    da: Option<Arg>,
+    bias: Arg,
+    re: Arg,
+    (limit, alpha): (f32, f32),
+) -> Result<CudaStorage> {
+    fn run<T: Elem>(
+        gu: Arg,
+        da: Option<Arg>,
+        bias: Arg,
+        re: Arg,
+        (limit, alpha): (f32, f32),
+    ) -> Result<CudaStorage> {
+        let dev = gu.0.device();
+        let (m, two_i) = gu.1.shape().dims2()?;
+        let ni = two_i / 2;
+        let ne = bias.1.shape().dims2()?.0;
+        let (gv, g0) = view::<T>(gu, "swiglu_bias: gu")?;
+        let (bv, b0) = view::<T>(bias, "swiglu_bias: bias")?;
+        let (rv, _) = view::<u32>(re, "swiglu_bias: row_expert")?;
+        let dav = da
+            .map(|d| view::<T>(d, "swiglu_bias backward: grad"))
+            .transpose()?;
+        let v = T::VEC / 2;
+        let vec = vectorizable(v, &[ni], T::VEC, &[g0, b0])
+            && dav.as_ref().is_none_or(|(_, d0)| d0 % v == 0);
+        let bwd = dav.is_some();
+        let len = if bwd { m * two_i } else { m * ni };
+        // SAFETY: every element is written.
+        let mut out = unsafe { dev.alloc::<T>(len)? };
+        if m > 0 && ni > 0 {
+            let f = func::<T>(dev, if bwd { "swiglu_bwd" } else { "swiglu_fwd" }, vec)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (ni32, ne32) = (ni as u32, ne as u32);
+            b.arg(&gv);
+            match &dav {
+                Some((d, _)) => b.arg(d),
+                None => b.arg(&gv),
+            };
+            b.arg(&bv).arg(&rv).arg(&mut out).arg(&ni32).arg(&ne32);
+            b.arg(&limit).arg(&alpha);
+            let cfg = config(m, ni / if vec { v } else { 1 });
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, dev))
+    }
+    by_dtype!(gu.0.dtype(), run(gu, da, bias, re, (limit, alpha)))
+}
+
+/// `out[t] = Σ_s w[t, s] · (ys[pos[t, s]] + bias[expert[t, s]])`: `ys` `[m, h]`, `w` `[n, k]` → `[n, h]`.
+pub(super) fn combine(ys: Arg, w: Arg, held: &Held) -> Result<CudaStorage> {
+    fn run<T: Elem>(ys: Arg, w: Arg, held: &Held) -> Result<CudaStorage> {
+        let dev = ys.0.device();
+        let (m, h) = ys.1.shape().dims2()?;
+        let (n, k) = w.1.shape().dims2()?;
+        let ne = held.bias.1.shape().dims2()?.0;
+        let (yv, y0) = view::<T>(ys, "combine: ys")?;
+        let (wv, _) = view::<T>(w, "combine: weights")?;
+        let (bv, b0) = view::<T>(held.bias, "combine: bias")?;
+        let (pv, _) = view::<u32>(held.pos, "combine: pos")?;
+        let (ev, _) = view::<u32>(held.expert, "combine: expert")?;
+        let vec = vectorizable(T::VEC, &[h], T::VEC, &[y0, b0]);
+        // SAFETY: every row is written.
+        let mut out = unsafe { dev.alloc::<T>(n * h)? };
+        if n > 0 && h > 0 {
+            let f = func::<T>(dev, "combine", vec)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (m, h32, k, ne) = (m as u32, h as u32, k as u32, ne as u32);
+            b.arg(&yv).arg(&wv).arg(&pv).arg(&bv).arg(&ev).arg(&mut out);
+            b.arg(&m).arg(&h32).arg(&k).arg(&ne);
+            let cfg = config(n, h / if vec { T::VEC } else { 1 });
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, dev))
+    }
+    by_dtype!(ys.0.dtype(), run(ys, w, held))
+}
+
+/// `∂ys[pos[t, s]] = w[t, s] · ∂out[t]`: `dout` `[n, h]`, `w` `[n, k]` → `[n·k, h]`.
+pub(super) fn combine_bwd_rows(dout: Arg, w: Arg, held: &Held) -> Result<CudaStorage> {
+    fn run<T: Elem>(dout: Arg, w: Arg, held: &Held) -> Result<CudaStorage> {
+        let dev = dout.0.device();
+        let (n, h) = dout.1.shape().dims2()?;
+        let (_n, k) = w.1.shape().dims2()?;
+        let m = n * k;
+        let (dv, d0) = view::<T>(dout, "combine backward: grad")?;
+        let (wv, _) = view::<T>(w, "combine: weights")?;
+        let (pv, _) = view::<u32>(held.pos, "combine: pos")?;
+        let vec = vectorizable(T::VEC, &[h], T::VEC, &[d0]);
+        // Rows no slot points to keep their zero gradient.
+        let mut out = dev.alloc_zeros::<T>(m * h)?;
+        if n > 0 && h > 0 {
+            let f = func::<T>(dev, "combine_bwd_rows", vec)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (m, h32, k) = (m as u32, h as u32, k as u32);
+            b.arg(&dv)
+                .arg(&wv)
+                .arg(&pv)
+                .arg(&mut out)
+                .arg(&m)
+                .arg(&h32)
+                .arg(&k);
+            let cfg = config(n, h / if vec { T::VEC } else { 1 });
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, dev))
+    }
+    by_dtype!(dout.0.dtype(), run(dout, w, held))
+}
+
+/// `∂w[t, s] = ∂out[t] · (ys[pos[t, s]] + bias[expert[t, s]])`: `dout` `[n, h]`, `ys` `[m, h]` → `[n, k]`.
+pub(super) fn combine_bwd_weights(dout: Arg, ys: Arg, held: &Held) -> Result<CudaStorage> {
+    fn run<T: Elem>(dout: Arg, ys: Arg, held: &Held) -> Result<CudaStorage> {
+        let dev = dout.0.device();
+        let (n, h) = dout.1.shape().dims2()?;
+        let (m, _h) = ys.1.shape().dims2()?;
+        let (_n, k) = held.pos.1.shape().dims2()?;
+        let ne = held.bias.1.shape().dims2()?.0;
+        let (dv, d0) = view::<T>(dout, "combine backward: grad")?;
+        let (yv, y0) = view::<T>(ys, "combine: ys")?;
+        let (bv, b0) = view::<T>(held.bias, "combine: bias")?;
+        let (pv, _) = view::<u32>(held.pos, "combine: pos")?;
+        let (ev, _) = view::<u32>(held.expert, "combine: expert")?;
+        let vec = vectorizable(T::VEC, &[h], T::VEC, &[d0, y0, b0]);
+        // SAFETY: every (t, s) is written.
+        let mut out = unsafe { dev.alloc::<T>(n * k)? };
+        if n > 0 && k > 0 {
+            let f = func::<T>(dev, "combine_bwd_weights", vec)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (m, h32, k32, ne) = (m as u32, h as u32, k as u32, ne as u32);
+            b.arg(&dv).arg(&yv).arg(&pv).arg(&bv).arg(&ev).arg(&mut out);
+            b.arg(&m).arg(&h32).arg(&k32).arg(&ne);
+            let cfg = config(n, h / if vec { T::VEC } else { 1 });
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, dev))
+    }
+    by_dtype!(dout.0.dtype(), run(dout, ys, held))
+}

@@ -478,6 +478,23 @@ fn breakdown(model: &GptOssForCausalLM, seq: usize, l: usize) -> BoxResult<()> {
     Ok(())
 }
 
+/// With `GPTOSS_PROFILE=1`: the synchronized per-piece wall times (see `gptoss_model::profile`),
+/// per step.
+fn print_profile(steps: usize) {
+    let rows = gptoss_model::profile::report();
+    if rows.is_empty() {
+        return;
+    }
+    println!("profile (GPTOSS_PROFILE=1, device-synchronized, per step over {steps} steps):");
+    for (label, secs, calls) in rows {
+        println!(
+            "  {label:<20} {:>9.2} ms  {:>6} calls/step",
+            secs * 1e3 / steps as f64,
+            calls as usize / steps.max(1)
+        );
+    }
+}
+
 fn main() -> BoxResult<()> {
     let args = Args::parse();
     if args.check {
@@ -538,6 +555,7 @@ fn main() -> BoxResult<()> {
             if let Some(p) = &pool {
                 p.reset_high();
             }
+            gptoss_model::profile::reset();
             let mut times = Vec::new();
             let mut loss = f64::NAN;
             let mut failed = None;
@@ -579,6 +597,7 @@ fn main() -> BoxResult<()> {
                 resv as f64 / GIB,
                 loss
             );
+            print_profile(args.warmup + args.steps);
         }
     }
     if args.breakdown {

@@ -77,8 +77,17 @@ impl Attention {
             .reshape((b, t, nkv, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = apply_rotary(&q, &ctx.cos, &ctx.sin)?;
-        let k = apply_rotary(&k, &ctx.cos, &ctx.sin)?;
+        let (q, k) = if crate::fused_ops::enabled(&q) {
+            (
+                crate::fused_ops::rotary(&q, &ctx.cos, &ctx.sin)?,
+                crate::fused_ops::rotary(&k, &ctx.cos, &ctx.sin)?,
+            )
+        } else {
+            (
+                apply_rotary(&q, &ctx.cos, &ctx.sin)?,
+                apply_rotary(&k, &ctx.cos, &ctx.sin)?,
+            )
+        };
         let (k, v) = match cache {
             None => (k, v),
             Some(c) => {
@@ -102,12 +111,33 @@ impl Attention {
                 (k, v)
             }
         };
+        let scale = 1.0 / (d as f64).sqrt();
+        if crate::attn_core::enabled(&q) {
+            // CUDA: chunked core with a recomputing backward (no [B, nh, T, Tk] tensor kept).
+            let window = match self.layer_type {
+                LayerType::Sliding => ctx.window(),
+                LayerType::Full => None,
+            };
+            let out = crate::profile::scope("attn.core", q.device(), || {
+                crate::attn_core::sink_attention(
+                    &q.contiguous()?,
+                    &k.contiguous()?,
+                    &v,
+                    ctx.mask(self.layer_type),
+                    &self.sinks,
+                    scale,
+                    window,
+                )
+            })?;
+            return self
+                .o_proj
+                .forward(&out.transpose(1, 2)?.reshape((b, t, nh * d))?);
+        }
         let tk = k.dim(2)?;
         let g = nh / nkv;
         // GQA without repeating K/V: q-head h = kv·g + r uses kv-head kv.
         let qg = q.contiguous()?.reshape((b, nkv, g * t, d))?;
         let scores = qg.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, tk))?;
-        let scale = 1.0 / (d as f64).sqrt();
         if crate::sink_softmax::enabled(&scores) {
             // CUDA: one fused kernel (forward and backward) instead of the reference ops below.
             let probs = crate::sink_softmax::sink_softmax(

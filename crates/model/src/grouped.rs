@@ -103,7 +103,9 @@ impl CustomOp1 for Grouped {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let wt = self.w.transpose(1, 2)?;
-        Ok(Some(grouped_matmul(&grad.detach(), &wt, &self.spans)?))
+        crate::profile::scope("moe.grouped.bwd", grad.device(), || {
+            Ok(Some(grouped_matmul(&grad.detach(), &wt, &self.spans)?))
+        })
     }
 }
 

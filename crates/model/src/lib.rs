@@ -19,10 +19,12 @@
 //! Adapters (LoRA) hook in through [`LinearAdapter`] and [`ExpertAdapter`] (see `docs/model-api.md`).
 
 mod attention;
+mod attn_core;
 mod checkpoint;
 mod config;
 mod error;
 mod frozen;
+mod fused_ops;
 mod generate;
 mod grouped;
 pub mod hooks;
@@ -44,10 +46,12 @@ mod sink_softmax;
 mod spec;
 
 pub use attention::{Attention, LayerCache};
+pub use attn_core::{sink_attention, CHUNK_ELEMS};
 pub use checkpoint::{checkpoint_files, load, save, SaveOptions, INDEX_FILE, SINGLE_FILE};
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
 pub use error::{ModelError, Result};
 pub use frozen::frozen_matmul;
+pub use fused_ops::{rms_norm, rotary};
 pub use generate::{
     generate, harmony_stop_tokens, GenerationConfig, Generator, Sampler, HARMONY_CALL, HARMONY_END,
     HARMONY_RETURN,

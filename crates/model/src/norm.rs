@@ -24,6 +24,9 @@ impl RmsNorm {
 impl Module for RmsNorm {
     /// `x`: `[.., H]` any float dtype → same shape and dtype.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::fused_ops::enabled(x) && !self.weight.track_op() {
+            return crate::fused_ops::rms_norm(x, &self.weight, self.eps);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(candle_core::D::Minus1)?;

@@ -144,12 +144,21 @@ impl CustomOp3 for SinkSoftmax {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_dtype(res.dtype())?.contiguous()?;
-        let ds = res
-            .contiguous()?
-            .apply_op2_no_bwd(&g, &SinkSoftmaxBwd { scale: self.scale })?;
+        let ds = sink_softmax_grad(res, grad, self.scale as f64)?;
         Ok((Some(ds), None, None))
     }
+}
+
+/// The backward of [`sink_softmax`] as a plain function: probabilities `p` and their gradient `g`
+/// (`[.., Tk]`, same shape) → `∂s = scale · p ⊙ (g − Σ_j g·p)` in `p`'s dtype (not differentiable).
+pub(crate) fn sink_softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let g = g.to_dtype(p.dtype())?.contiguous()?;
+    p.contiguous()?.apply_op2_no_bwd(
+        &g,
+        &SinkSoftmaxBwd {
+            scale: scale as f32,
+        },
+    )
 }
 
 impl CustomOp2 for SinkSoftmaxBwd {

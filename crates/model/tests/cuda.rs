@@ -90,3 +90,175 @@ fn cuda_matches_transformers() {
         assert!(scalar(&gn) > 0.0);
     }
 }
+
+/// The chunked attention core (used on CUDA) against the reference ops on the CPU, f32, at the
+/// 20b head layout (64 query / 8 key-value heads, d 64) with several chunks and a sliding window.
+#[test]
+fn cuda_sink_attention_matches_cpu_reference() {
+    use candle_core::D;
+    let dev = Device::new_cuda(0).unwrap();
+    let cpu = Device::Cpu;
+    let (b, nh, nkv, t, d) = (1usize, 64usize, 8usize, 1100usize, 64usize);
+    for window in [None, Some(128usize)] {
+        let q = Tensor::randn(0f32, 1.0, (b, nh, t, d), &cpu).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, nkv, t, d), &cpu).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, nkv, t, d), &cpu).unwrap();
+        let sinks = Tensor::randn(0f32, 1.0, nh, &cpu).unwrap();
+        let go = Tensor::randn(0f32, 1.0, (b, nh, t, d), &cpu).unwrap();
+        let mut m = vec![0f32; t * t];
+        for i in 0..t {
+            for j in 0..t {
+                if j > i || window.is_some_and(|w| j + w <= i) {
+                    m[i * t + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (1, 1, t, t), &cpu).unwrap();
+        let scale = 0.125;
+        // CPU reference: full scores, softmax with the sink column through candle ops
+        let (qv, kv, vv) = (
+            Var::from_tensor(&q).unwrap(),
+            Var::from_tensor(&k).unwrap(),
+            Var::from_tensor(&v).unwrap(),
+        );
+        let g = nh / nkv;
+        let s = qv
+            .as_tensor()
+            .reshape((b, nkv, g * t, d))
+            .unwrap()
+            .matmul(&kv.as_tensor().t().unwrap())
+            .unwrap()
+            .reshape((b, nh, t, t))
+            .unwrap();
+        let s = (s * scale).unwrap().broadcast_add(&mask).unwrap();
+        let sk = sinks.reshape((1, nh, 1, 1)).unwrap();
+        let mx = s
+            .max_keepdim(D::Minus1)
+            .unwrap()
+            .broadcast_maximum(&sk)
+            .unwrap()
+            .detach();
+        let e = s.broadcast_sub(&mx).unwrap().exp().unwrap();
+        let es = sk.broadcast_sub(&mx).unwrap().exp().unwrap();
+        let p = e
+            .broadcast_div(&(e.sum_keepdim(D::Minus1).unwrap() + es).unwrap())
+            .unwrap();
+        let r = p
+            .reshape((b, nkv, g * t, t))
+            .unwrap()
+            .matmul(vv.as_tensor())
+            .unwrap()
+            .reshape((b, nh, t, d))
+            .unwrap();
+        let gr = (&r * &go).unwrap().sum_all().unwrap().backward().unwrap();
+        // CUDA chunked core
+        let to = |x: &Tensor| Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
+        let (qc, kc, vc) = (to(&q), to(&k), to(&v));
+        let a = gptoss_model::sink_attention(
+            qc.as_tensor(),
+            kc.as_tensor(),
+            vc.as_tensor(),
+            Some(&mask.to_device(&dev).unwrap()),
+            &sinks.to_device(&dev).unwrap(),
+            scale,
+            window,
+        )
+        .unwrap();
+        let d0 = max_abs(&a.to_device(&cpu).unwrap(), &r);
+        let ga = (&a * &go.to_device(&dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        println!("window {window:?}: cuda chunked attention max abs diff {d0}");
+        assert!(d0 <= 1e-4, "window {window:?}: output differs by {d0}");
+        for (name, xc, xr) in [("q", &qc, &qv), ("k", &kc, &kv), ("v", &vc, &vv)] {
+            let a = ga.get(xc.as_tensor()).unwrap().to_device(&cpu).unwrap();
+            let r = gr.get(xr.as_tensor()).unwrap();
+            let dd = max_abs(&a, r);
+            println!("window {window:?}: d{name} max abs diff {dd}");
+            assert!(dd <= 1e-3, "window {window:?}: d{name} differs by {dd}");
+        }
+    }
+}
+
+/// The fused RMSNorm and RoPE kernels against their CPU implementations (values and gradients),
+/// f32 and bf16, RoPE on the transposed view the attention feeds it.
+#[test]
+fn cuda_fused_norm_and_rotary_match_cpu() {
+    let dev = Device::new_cuda(0).unwrap();
+    let cpu = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        // RMSNorm [2, 300, 2880]
+        let x = Tensor::randn(0f32, 2.0, (2, 300, 2880), &cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let w = Tensor::randn(1f32, 0.2, 2880, &cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let g = Tensor::randn(0f32, 1.0, (2, 300, 2880), &cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |d: &Device| {
+            let xv = Var::from_tensor(&x.to_device(d).unwrap()).unwrap();
+            let y = gptoss_model::rms_norm(xv.as_tensor(), &w.to_device(d).unwrap(), 1e-5).unwrap();
+            let gs = (y.to_dtype(DType::F32).unwrap()
+                * g.to_device(d).unwrap().to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+            let dx = gs.get(xv.as_tensor()).unwrap().to_device(&cpu).unwrap();
+            (y.to_device(&cpu).unwrap(), dx)
+        };
+        let (yc, dc) = run(&cpu);
+        let (yg, dg) = run(&dev);
+        let (e1, e2) = (max_abs(&yg, &yc), max_abs(&dg, &dc));
+        println!("{dtype:?}: rms_norm cuda vs cpu: y {e1}, dx {e2}");
+        assert!(
+            e1 <= tol * 4.0 && e2 <= tol * 4.0,
+            "{dtype:?}: rms_norm differs: {e1} {e2}"
+        );
+        // RoPE on [B, T, nh, d] → view [B, nh, T, d]
+        let q = Tensor::randn(0f32, 1.0, (2, 300, 64, 64), &cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let ang = Tensor::randn(0f32, 3.0, (2, 1, 300, 32), &cpu).unwrap();
+        let (cos, sin) = (
+            ang.cos().unwrap().to_dtype(dtype).unwrap(),
+            ang.sin().unwrap().to_dtype(dtype).unwrap(),
+        );
+        let gq = Tensor::randn(0f32, 1.0, (2, 64, 300, 64), &cpu).unwrap();
+        let run = |d: &Device| {
+            let qv = Var::from_tensor(&q.to_device(d).unwrap()).unwrap();
+            let view = qv.as_tensor().transpose(1, 2).unwrap();
+            let y = gptoss_model::rotary(
+                &view,
+                &cos.to_device(d).unwrap(),
+                &sin.to_device(d).unwrap(),
+            )
+            .unwrap();
+            let gs = (y.to_dtype(DType::F32).unwrap() * gq.to_device(d).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dq = gs.get(qv.as_tensor()).unwrap().to_device(&cpu).unwrap();
+            (y.to_device(&cpu).unwrap(), dq)
+        };
+        let (yc, dc) = run(&cpu);
+        let (yg, dg) = run(&dev);
+        let (e1, e2) = (max_abs(&yg, &yc), max_abs(&dg, &dc));
+        println!("{dtype:?}: rotary cuda vs cpu: y {e1}, dq {e2}");
+        assert!(e1 == 0.0, "{dtype:?}: rotary forward differs by {e1}");
+        assert!(e2 <= tol, "{dtype:?}: rotary gradient differs by {e2}");
+    }
+}

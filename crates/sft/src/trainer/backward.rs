@@ -12,6 +12,7 @@
 use super::aux_loss::AuxLossPlan;
 use super::lm_loss::fused_lm_head_loss;
 use candle_core::{Result, Tensor, Var};
+use gptoss_model::profile::scope;
 
 /// The per-layer view of a causal LM that training needs (implemented for
 /// [`gptoss_model::GptOssForCausalLM`] in [`super::model_adapter`]).
@@ -225,8 +226,9 @@ fn checkpointed<M: LayeredCausalLm>(
     let mut inputs = Vec::with_capacity(n_layers + 1);
     inputs.push(model.embed(&batch.input_ids)?.detach());
     let mut router = Vec::with_capacity(n_layers);
+    let dev = batch.input_ids.device().clone();
     for i in 0..n_layers {
-        let (out, r) = model.layer(i, &inputs[i], &ctx)?;
+        let (out, r) = scope("layer.forward", &dev, || model.layer(i, &inputs[i], &ctx))?;
         inputs.push(out.detach());
         router.push(r.detach());
     }
@@ -243,11 +245,13 @@ fn checkpointed<M: LayeredCausalLm>(
     drop(router);
     // Head: gradient w.r.t. the last hidden state.
     let h_last = Var::from_tensor(&inputs[n_layers])?;
-    let (fused, surrogate) = head(model, h_last.as_tensor(), batch, opts)?;
+    let (fused, surrogate) = scope("head.loss", &dev, || {
+        head(model, h_last.as_tensor(), batch, opts)
+    })?;
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut grad_out = match surrogate {
         Some(s) => {
-            let g = s.backward()?;
+            let g = scope("head.backward", &dev, || s.backward())?;
             add_grads(&mut acc, collect(params, &g))?;
             g.get(h_last.as_tensor()).cloned()
         }
@@ -259,7 +263,9 @@ fn checkpointed<M: LayeredCausalLm>(
     for i in (0..n_layers).rev() {
         let Some(input) = inputs.pop() else { break };
         let x = Var::from_tensor(&input)?;
-        let (out, r) = model.layer(i, x.as_tensor(), &ctx)?;
+        let (out, r) = scope("layer.recompute", &dev, || {
+            model.layer(i, x.as_tensor(), &ctx)
+        })?;
         let mut s = match &grad_out {
             Some(g) => Some((&out * g)?.sum_all()?),
             None => None,
@@ -272,7 +278,7 @@ fn checkpointed<M: LayeredCausalLm>(
             });
         }
         let Some(s) = s else { continue };
-        let g = s.backward()?;
+        let g = scope("layer.backward", &dev, || s.backward())?;
         add_grads(&mut acc, collect(params, &g))?;
         grad_out = g.get(x.as_tensor()).cloned();
     }

@@ -1,0 +1,603 @@
+//! Fused elementwise ops of the decoder layer for the CUDA path: RMSNorm and the half-split RoPE
+//! rotation, each one kernel forward and one backward instead of 8–12 candle ops (and their
+//! autograd nodes) over `[T, H]` / `[B, heads, T, d]` tensors.
+//!
+//! Both reproduce the reference ops bit for bit in the forward: RMSNorm in f32
+//! (`w · (x · 1/√(mean(x²) + eps))`, then cast), RoPE with the rounding of every bf16 operation
+//! (`x1·cos − x2·sin` rounds the two products and the difference, as candle and torch do). The
+//! backward runs in f32 and rounds once. Norm weights and the cos/sin tables are frozen (no
+//! gradient). The CPU implementations are the references the kernels are tested against; the
+//! model uses these ops on CUDA only (see [`enabled`]).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use half::bf16;
+
+/// Whether the fused ops replace the reference ops for tensors on this device (CUDA, unless
+/// `GPTOSS_NO_FUSED_ELEMENTWISE` is set).
+pub(crate) fn enabled(t: &Tensor) -> bool {
+    t.device().is_cuda() && std::env::var_os("GPTOSS_NO_FUSED_ELEMENTWISE").is_none()
+}
+
+fn f32s(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f32>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input not contiguous")))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].to_vec(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        _ => candle_core::bail!("{what}: unsupported dtype {:?}", s.dtype()),
+    })
+}
+
+fn storage(v: Vec<f32>, dtype: DType, what: &str) -> candle_core::Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        d => candle_core::bail!("{what}: unsupported dtype {d:?}"),
+    })
+}
+
+/// Rounds to the storage precision of `dtype` (bf16: round to nearest even; f32: as is).
+fn round(v: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => bf16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// `x` `[.., H]` (f32/bf16), `weight` `[H]` (any float dtype, frozen), `eps` → same shape and dtype
+/// as `x`: `(w · (x_f32 · 1/√(mean(x_f32²) + eps))).to(x.dtype)`. Differentiable in `x`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let w = weight.to_dtype(DType::F32)?.contiguous()?;
+    let x = x.contiguous()?;
+    let op = RmsNormOp { w, eps: eps as f32 };
+    if x.track_op() {
+        x.apply_op1(op)
+    } else {
+        x.apply_op1_no_bwd(&op)
+    }
+}
+
+struct RmsNormOp {
+    w: Tensor,
+    eps: f32,
+}
+
+struct RmsNormBwd {
+    w: Tensor,
+    eps: f32,
+}
+
+fn weight_f32(w: &Tensor) -> candle_core::Result<Vec<f32>> {
+    w.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "rms_norm")?;
+        let w = weight_f32(&self.w)?;
+        let h = w.len().max(1);
+        let mut y = vec![0f32; x.len()];
+        for (yr, xr) in y.chunks_mut(h).zip(x.chunks(h)) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum();
+            let inv = 1.0 / (ss / h as f32 + self.eps).sqrt();
+            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(&w) {
+                *o = wv * (xv * inv);
+            }
+        }
+        Ok((storage(y, s.dtype(), "rms_norm")?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::rms_fwd(s, l, &self.w, self.eps)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.to_dtype(x.dtype())?.contiguous()?;
+        let op = RmsNormBwd {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&g, &op)?))
+    }
+}
+
+impl CustomOp2 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd"
+    }
+
+    /// `dx = r·w·g − (r³/H)·x·Σ(w·g·x)` with `r = 1/√(mean(x²) + eps)`.
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32s(xs, xl, "rms_norm backward")?;
+        let g = f32s(gs, gl, "rms_norm backward")?;
+        let w = weight_f32(&self.w)?;
+        let h = w.len().max(1);
+        let mut dx = vec![0f32; x.len()];
+        for ((dr, xr), gr) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum();
+            let r = 1.0 / (ss / h as f32 + self.eps).sqrt();
+            let dot: f32 = xr.iter().zip(gr).zip(&w).map(|((x, g), w)| w * g * x).sum();
+            let c = r * r * r / h as f32 * dot;
+            for (((o, xv), gv), wv) in dr.iter_mut().zip(xr).zip(gr).zip(&w) {
+                *o = r * wv * gv - c * xv;
+            }
+        }
+        Ok((
+            storage(dx, xs.dtype(), "rms_norm backward")?,
+            xl.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            cuda::rms_bwd(xs, xl, gs, gl, &self.w, self.eps)?,
+            xl.shape().clone(),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------- RoPE
+
+/// Half-split rotation of `x` `[B, heads, T, d]` (f32/bf16, any strides with a unit last stride,
+/// e.g. the transposed view of a `[B, T, heads, d]` projection) with `cos`/`sin` `[B or 1, 1, T,
+/// d/2]` (x's dtype, frozen) → contiguous `[B, heads, T, d]`: `cat(x1·cos − x2·sin, x2·cos +
+/// x1·sin)` with the rounding of the reference ([`crate::apply_rotary`]). Differentiable in `x`.
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, t, d) = x.dims4()?;
+    let (cb, one, ct, half) = cos.dims4()?;
+    if one != 1 || ct != t || 2 * half != d || sin.dims() != cos.dims() || x.stride()[3] != 1 {
+        candle_core::bail!(
+            "rotary: x {:?} (strides {:?}) does not fit cos/sin {:?}",
+            x.dims(),
+            x.stride(),
+            cos.dims()
+        );
+    }
+    let op = RotaryOp {
+        cos: cos.to_dtype(x.dtype())?.contiguous()?,
+        sin: sin.to_dtype(x.dtype())?.contiguous()?,
+        cos_batch: cb,
+        inverse: false,
+    };
+    if x.track_op() {
+        x.apply_op1(op)
+    } else {
+        x.apply_op1_no_bwd(&op)
+    }
+}
+
+struct RotaryOp {
+    cos: Tensor,
+    sin: Tensor,
+    cos_batch: usize,
+    /// The backward: rotate by −θ (`dx1 = g1·cos + g2·sin`, `dx2 = g2·cos − g1·sin`), rounded once.
+    inverse: bool,
+}
+
+impl CustomOp1 for RotaryOp {
+    fn name(&self) -> &'static str {
+        "rotary"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, nh, t, d) = l.shape().dims4()?;
+        let half = d / 2;
+        let st = l.stride();
+        let x: Vec<f32> = match s {
+            CpuStorage::F32(v) => v.clone(),
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            _ => candle_core::bail!("rotary: unsupported dtype {:?}", s.dtype()),
+        };
+        let cos = self
+            .cos
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let sin = self
+            .sin
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let dt = s.dtype();
+        let mut out = vec![0f32; b * nh * t * d];
+        for bi in 0..b {
+            for h in 0..nh {
+                for ti in 0..t {
+                    let src = l.start_offset() + bi * st[0] + h * st[1] + ti * st[2];
+                    let dst = ((bi * nh + h) * t + ti) * d;
+                    let cb = if self.cos_batch > 1 { bi } else { 0 };
+                    for i in 0..half {
+                        let (c, s_) =
+                            (cos[(cb * t + ti) * half + i], sin[(cb * t + ti) * half + i]);
+                        let (x1, x2) = (x[src + i], x[src + half + i]);
+                        let (a, bb) = if self.inverse {
+                            (x1 * c + x2 * s_, x2 * c - x1 * s_)
+                        } else {
+                            (
+                                round(round(x1 * c, dt) - round(x2 * s_, dt), dt),
+                                round(round(x2 * c, dt) + round(x1 * s_, dt), dt),
+                            )
+                        };
+                        out[dst + i] = a;
+                        out[dst + half + i] = bb;
+                    }
+                }
+            }
+        }
+        Ok((storage(out, dt, "rotary")?, Shape::from((b, nh, t, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let shape = Shape::from(l.shape().dims4()?);
+        Ok((
+            cuda::rotary(s, l, &self.cos, &self.sin, self.cos_batch, self.inverse)?,
+            shape,
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = RotaryOp {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            cos_batch: self.cos_batch,
+            inverse: true,
+        };
+        Ok(Some(g.to_dtype(x.dtype())?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
+    use half::bf16;
+
+    use crate::nvrtc::{contiguous_range, Kernels};
+
+    const SRC: &str = r#"
+template <typename T>
+__device__ void rms_fwd(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y, int h, float eps) {
+    __shared__ float sh[32];
+    const u64 o = (u64)blockIdx.x * h;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) { float v = ld(x, o + j); ss += v * v; }
+    ss = block_red(ss, false, sh);
+    const float inv = 1.f / sqrtf(ss / (float)h + eps);
+    for (int j = threadIdx.x; j < h; j += blockDim.x) st(y, o + j, w[j] * (ld(x, o + j) * inv));
+}
+
+template <typename T>
+__device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ w,
+                        T* __restrict__ dx, int h, float eps) {
+    __shared__ float sh[32];
+    const u64 o = (u64)blockIdx.x * h;
+    float ss = 0.f, dot = 0.f;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+        float v = ld(x, o + j);
+        ss += v * v;
+        dot += w[j] * ld(g, o + j) * v;
+    }
+    ss = block_red(ss, false, sh);
+    dot = block_red(dot, false, sh);
+    const float r = 1.f / sqrtf(ss / (float)h + eps);
+    const float c = r * r * r / (float)h * dot;
+    for (int j = threadIdx.x; j < h; j += blockDim.x)
+        st(dx, o + j, r * w[j] * ld(g, o + j) - c * ld(x, o + j));
+}
+
+__device__ __forceinline__ float rnd(float v, bool b16) { return b16 ? bf16_round(v) : v; }
+
+// x: [B, nh, T, d] with strides (sb, sh, st, 1); out contiguous; cos/sin [cb, 1, T, d/2].
+template <typename T>
+__device__ void rotary(const T* __restrict__ x, const T* __restrict__ cs, const T* __restrict__ sn,
+                       T* __restrict__ out, int nh, int t, int half, int cb,
+                       u64 sb, u64 shh, u64 stt, int inverse, bool b16) {
+    const u64 row = blockIdx.x;           // (b*nh + h)*T + ti
+    const int ti = (int)(row % t);
+    const u64 bh = row / t;
+    const int h = (int)(bh % nh);
+    const int b = (int)(bh / nh);
+    const u64 src = (u64)b * sb + (u64)h * shh + (u64)ti * stt;
+    const u64 dst = row * (u64)(2 * half);
+    const u64 co = ((u64)(cb > 1 ? b : 0) * t + ti) * half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float c = ld(cs, co + i), s = ld(sn, co + i);
+        const float x1 = ld(x, src + i), x2 = ld(x, src + half + i);
+        float a, bb;
+        if (inverse) { a = x1 * c + x2 * s; bb = x2 * c - x1 * s; }
+        else {
+            a = rnd(rnd(x1 * c, b16) - rnd(x2 * s, b16), b16);
+            bb = rnd(rnd(x2 * c, b16) + rnd(x1 * s, b16), b16);
+        }
+        st(out, dst + i, a);
+        st(out, dst + half + i, bb);
+    }
+}
+
+extern "C" __global__ void rms_fwd_f32(const float* x, const float* w, float* y, int h, float eps) { rms_fwd<float>(x, w, y, h, eps); }
+extern "C" __global__ void rms_fwd_bf16(const u16* x, const float* w, u16* y, int h, float eps) { rms_fwd<u16>(x, w, y, h, eps); }
+extern "C" __global__ void rms_bwd_f32(const float* x, const float* g, const float* w, float* dx, int h, float eps) { rms_bwd<float>(x, g, w, dx, h, eps); }
+extern "C" __global__ void rms_bwd_bf16(const u16* x, const u16* g, const float* w, u16* dx, int h, float eps) { rms_bwd<u16>(x, g, w, dx, h, eps); }
+extern "C" __global__ void rotary_f32(const float* x, const float* c, const float* s, float* o, int nh, int t, int half, int cb,
+    u64 sb, u64 sh, u64 st, int inv) { rotary<float>(x, c, s, o, nh, t, half, cb, sb, sh, st, inv, false); }
+extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s, u16* o, int nh, int t, int half, int cb,
+    u64 sb, u64 sh, u64 st, int inv) { rotary<u16>(x, c, s, o, nh, t, half, cb, sb, sh, st, inv, true); }
+"#;
+
+    static KERNELS: Kernels = Kernels::new("gptoss_fused_ops", SRC);
+
+    fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub(super) fn rms_fwd(
+        s: &CudaStorage,
+        l: &Layout,
+        w: &Tensor,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let (a, b) = contiguous_range(l, "rms_norm")?;
+        let h = w.elem_count();
+        let rows = (b - a) / h.max(1);
+        let dev = s.device().clone();
+        let (ws, wl) = w.storage_and_layout();
+        let Storage::Cuda(wc) = &*ws else {
+            candle_core::bail!("rms_norm: weight not on CUDA")
+        };
+        let (w0, w1) = contiguous_range(wl, "rms_norm weight")?;
+        let wv = wc.as_cuda_slice::<f32>()?.slice(w0..w1);
+        let h_i = h as i32;
+        macro_rules! run {
+            ($t:ty, $name:literal) => {{
+                let func = KERNELS.func(&dev, $name)?;
+                let stream = dev.cuda_stream();
+                let xv = s.as_cuda_slice::<$t>()?.slice(a..b);
+                // SAFETY: the kernel writes every element.
+                let mut out = unsafe { dev.alloc::<$t>(rows * h)? };
+                if rows > 0 {
+                    let mut bld = stream.launch_builder(&func);
+                    bld.arg(&xv);
+                    bld.arg(&wv);
+                    bld.arg(&mut out);
+                    bld.arg(&h_i);
+                    bld.arg(&eps);
+                    unsafe { bld.launch(rows_cfg(rows, 256)) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match s.dtype() {
+            DType::F32 => run!(f32, "rms_fwd_f32"),
+            DType::BF16 => run!(bf16, "rms_fwd_bf16"),
+            d => candle_core::bail!("rms_norm: unsupported dtype {d:?}"),
+        })
+    }
+
+    pub(super) fn rms_bwd(
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        w: &Tensor,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let (a, b) = contiguous_range(xl, "rms_norm backward")?;
+        let (ga, gb) = contiguous_range(gl, "rms_norm backward")?;
+        let h = w.elem_count();
+        let rows = (b - a) / h.max(1);
+        let dev = xs.device().clone();
+        let (ws, wl) = w.storage_and_layout();
+        let Storage::Cuda(wc) = &*ws else {
+            candle_core::bail!("rms_norm: weight not on CUDA")
+        };
+        let (w0, w1) = contiguous_range(wl, "rms_norm weight")?;
+        let wv = wc.as_cuda_slice::<f32>()?.slice(w0..w1);
+        let h_i = h as i32;
+        macro_rules! run {
+            ($t:ty, $name:literal) => {{
+                let func = KERNELS.func(&dev, $name)?;
+                let stream = dev.cuda_stream();
+                let xv = xs.as_cuda_slice::<$t>()?.slice(a..b);
+                let gv = gs.as_cuda_slice::<$t>()?.slice(ga..gb);
+                // SAFETY: the kernel writes every element.
+                let mut out = unsafe { dev.alloc::<$t>(rows * h)? };
+                if rows > 0 {
+                    let mut bld = stream.launch_builder(&func);
+                    bld.arg(&xv);
+                    bld.arg(&gv);
+                    bld.arg(&wv);
+                    bld.arg(&mut out);
+                    bld.arg(&h_i);
+                    bld.arg(&eps);
+                    unsafe { bld.launch(rows_cfg(rows, 256)) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match xs.dtype() {
+            DType::F32 => run!(f32, "rms_bwd_f32"),
+            DType::BF16 => run!(bf16, "rms_bwd_bf16"),
+            d => candle_core::bail!("rms_norm: unsupported dtype {d:?}"),
+        })
+    }
+
+    pub(super) fn rotary(
+        s: &CudaStorage,
+        l: &Layout,
+        cos: &Tensor,
+        sin: &Tensor,
+        cos_batch: usize,
+        inverse: bool,
+    ) -> Result<CudaStorage> {
+        let (bsz, nh, t, d) = l.shape().dims4()?;
+        let st = l.stride();
+        if st[3] != 1 {
+            candle_core::bail!("rotary: the last dimension must have stride 1, got {st:?}");
+        }
+        let rows = bsz * nh * t;
+        let half = d / 2;
+        let dev = s.device().clone();
+        let (cs, cl) = cos.storage_and_layout();
+        let (ss, sl) = sin.storage_and_layout();
+        let (Storage::Cuda(cc), Storage::Cuda(sc)) = (&*cs, &*ss) else {
+            candle_core::bail!("rotary: cos/sin not on CUDA")
+        };
+        let (c0, c1) = contiguous_range(cl, "rotary cos")?;
+        let (s0, s1) = contiguous_range(sl, "rotary sin")?;
+        // The view may start anywhere in its storage: pass the slice from its start offset on.
+        let start = l.start_offset();
+        let (nh_i, t_i, half_i, cb_i, inv_i) = (
+            nh as i32,
+            t as i32,
+            half as i32,
+            cos_batch as i32,
+            i32::from(inverse),
+        );
+        let (sb, sh, stt) = (st[0] as u64, st[1] as u64, st[2] as u64);
+        macro_rules! run {
+            ($t:ty, $name:literal) => {{
+                let func = KERNELS.func(&dev, $name)?;
+                let stream = dev.cuda_stream();
+                let full = s.as_cuda_slice::<$t>()?;
+                let xv = full.slice(start..);
+                let cv = cc.as_cuda_slice::<$t>()?.slice(c0..c1);
+                let sv = sc.as_cuda_slice::<$t>()?.slice(s0..s1);
+                // SAFETY: the kernel writes every element.
+                let mut out = unsafe { dev.alloc::<$t>(rows * d)? };
+                if rows > 0 {
+                    let mut bld = stream.launch_builder(&func);
+                    bld.arg(&xv);
+                    bld.arg(&cv);
+                    bld.arg(&sv);
+                    bld.arg(&mut out);
+                    bld.arg(&nh_i);
+                    bld.arg(&t_i);
+                    bld.arg(&half_i);
+                    bld.arg(&cb_i);
+                    bld.arg(&sb);
+                    bld.arg(&sh);
+                    bld.arg(&stt);
+                    bld.arg(&inv_i);
+                    let threads = (half as u32).next_power_of_two().clamp(32, 256);
+                    unsafe { bld.launch(rows_cfg(rows, threads)) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match s.dtype() {
+            DType::F32 => run!(f32, "rotary_f32"),
+            DType::BF16 => run!(bf16, "rotary_bf16"),
+            d => candle_core::bail!("rotary: unsupported dtype {d:?}"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32)
+            .and_then(|a| a - b.to_dtype(DType::F32)?))
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .unwrap_or(f32::INFINITY)
+    }
+
+    #[test]
+    fn rms_norm_matches_reference_values_and_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 5, 96), &dev)?)?;
+        let w = Tensor::randn(1f32, 0.3, 96, &dev)?;
+        let g = Tensor::randn(0f32, 1.0, (2, 5, 96), &dev)?;
+        let r = crate::RmsNorm::new(w.clone(), 1e-5).forward(x.as_tensor())?;
+        let a = rms_norm(x.as_tensor(), &w, 1e-5)?;
+        assert!(max_diff(&a, &r) < 1e-6, "forward {}", max_diff(&a, &r));
+        let gr = (&r * &g)?.sum_all()?.backward()?;
+        let ga = (&a * &g)?.sum_all()?.backward()?;
+        let (Some(p), Some(q)) = (ga.get(x.as_tensor()), gr.get(x.as_tensor())) else {
+            panic!("missing gradient")
+        };
+        assert!(max_diff(p, q) < 1e-5, "gradient {}", max_diff(p, q));
+        // bf16: the same bits as the reference ops
+        let xb = x.as_tensor().to_dtype(DType::BF16)?;
+        let rb = crate::RmsNorm::new(w.to_dtype(DType::BF16)?, 1e-5).forward(&xb)?;
+        let ab = rms_norm(&xb, &w.to_dtype(DType::BF16)?, 1e-5)?;
+        assert!(
+            max_diff(&ab, &rb) <= 1e-2,
+            "bf16 forward {}",
+            max_diff(&ab, &rb)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rotary_matches_reference_values_and_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, nh, d) = (2, 6, 3, 8);
+        // the transposed view of a [B, T, nh, d] projection, as in attention
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, nh, d), &dev)?)?;
+        let xv = x.as_tensor().transpose(1, 2)?;
+        let ang = Tensor::randn(0f32, 2.0, (b, 1, t, d / 2), &dev)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let g = Tensor::randn(0f32, 1.0, (b, nh, t, d), &dev)?;
+        let r = crate::apply_rotary(&xv, &cos, &sin)?;
+        let a = rotary(&xv, &cos, &sin)?;
+        assert!(max_diff(&a, &r) < 1e-6, "forward {}", max_diff(&a, &r));
+        let gr = (&r * &g)?.sum_all()?.backward()?;
+        let ga = (&a * &g)?.sum_all()?.backward()?;
+        let (Some(p), Some(q)) = (ga.get(x.as_tensor()), gr.get(x.as_tensor())) else {
+            panic!("missing gradient")
+        };
+        assert!(max_diff(p, q) < 1e-5, "gradient {}", max_diff(p, q));
+        // bf16 forward: bit-identical to the reference ops (rounding of every operation)
+        let (xb, cb, sb) = (
+            xv.to_dtype(DType::BF16)?,
+            cos.to_dtype(DType::BF16)?,
+            sin.to_dtype(DType::BF16)?,
+        );
+        let d0 = max_diff(
+            &rotary(&xb, &cb, &sb)?,
+            &crate::apply_rotary(&xb, &cb, &sb)?,
+        );
+        assert!(d0 == 0.0, "bf16 forward differs by {d0}");
+        Ok(())
+    }
+}

@@ -77,51 +77,110 @@ __device__ Acc block_merge(Acc a, Acc* sh) {
     return sh[32];
 }
 
+// 16-byte vectors: 4 f32 or 8 bf16 (low half first, little-endian).
+__device__ __forceinline__ void unpack(uint4 u, float* f, const float*) {
+    f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+__device__ __forceinline__ void unpack(uint4 u, float* f, const u16*) {
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = __uint_as_float(w[k] << 16);
+        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ uint4 pack(const float* f, const float*) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+__device__ __forceinline__ uint4 pack(const float* f, const u16*) {
+    u32 w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+        w[k] = (__float_as_uint(bf16_round(f[2 * k])) >> 16) | (__float_as_uint(bf16_round(f[2 * k + 1])) & 0xffff0000u);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Online update of one thread's (max, first argmax, Σe, Σe·z) with element x at index j; a
+// thread sees its indices in increasing order, so a strict `>` keeps the first maximum.
+__device__ __forceinline__ void acc(float x, int j, float& m, int& idx, float& s, float& d) {
+    const float ninf = __int_as_float(0xff800000);
+    if (x > m) {
+        if (s != 0.f) {
+            const float z = m - x;
+            const float f = expf(z);
+            d = f * (d + z * s);
+            s = f * s;
+        }
+        m = x;
+        idx = j;
+        s += 1.f;
+    } else if (x != ninf) {
+        const float z = x - m;
+        const float e = expf(z);
+        s += e;
+        // e · z → 0 when e underflows (as the CPU path).
+        d += e > 0.f ? e * z : 0.f;
+    }
+}
+
 // logits: [rows, v], overwritten with scale · (softmax − onehot(target)); stats: [rows, 3] =
-// (nll, entropy, argmax == target).
+// (nll, entropy, argmax == target). Each row: a scalar head up to 16-byte alignment, 16-byte
+// vectors (two in flight per thread), a scalar tail.
 template <typename T>
 __device__ void rows(T* __restrict__ x, const u32* __restrict__ tg, float* __restrict__ stats,
                      int v, double scale) {
+    constexpr int VEC = 16 / sizeof(T);
     __shared__ Acc sh[33];
-    const u64 o = (u64)blockIdx.x * (u64)v;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    T* row = x + (u64)blockIdx.x * (u64)v;
     const int t = (int)tg[blockIdx.x];
-    const float ninf = __int_as_float(0xff800000);
     // Read before any thread of the block overwrites the row.
-    const float xt = threadIdx.x == 0 ? ld(x, o + t) : 0.f;
-    float m = ninf, s = 0.f, d = 0.f;
+    const float xt = tid == 0 ? ld(row, t) : 0.f;
+    const int head = min(v, (int)(((16u - (u32)((u64)row & 15u)) & 15u) / sizeof(T)));
+    const int nvec = (v - head) / VEC;
+    const int tail = head + nvec * VEC;
+    uint4* vp = (uint4*)(row + head);
+
+    float m = __int_as_float(0xff800000), s = 0.f, d = 0.f;
     int idx = 0x7fffffff;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float xv = ld(x, o + j);
-        if (xv > m) {
-            if (s != 0.f) {
-                const float z = m - xv;
-                const float f = expf(z);
-                d = f * (d + z * s);
-                s = f * s;
-            }
-            m = xv;
-            idx = j;
-            s += 1.f;
-        } else if (xv != ninf) {
-            const float z = xv - m;
-            const float e = expf(z);
-            s += e;
-            // e · z → 0 when e underflows (as the CPU path).
-            d += e > 0.f ? e * z : 0.f;
-        }
+    for (int j = tid; j < head; j += bd) acc(ld(row, j), j, m, idx, s, d);
+    int q = tid;
+    for (; q + bd < nvec; q += 2 * bd) {
+        const uint4 u0 = vp[q], u1 = vp[q + bd];
+        float f[VEC];
+        unpack(u0, f, row);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc(f[k], head + q * VEC + k, m, idx, s, d);
+        unpack(u1, f, row);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc(f[k], head + (q + bd) * VEC + k, m, idx, s, d);
     }
+    if (q < nvec) {
+        float f[VEC];
+        unpack(vp[q], f, row);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc(f[k], head + q * VEC + k, m, idx, s, d);
+    }
+    for (int j = tail + tid; j < v; j += bd) acc(ld(row, j), j, m, idx, s, d);
+
     Acc a;
     a.m = m; a.i = idx; a.s = (double)s; a.d = (double)d;
     a = block_merge(a, sh);
     const float mx = a.m;
-    const float k = (float)(scale / a.s);
+    const float kf = (float)(scale / a.s);
     const float sc = (float)scale;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        float g = expf(ld(x, o + j) - mx) * k;
-        if (j == t) g -= sc;
-        st(x, o + j, g);
+    for (int j = tid; j < head; j += bd) st(row, j, expf(ld(row, j) - mx) * kf - (j == t ? sc : 0.f));
+    for (int q = tid; q < nvec; q += bd) {
+        float f[VEC];
+        unpack(vp[q], f, row);
+        const int j0 = head + q * VEC;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) f[k] = expf(f[k] - mx) * kf - (j0 + k == t ? sc : 0.f);
+        vp[q] = pack(f, row);
     }
-    if (threadIdx.x == 0) {
+    for (int j = tail + tid; j < v; j += bd) st(row, j, expf(ld(row, j) - mx) * kf - (j == t ? sc : 0.f));
+    if (tid == 0) {
         const double ls = log(a.s);
         const int arg = a.i == 0x7fffffff ? 0 : a.i;
         stats[3 * (u64)blockIdx.x + 0] = (float)(ls - (double)(xt - mx));
@@ -130,9 +189,9 @@ __device__ void rows(T* __restrict__ x, const u32* __restrict__ tg, float* __res
     }
 }
 
-extern "C" __global__ void lm_loss_rows_f32(float* x, const u32* t, float* s, int v, double scale) {
+extern "C" __global__ void __launch_bounds__(1024) lm_loss_rows_f32(float* x, const u32* t, float* s, int v, double scale) {
     rows<float>(x, t, s, v, scale); }
-extern "C" __global__ void lm_loss_rows_bf16(u16* x, const u32* t, float* s, int v, double scale) {
+extern "C" __global__ void __launch_bounds__(1024) lm_loss_rows_bf16(u16* x, const u32* t, float* s, int v, double scale) {
     rows<u16>(x, t, s, v, scale); }
 "#;
 

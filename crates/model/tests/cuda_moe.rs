@@ -1,7 +1,8 @@
 //! The fused MoE ops (`gptoss_model::moe_kernels`) on a CUDA device against their CPU reference
 //! implementation, on the same inputs: values and gradients, f32 and bf16, small odd shapes (the
 //! one-element kernels), a misaligned input (likewise) and gpt-oss-20b sizes (the 16-byte kernels).
-//! Feature `cuda`; needs a GPU. `--ignored` also prints kernel timings.
+//! Feature `cuda`; needs a GPU. `--ignored` also prints kernel timings (backward ones with
+//! `GPTOSS_PROFILE=1`).
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -264,15 +265,18 @@ fn timings() -> Result<()> {
         dev.synchronize()?;
         Ok(t0.elapsed().as_secs_f64() / reps as f64 * 1e6)
     };
-    // The backward is timed as (forward + sum + backward) − (forward + sum).
+    // The backward kernels are timed by their profile scopes (`moe.*.bwd`, with GPTOSS_PROFILE=1);
+    // the upstream gradient is a contiguous tensor, as in training.
     let time = |name: &str, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
         let fwd = per_call(&|| f().map(|_| ()))?;
-        let summed = per_call(&|| f()?.sum_all().map(|_| ()))?;
-        let all = per_call(&|| f()?.sum_all()?.backward().map(|_| ()))?;
-        println!(
-            "{name}: forward {fwd:.1} us, backward {:.1} us (forward+sum {summed:.1} us, +backward {all:.1} us)",
-            all - summed
-        );
+        let g = f()?.ones_like()?;
+        gptoss_model::profile::reset();
+        per_call(&|| (f()? * &g)?.sum_all()?.backward().map(|_| ()))?;
+        let bwd: Vec<String> = gptoss_model::profile::report()
+            .into_iter()
+            .map(|(label, secs, calls)| format!("{label} {:.1} us", secs / calls as f64 * 1e6))
+            .collect();
+        println!("{name}: forward {fwd:.1} us, backward: {}", bwd.join(", "));
         Ok(())
     };
     time("gather_rows [2048,2880] -> [8192,2880]", &|| {

@@ -74,23 +74,8 @@ __device__ __forceinline__ void stv(T* __restrict__ p, u64 i, const float* v) {
     }
 }
 
-// out[m] = x[tok[m]] (zero for an out-of-range token).
-template <typename T, int V, bool VEC>
-__device__ void gather_rows(const T* __restrict__ x, const u32* __restrict__ tok, T* __restrict__ out,
-                            u32 n, u32 h) {
-    const u64 m = blockIdx.x;
-    const u32 t = tok[m];
-    for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
-        float v[V];
-        if (t < n) {
-            ldv<T, V, VEC>(x, (u64)t * h + j, v);
-        } else {
-#pragma unroll
-            for (int q = 0; q < V; ++q) v[q] = 0.f;
-        }
-        stv<T, V, VEC>(out, m * h + j, v);
-    }
-}
+// Slots of sum_rows / combine_bwd_weights are processed KMAX at a time (row loads issued together).
+#define KMAX 4
 
 // out[t] = sum_s g[pos[t, s]] (f32, slots in order).
 template <typename T, int V, bool VEC>
@@ -101,14 +86,22 @@ __device__ void sum_rows(const T* __restrict__ g, const u32* __restrict__ pos, T
         float acc[V];
 #pragma unroll
         for (int q = 0; q < V; ++q) acc[q] = 0.f;
-        for (u32 s = 0; s < k; ++s) {
-            const u32 r = pos[t * k + s];
-            if (r < m) {
-                float v[V];
-                ldv<T, V, VEC>(g, (u64)r * h + j, v);
+        for (u32 s0 = 0; s0 < k; s0 += KMAX) {
+            float v[KMAX][V];
 #pragma unroll
-                for (int q = 0; q < V; ++q) acc[q] += v[q];
+            for (int s = 0; s < KMAX; ++s) {
+                const u32 r = s0 + s < k ? pos[t * k + s0 + s] : m;
+                if (r < m) {
+                    ldv<T, V, VEC>(g, (u64)r * h + j, v[s]);
+                } else {
+#pragma unroll
+                    for (int q = 0; q < V; ++q) v[s][q] = 0.f;
+                }
             }
+#pragma unroll
+            for (int s = 0; s < KMAX; ++s)
+#pragma unroll
+                for (int q = 0; q < V; ++q) acc[q] += v[s][q];
         }
         stv<T, V, VEC>(out, t * h + j, acc);
     }
@@ -168,24 +161,45 @@ __device__ void combine_bwd_weights(const T* __restrict__ dout, const T* __restr
                                     const u32* __restrict__ pos, const T* __restrict__ bias,
                                     const u32* __restrict__ ex, T* __restrict__ dw,
                                     u32 m, u32 h, u32 k, u32 ne) {
-    __shared__ float sh[32];
+    __shared__ float sh[KMAX][32];
     const u64 t = blockIdx.x;
-    for (u32 s = 0; s < k; ++s) {
-        const u64 i = t * k + s;
-        const u32 r = pos[i], e = ex[i];
-        float part = 0.f;
-        if (r < m && e < ne) {
-            for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
-                float d[V], y[V], b[V];
-                ldv<T, V, VEC>(dout, t * h + j, d);
-                ldv<T, V, VEC>(ys, (u64)r * h + j, y);
-                ldv<T, V, VEC>(bias, (u64)e * h + j, b);
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (u32 s0 = 0; s0 < k; s0 += KMAX) {
+        u32 r[KMAX], e[KMAX];
+        float part[KMAX];
 #pragma unroll
-                for (int q = 0; q < V; ++q) part += d[q] * (y[q] + b[q]);
+        for (int s = 0; s < KMAX; ++s) {
+            const bool in = s0 + s < k;
+            r[s] = in ? pos[t * k + s0 + s] : m;
+            e[s] = in ? ex[t * k + s0 + s] : ne;
+            part[s] = 0.f;
+        }
+        for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+            float d[V];
+            ldv<T, V, VEC>(dout, t * h + j, d);
+#pragma unroll
+            for (int s = 0; s < KMAX; ++s) {
+                if (r[s] < m && e[s] < ne) {
+                    float y[V], b[V];
+                    ldv<T, V, VEC>(ys, (u64)r[s] * h + j, y);
+                    ldv<T, V, VEC>(bias, (u64)e[s] * h + j, b);
+#pragma unroll
+                    for (int q = 0; q < V; ++q) part[s] += d[q] * (y[q] + b[q]);
+                }
             }
         }
-        const float tot = block_red(part, false, sh);
-        if (threadIdx.x == 0) st(dw, i, tot);
+#pragma unroll
+        for (int s = 0; s < KMAX; ++s) {
+            const float v = warp_red(part[s], false);
+            if (lane == 0) sh[s][wid] = v;
+        }
+        __syncthreads();
+        for (int s = wid; s < KMAX && s0 + s < k; s += nw) {
+            float v = lane < nw ? sh[s][lane] : 0.f;
+            v = warp_red(v, false);
+            if (lane == 0) st(dw, t * k + s0 + s, v);
+        }
+        __syncthreads();
     }
 }
 
@@ -214,7 +228,9 @@ __device__ void swiglu(const T* __restrict__ gu, const T* __restrict__ da, const
             const float g0 = x[2 * q] + b[2 * q], u0 = x[2 * q + 1] + b[2 * q + 1];
             const float g = g0 > limit ? limit : g0;
             const float u = u0 > limit ? limit : (u0 < -limit ? -limit : u0);
-            const float sg = 1.f / (expf(-(g * alpha)) + 1.f);
+            // fast exp and division (an overflowing exp gives 0): with expf and IEEE division the
+            // backward is compute-bound
+            const float sg = __fdividef(1.f, __expf(-(g * alpha)) + 1.f);
             if constexpr (BWD) {
                 const bool pass_g = g0 <= limit, pass_u = u0 >= -limit && u0 <= limit;
                 o[2 * q] = pass_g ? d[q] * (u + 1.f) * (sg + g * alpha * sg * (1.f - sg)) : 0.f;
@@ -228,6 +244,24 @@ __device__ void swiglu(const T* __restrict__ gu, const T* __restrict__ da, const
         } else {
             stv<T, V, VEC>(out, m * ni + j, o);
         }
+    }
+}
+
+// out[m] = x[tok[m]] (zero for an out-of-range token).
+template <typename T, int V, bool VEC>
+__device__ void gather_rows(const T* __restrict__ x, const u32* __restrict__ tok, T* __restrict__ out,
+                            u32 n, u32 h) {
+    const u64 m = blockIdx.x;
+    const u32 t = tok[m];
+    for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+        float v[V];
+        if (t < n) {
+            ldv<T, V, VEC>(x, (u64)t * h + j, v);
+        } else {
+#pragma unroll
+            for (int q = 0; q < V; ++q) v[q] = 0.f;
+        }
+        stv<T, V, VEC>(out, m * h + j, v);
     }
 }
 
@@ -337,9 +371,10 @@ fn func<T: Elem>(
     KERNELS.func(dev, &format!("{op}_{}_{kind}", T::NAME))
 }
 
-/// One block per row, threads for `cols` column groups (a multiple of 32, at most 256).
+/// One block per row, threads for `cols` column groups (a multiple of 32, at most 128: small blocks
+/// keep all 2048 token rows of a step resident at once on an H100/H200).
 fn config(rows: usize, cols: usize) -> LaunchConfig {
-    let threads = cols.div_ceil(32).clamp(1, 8) * 32;
+    let threads = cols.div_ceil(32).clamp(1, 4) * 32;
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (threads as u32, 1, 1),

@@ -136,10 +136,12 @@ impl CustomOp1 for Swiglu {
     }
 
     fn bwd(&self, gu: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.detach().to_dtype(gu.dtype())?.contiguous()?;
-        Ok(Some(
-            gu.detach().apply_op2_no_bwd(&g, &SwigluBwd(self.clone()))?,
-        ))
+        crate::profile::scope("moe.swiglu.bwd", grad.device(), || {
+            let g = grad.detach().to_dtype(gu.dtype())?.contiguous()?;
+            Ok(Some(
+                gu.detach().apply_op2_no_bwd(&g, &SwigluBwd(self.clone()))?,
+            ))
+        })
     }
 }
 

@@ -16,6 +16,21 @@ pub trait ExpertAdapter: Send + Sync + std::fmt::Debug {
     /// `x`: the rows routed to `expert`, `[n, in]` (run dtype). Returns `x·ΔW[expert]`, `[n, out]`, in x's dtype;
     /// the model adds it to `x·W[expert]` (before the bias).
     fn delta(&self, expert: usize, x: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// All routed rows at once: `x` `[M, in]` (run dtype) whose rows `off..off + len` go to expert
+    /// `e` for each `(e, off, len)` of `spans` (the spans tile `0..M` in order) → `[M, out]` in x's
+    /// dtype. The default calls [`Self::delta`] per span and concatenates.
+    fn delta_grouped(
+        &self,
+        x: &Tensor,
+        spans: &[(usize, usize, usize)],
+    ) -> candle_core::Result<Tensor> {
+        let mut parts = Vec::with_capacity(spans.len());
+        for &(e, off, len) in spans {
+            parts.push(self.delta(e, &x.narrow(0, off, len)?)?);
+        }
+        Tensor::cat(&parts, 0)
+    }
 }
 
 /// Which 3-D expert parameter.

@@ -326,6 +326,7 @@ extern "C" __global__ void sink_softmax_bwd_bf16(const u16* p, const u16* g, u16
         contiguous_range(l, "sink_softmax")
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         s: &CudaStorage,
         l: &Layout,

@@ -50,9 +50,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let v = |shape: &[usize]| Var::from_tensor(&(Tensor::randn(0f32, 0.01, shape, &dev)?));
     let q = Arc::new(Lin(v(&[8, h])?, v(&[4096, 8])?));
     let gu = Arc::new(Exp(v(&[e, h, 8])?, v(&[e, 8, 2 * i])?));
-    for (_, l) in model.named_linears_mut() {
+    if let Some((_, l)) = model.named_linears_mut().into_iter().next() {
         l.set_adapter(Some(q.clone()));
-        break;
     }
     for (_, x) in model.named_experts_mut() {
         x.set_adapter(ExpertParam::GateUp, Some(gu.clone()));

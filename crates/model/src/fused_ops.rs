@@ -337,10 +337,11 @@ __device__ void rotary(const T* __restrict__ x, const T* __restrict__ cs, const 
         const float c = ld(cs, co + i), s = ld(sn, co + i);
         const float x1 = ld(x, src + i), x2 = ld(x, src + half + i);
         float a, bb;
-        if (inverse) { a = x1 * c + x2 * s; bb = x2 * c - x1 * s; }
+        // __fmul_rn/__fadd_rn: no fused multiply-add, the same roundings as the CPU reference.
+        if (inverse) { a = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)); bb = __fsub_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)); }
         else {
-            a = rnd(rnd(x1 * c, b16) - rnd(x2 * s, b16), b16);
-            bb = rnd(rnd(x2 * c, b16) + rnd(x1 * s, b16), b16);
+            a = rnd(__fsub_rn(rnd(__fmul_rn(x1, c), b16), rnd(__fmul_rn(x2, s), b16)), b16);
+            bb = rnd(__fadd_rn(rnd(__fmul_rn(x2, c), b16), rnd(__fmul_rn(x1, s), b16)), b16);
         }
         st(out, dst + i, a);
         st(out, dst + half + i, bb);

@@ -98,6 +98,14 @@ struct Dims {
     d: usize,
 }
 
+/// What a chunk's forward computes and its backward reuses.
+struct ChunkProbs {
+    qc: Tensor,
+    p: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+}
+
 /// One chunk: query rows `r0..r0+rows`, keys `k0..k0+kw`.
 #[derive(Clone, Copy)]
 struct Chunk {
@@ -176,15 +184,20 @@ impl Plan {
         ))
     }
 
-    /// Probabilities of a chunk `[B, nh, rows, kw]` and its keys/values `[B, nkv, kw, d]`.
+    /// A chunk's grouped queries `[B, nkv, g·rows, d]`, probabilities `[B, nh, rows, kw]` and
+    /// keys/values `[B, nkv, kw, d]`; `None` when the chunk sees no key (its rows are zero).
     fn probs(
         &self,
-        qc: &Tensor,
+        q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         dm: Dims,
         c: Chunk,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    ) -> candle_core::Result<Option<ChunkProbs>> {
+        if c.kw == 0 {
+            return Ok(None);
+        }
+        let qc = Self::rows_grouped(q, dm, c)?;
         let kc = k.narrow(2, c.k0, c.kw)?.contiguous()?;
         let vc = v.narrow(2, c.k0, c.kw)?.contiguous()?;
         let s = qc
@@ -199,7 +212,12 @@ impl Plan {
             None => None,
         };
         let p = sink_softmax(&s, mc.as_ref(), &self.sinks, self.scale)?;
-        Ok((p, kc, vc))
+        Ok(Some(ChunkProbs { qc, p, kc, vc }))
+    }
+
+    /// Zero rows `[B, nh, rows, d]` for a chunk without keys.
+    fn zero_rows(q: &Tensor, dm: Dims, c: Chunk) -> candle_core::Result<Tensor> {
+        Tensor::zeros((dm.b, dm.nh, c.rows, dm.d), q.dtype(), q.device())
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
@@ -207,21 +225,14 @@ impl Plan {
         let g = dm.nh / dm.nkv;
         let mut outs = Vec::new();
         for c in self.chunks(dm) {
-            if c.kw == 0 {
-                outs.push(Tensor::zeros(
-                    (dm.b, dm.nh, c.rows, dm.d),
-                    q.dtype(),
-                    q.device(),
-                )?);
-                continue;
-            }
-            let qc = Self::rows_grouped(q, dm, c)?;
-            let (p, _, vc) = self.probs(&qc, k, v, dm, c)?;
-            let o = p
-                .reshape((dm.b, dm.nkv, g * c.rows, c.kw))?
-                .matmul(&vc)?
-                .reshape((dm.b, dm.nh, c.rows, dm.d))?;
-            outs.push(o);
+            outs.push(match self.probs(q, k, v, dm, c)? {
+                None => Self::zero_rows(q, dm, c)?,
+                Some(cp) => {
+                    cp.p.reshape((dm.b, dm.nkv, g * c.rows, c.kw))?
+                        .matmul(&cp.vc)?
+                        .reshape((dm.b, dm.nh, c.rows, dm.d))?
+                }
+            });
         }
         Tensor::cat(&outs, 2)
     }
@@ -241,16 +252,10 @@ impl Plan {
         let mut dk = Tensor::zeros((dm.b, dm.nkv, dm.tk, dm.d), DType::F32, q.device())?;
         let mut dv = dk.clone();
         for c in self.chunks(dm) {
-            if c.kw == 0 {
-                dq.push(Tensor::zeros(
-                    (dm.b, dm.nh, c.rows, dm.d),
-                    q.dtype(),
-                    q.device(),
-                )?);
+            let Some(ChunkProbs { qc, p, kc, vc }) = self.probs(q, k, v, dm, c)? else {
+                dq.push(Self::zero_rows(q, dm, c)?);
                 continue;
-            }
-            let qc = Self::rows_grouped(q, dm, c)?;
-            let (p, kc, vc) = self.probs(&qc, k, v, dm, c)?;
+            };
             let gc = Self::rows_grouped(&go, dm, c)?; // [B, nkv, g·rows, d]
             let pg = p.reshape((dm.b, dm.nkv, g * c.rows, c.kw))?;
             let dv_c = pg.t()?.matmul(&gc)?; // [B, nkv, kw, d]

@@ -13,29 +13,12 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
 
+use crate::storage::{cpu_f32, cpu_out};
+
 /// Whether the fused ops replace the reference ops for tensors on this device (CUDA, unless
 /// `GPTOSS_NO_FUSED_ELEMENTWISE` is set).
 pub(crate) fn enabled(t: &Tensor) -> bool {
     t.device().is_cuda() && std::env::var_os("GPTOSS_NO_FUSED_ELEMENTWISE").is_none()
-}
-
-fn f32s(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f32>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input not contiguous")))?;
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        _ => candle_core::bail!("{what}: unsupported dtype {:?}", s.dtype()),
-    })
-}
-
-fn storage(v: Vec<f32>, dtype: DType, what: &str) -> candle_core::Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        d => candle_core::bail!("{what}: unsupported dtype {d:?}"),
-    })
 }
 
 /// Rounds to the storage precision of `dtype` (bf16: round to nearest even; f32: as is).
@@ -81,7 +64,7 @@ impl CustomOp1 for RmsNormOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "rms_norm")?;
+        let x = cpu_f32(s, l, "rms_norm")?;
         let w = weight_f32(&self.w)?;
         let h = w.len().max(1);
         let mut y = vec![0f32; x.len()];
@@ -92,7 +75,7 @@ impl CustomOp1 for RmsNormOp {
                 *o = wv * (xv * inv);
             }
         }
-        Ok((storage(y, s.dtype(), "rms_norm")?, l.shape().clone()))
+        Ok((cpu_out(y, s.dtype(), "rms_norm")?, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -101,7 +84,7 @@ impl CustomOp1 for RmsNormOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::rms_fwd(s, l, &self.w, self.eps)?, l.shape().clone()))
+        Ok((cuda::rms(s, l, None, &self.w, self.eps)?, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -127,8 +110,8 @@ impl CustomOp2 for RmsNormBwd {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32s(xs, xl, "rms_norm backward")?;
-        let g = f32s(gs, gl, "rms_norm backward")?;
+        let x = cpu_f32(xs, xl, "rms_norm backward")?;
+        let g = cpu_f32(gs, gl, "rms_norm backward")?;
         let w = weight_f32(&self.w)?;
         let h = w.len().max(1);
         let mut dx = vec![0f32; x.len()];
@@ -142,7 +125,7 @@ impl CustomOp2 for RmsNormBwd {
             }
         }
         Ok((
-            storage(dx, xs.dtype(), "rms_norm backward")?,
+            cpu_out(dx, xs.dtype(), "rms_norm backward")?,
             xl.shape().clone(),
         ))
     }
@@ -156,7 +139,7 @@ impl CustomOp2 for RmsNormBwd {
         gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         Ok((
-            cuda::rms_bwd(xs, xl, gs, gl, &self.w, self.eps)?,
+            cuda::rms(xs, xl, Some((gs, gl)), &self.w, self.eps)?,
             xl.shape().clone(),
         ))
     }
@@ -250,7 +233,7 @@ impl CustomOp1 for RotaryOp {
                 }
             }
         }
-        Ok((storage(out, dt, "rotary")?, Shape::from((b, nh, t, d))))
+        Ok((cpu_out(out, dt, "rotary")?, Shape::from((b, nh, t, d))))
     }
 
     #[cfg(feature = "cuda")]
@@ -368,59 +351,15 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
         }
     }
 
-    pub(super) fn rms_fwd(
-        s: &CudaStorage,
-        l: &Layout,
-        w: &Tensor,
-        eps: f32,
-    ) -> Result<CudaStorage> {
-        let (a, b) = contiguous_range(l, "rms_norm")?;
-        let h = w.elem_count();
-        let rows = (b - a) / h.max(1);
-        let dev = s.device().clone();
-        let (ws, wl) = w.storage_and_layout();
-        let Storage::Cuda(wc) = &*ws else {
-            candle_core::bail!("rms_norm: weight not on CUDA")
-        };
-        let (w0, w1) = contiguous_range(wl, "rms_norm weight")?;
-        let wv = wc.as_cuda_slice::<f32>()?.slice(w0..w1);
-        let h_i = h as i32;
-        macro_rules! run {
-            ($t:ty, $name:literal) => {{
-                let func = KERNELS.func(&dev, $name)?;
-                let stream = dev.cuda_stream();
-                let xv = s.as_cuda_slice::<$t>()?.slice(a..b);
-                // SAFETY: the kernel writes every element.
-                let mut out = unsafe { dev.alloc::<$t>(rows * h)? };
-                if rows > 0 {
-                    let mut bld = stream.launch_builder(&func);
-                    bld.arg(&xv);
-                    bld.arg(&wv);
-                    bld.arg(&mut out);
-                    bld.arg(&h_i);
-                    bld.arg(&eps);
-                    unsafe { bld.launch(rows_cfg(rows, 256)) }.w()?;
-                }
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        Ok(match s.dtype() {
-            DType::F32 => run!(f32, "rms_fwd_f32"),
-            DType::BF16 => run!(bf16, "rms_fwd_bf16"),
-            d => candle_core::bail!("rms_norm: unsupported dtype {d:?}"),
-        })
-    }
-
-    pub(super) fn rms_bwd(
+    /// RMSNorm forward (`g` = None: `x` → y) or backward (`g` = Some(∂y): `x` → ∂x), one block a row.
+    pub(super) fn rms(
         xs: &CudaStorage,
         xl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
+        g: Option<(&CudaStorage, &Layout)>,
         w: &Tensor,
         eps: f32,
     ) -> Result<CudaStorage> {
-        let (a, b) = contiguous_range(xl, "rms_norm backward")?;
-        let (ga, gb) = contiguous_range(gl, "rms_norm backward")?;
+        let (a, b) = contiguous_range(xl, "rms_norm")?;
         let h = w.elem_count();
         let rows = (b - a) / h.max(1);
         let dev = xs.device().clone();
@@ -430,19 +369,30 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
         };
         let (w0, w1) = contiguous_range(wl, "rms_norm weight")?;
         let wv = wc.as_cuda_slice::<f32>()?.slice(w0..w1);
+        let gr = match g {
+            Some((_, gl)) => Some(contiguous_range(gl, "rms_norm backward")?),
+            None => None,
+        };
         let h_i = h as i32;
         macro_rules! run {
-            ($t:ty, $name:literal) => {{
-                let func = KERNELS.func(&dev, $name)?;
+            ($t:ty, $fwd:literal, $bwd:literal) => {{
+                let func = KERNELS.func(&dev, if g.is_some() { $bwd } else { $fwd })?;
                 let stream = dev.cuda_stream();
                 let xv = xs.as_cuda_slice::<$t>()?.slice(a..b);
-                let gv = gs.as_cuda_slice::<$t>()?.slice(ga..gb);
+                let gv = match (g, gr) {
+                    (Some((gs, _)), Some((ga, gb))) => {
+                        Some(gs.as_cuda_slice::<$t>()?.slice(ga..gb))
+                    }
+                    _ => None,
+                };
                 // SAFETY: the kernel writes every element.
                 let mut out = unsafe { dev.alloc::<$t>(rows * h)? };
                 if rows > 0 {
                     let mut bld = stream.launch_builder(&func);
                     bld.arg(&xv);
-                    bld.arg(&gv);
+                    if let Some(gv) = &gv {
+                        bld.arg(gv);
+                    }
                     bld.arg(&wv);
                     bld.arg(&mut out);
                     bld.arg(&h_i);
@@ -453,8 +403,8 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
             }};
         }
         Ok(match xs.dtype() {
-            DType::F32 => run!(f32, "rms_bwd_f32"),
-            DType::BF16 => run!(bf16, "rms_bwd_bf16"),
+            DType::F32 => run!(f32, "rms_fwd_f32", "rms_bwd_f32"),
+            DType::BF16 => run!(bf16, "rms_fwd_bf16", "rms_bwd_bf16"),
             d => candle_core::bail!("rms_norm: unsupported dtype {d:?}"),
         })
     }

@@ -44,6 +44,7 @@ pub mod profile;
 mod rope;
 mod sink_softmax;
 mod spec;
+mod storage;
 
 pub use attention::{Attention, LayerCache};
 pub use attn_core::{sink_attention, CHUNK_ELEMS};

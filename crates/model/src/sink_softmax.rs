@@ -10,7 +10,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use half::bf16;
+
+use crate::storage::{cpu_f32, cpu_out};
 
 /// Whether the fused op is used for tensors on this device (CUDA only; the CPU keeps the reference ops).
 pub(crate) fn enabled(t: &Tensor) -> bool {
@@ -58,25 +59,6 @@ struct SinkSoftmaxBwd {
     scale: f32,
 }
 
-fn to_f32(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
-    let (o0, o1) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("sink_softmax: input not contiguous".into()))?;
-    Ok(match s {
-        CpuStorage::F32(v) => v[o0..o1].to_vec(),
-        CpuStorage::BF16(v) => v[o0..o1].iter().map(|x| x.to_f32()).collect(),
-        _ => candle_core::bail!("sink_softmax: unsupported dtype {:?}", s.dtype()),
-    })
-}
-
-fn from_f32(v: Vec<f32>, dtype: DType) -> candle_core::Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        d => candle_core::bail!("sink_softmax: unsupported dtype {d:?}"),
-    })
-}
-
 /// (rows, Tk, T, nh, mask batch) of a scores layout and mask layout.
 fn dims(l: &Layout, ml: &Layout) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
     let (b, nh, t, tk) = l.shape().dims4()?;
@@ -99,7 +81,11 @@ impl CustomOp3 for SinkSoftmax {
         kl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, tk, t, nh, mb) = dims(l, ml)?;
-        let (sv, mv, kv) = (to_f32(s, l)?, to_f32(m, ml)?, to_f32(k, kl)?);
+        let (sv, mv, kv) = (
+            cpu_f32(s, l, "sink_softmax")?,
+            cpu_f32(m, ml, "sink_softmax mask")?,
+            cpu_f32(k, kl, "sink_softmax sinks")?,
+        );
         let mut out = vec![0f32; rows * tk];
         for r in 0..rows {
             let i = r % t;
@@ -118,7 +104,7 @@ impl CustomOp3 for SinkSoftmax {
                 *o = (v - mx).exp() / sum;
             }
         }
-        Ok((from_f32(out, s.dtype())?, l.shape().clone()))
+        Ok((cpu_out(out, s.dtype(), "sink_softmax")?, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -174,7 +160,10 @@ impl CustomOp2 for SinkSoftmaxBwd {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let tk = *pl.shape().dims().last().unwrap_or(&1);
-        let (pv, gv) = (to_f32(p, pl)?, to_f32(g, gl)?);
+        let (pv, gv) = (
+            cpu_f32(p, pl, "sink_softmax backward")?,
+            cpu_f32(g, gl, "sink_softmax backward")?,
+        );
         let mut out = vec![0f32; pv.len()];
         for ((o, p), g) in out.chunks_mut(tk).zip(pv.chunks(tk)).zip(gv.chunks(tk)) {
             let dot: f32 = p.iter().zip(g).map(|(a, b)| a * b).sum();
@@ -182,7 +171,10 @@ impl CustomOp2 for SinkSoftmaxBwd {
                 *o = self.scale * p * (g - dot);
             }
         }
-        Ok((from_f32(out, p.dtype())?, pl.shape().clone()))
+        Ok((
+            cpu_out(out, p.dtype(), "sink_softmax backward")?,
+            pl.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]

@@ -407,12 +407,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .unwrap_or(f32::INFINITY)
+        crate::test_util::rel_diff(a, b).unwrap_or(f32::INFINITY)
     }
 
     fn check(t: usize, tk: usize, w: Option<usize>, budget: usize) -> candle_core::Result<()> {

@@ -45,6 +45,8 @@ mod rope;
 mod sink_softmax;
 mod spec;
 mod storage;
+#[cfg(test)]
+mod test_util;
 
 pub use attention::{Attention, LayerCache};
 pub use attn_core::{sink_attention, CHUNK_ELEMS};

@@ -447,9 +447,7 @@ mod tests {
         let routing = router.route(x.as_tensor())?;
         let a = experts.forward_with(x.as_tensor(), &routing, false)?;
         let b = experts.forward_with(x.as_tensor(), &routing, true)?;
-        let diff = |p: &Tensor, q: &Tensor| -> candle_core::Result<f32> {
-            (p - q)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-        };
+        let diff = crate::test_util::rel_diff;
         assert!(diff(&a, &b)? < 1e-5, "values differ by {}", diff(&a, &b)?);
         let ga = (&a * &g)?.sum_all()?.backward()?;
         let gb = (&b * &g)?.sum_all()?.backward()?;

@@ -290,8 +290,8 @@ impl CustomOp2 for CombineBwdWeights {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::rel_diff;
     use super::*;
+    use crate::test_util::rel_diff;
     use candle_core::{Device, Var};
 
     /// The candle-op formulation `Experts` used before: per-row bias, weight, index_add.

@@ -128,8 +128,8 @@ impl CustomOp1 for SumRows {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::rel_diff;
     use super::*;
+    use crate::test_util::rel_diff;
     use candle_core::{Device, Var};
 
     #[test]

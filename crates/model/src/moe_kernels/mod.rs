@@ -63,17 +63,3 @@ fn check_dtype(t: &Tensor, what: &str) -> candle_core::Result<()> {
         d => candle_core::bail!("{what}: dtype {d:?}, expected f32 or bf16"),
     }
 }
-
-#[cfg(test)]
-mod test_util {
-    use candle_core::Tensor;
-
-    /// `max |a − b| / max(1, max |b|)` over all elements (f32).
-    pub(super) fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-        let a = a.to_dtype(candle_core::DType::F32)?;
-        let b = b.to_dtype(candle_core::DType::F32)?;
-        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
-        Ok(d / s)
-    }
-}

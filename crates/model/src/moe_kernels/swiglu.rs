@@ -207,8 +207,8 @@ impl CustomOp2 for SwigluBwd {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::rel_diff;
     use super::*;
+    use crate::test_util::rel_diff;
     use candle_core::{DType, Device, Var};
 
     /// The candle-op formulation `Experts` used before (bias gathered per row, strided views).

@@ -485,7 +485,9 @@ fn print_profile(steps: usize) {
     if rows.is_empty() {
         return;
     }
-    println!("profile (GPTOSS_PROFILE=1, device-synchronized, per step over {steps} steps):");
+    println!(
+        "profile (GPTOSS_PROFILE=1, device-synchronized, per step over the {steps} timed steps):"
+    );
     for (label, secs, calls) in rows {
         println!(
             "  {label:<20} {:>9.2} ms  {:>6} calls/step",
@@ -565,6 +567,10 @@ fn main() -> BoxResult<()> {
                         if i >= args.warmup {
                             times.push(s.secs);
                         }
+                        if i + 1 == args.warmup {
+                            // the profile covers the timed steps only (not compilation, pool growth)
+                            gptoss_model::profile::reset();
+                        }
                         eprintln!(
                             "  seq {seq} gc {gc} step {i}: {:.3} s loss {:.4}",
                             s.secs, s.loss
@@ -597,7 +603,7 @@ fn main() -> BoxResult<()> {
                 resv as f64 / GIB,
                 loss
             );
-            print_profile(args.warmup + args.steps);
+            print_profile(args.steps);
         }
     }
     if args.breakdown {

@@ -242,22 +242,9 @@ impl Experts {
     /// matmul (+ deltas), and the weighted sum with the down bias back to the tokens
     /// (see [`crate::moe_kernels`]).
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> candle_core::Result<Tensor> {
-        // CUDA: each expert's rows are padded to a multiple of ROW_BUCKET, so the per-expert
-        // cuBLAS calls see a few recurring shapes (a new shape costs host time in cuBLAS'
-        // heuristics, more than the GPU time of these small matmuls).
-        self.forward_with(x, routing, x.device().is_cuda())
-    }
-
-    /// [`Self::forward`] with the row layout chosen: padded (one block per expert) or compact.
-    fn forward_with(
-        &self,
-        x: &Tensor,
-        routing: &Routing,
-        padded: bool,
-    ) -> candle_core::Result<Tensor> {
         let dev = x.device();
         let plan = scope("moe.route", dev, || {
-            RoutePlan::new(&routing.indices, self.num_experts(), padded)
+            RoutePlan::new(&routing.indices, self.num_experts())
         })?;
         if plan.rows() == 0 {
             return x.zeros_like();
@@ -295,18 +282,10 @@ impl Experts {
     }
 }
 
-/// Row granularity of each expert's block in the padded layout (CUDA).
-const ROW_BUCKET: usize = 64;
-
 /// The routed rows of one call, grouped by expert on the host (tokens in order within an expert).
-///
-/// Compact: `M = N·k` rows, one span per expert with rows. Padded: each expert with rows owns a
-/// block of its load rounded up to [`ROW_BUCKET`] rows; rows past an expert's load repeat token 0,
-/// no slot reads them (their outputs and gradients are ignored). When every expert's block has the
-/// same size the grouped matmul is a single strided-batched call.
 #[derive(Debug, Clone)]
 struct RoutePlan {
-    /// `(expert, first row, rows)` of every expert with rows (every expert when padded).
+    /// `(expert, first row, rows)` of every expert with rows.
     spans: Spans,
     /// Token of each routed row, `[M]`.
     tokens: Vec<u32>,
@@ -327,7 +306,7 @@ struct RouteMaps {
 
 impl RoutePlan {
     /// From the selected experts `[N, k]` u32 (copied to the host here).
-    fn new(indices: &Tensor, num_experts: usize, padded: bool) -> candle_core::Result<Self> {
+    fn new(indices: &Tensor, num_experts: usize) -> candle_core::Result<Self> {
         let (n, k) = indices.dims2()?;
         let idx: Vec<u32> = indices.flatten_all()?.to_vec1()?;
         let mut count = vec![0usize; num_experts];
@@ -346,27 +325,19 @@ impl RoutePlan {
         let mut off = 0usize;
         for (e, &c) in count.iter().enumerate() {
             next.push(off);
-            let len = if padded {
-                c.next_multiple_of(ROW_BUCKET)
-            } else {
-                c
-            };
-            if len > 0 {
-                spans.push((e, off, len));
+            if c > 0 {
+                spans.push((e, off, c));
             }
-            off += len;
+            off += c;
         }
-        let m = off;
-        let (mut tokens, mut pos, mut row_expert) =
-            (vec![0u32; m], vec![0u32; idx.len()], vec![0u32; m]);
-        for &(e, o, len) in &spans {
-            row_expert[o..o + len].fill(e as u32);
-        }
+        let m = idx.len();
+        let (mut tokens, mut pos, mut row_expert) = (vec![0u32; m], vec![0u32; m], vec![0u32; m]);
         for (i, &e) in idx.iter().enumerate() {
             let r = next[e as usize];
             next[e as usize] += 1;
             tokens[r] = (i / k) as u32;
             pos[i] = r as u32;
+            row_expert[r] = e;
         }
         Ok(Self {
             spans: Arc::new(spans),
@@ -385,17 +356,16 @@ impl RoutePlan {
     /// The maps on `dev`, in one host→device copy.
     fn upload(&self, dev: &Device) -> candle_core::Result<RouteMaps> {
         let m = self.rows();
-        let p = self.pos.len();
         let all: Vec<u32> = [&self.tokens, &self.pos, &self.row_expert]
             .into_iter()
             .flatten()
             .copied()
             .collect();
-        let all = Tensor::from_vec(all, 2 * m + p, dev)?;
+        let all = Tensor::from_vec(all, 3 * m, dev)?;
         Ok(RouteMaps {
             tokens: all.narrow(0, 0, m)?,
-            pos: all.narrow(0, m, p)?.reshape(self.nk)?,
-            row_expert: all.narrow(0, m + p, m)?,
+            pos: all.narrow(0, m, m)?.reshape(self.nk)?,
+            row_expert: all.narrow(0, 2 * m, m)?,
         })
     }
 }
@@ -417,44 +387,5 @@ impl MoeMlp {
         let routing = self.router.route(&flat)?;
         let y = self.experts.forward(&flat, &routing)?;
         Ok((y.reshape((b, t, h))?, routing.logits))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Var;
-
-    #[test]
-    fn padded_layout_gives_the_compact_result_and_gradient() -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        let (n, h, i, e, k) = (9, 6, 4, 4, 2);
-        let router = Router {
-            weight: Tensor::randn(0f32, 1.0, (e, h), &dev)?,
-            bias: Tensor::randn(0f32, 1.0, e, &dev)?,
-            top_k: k,
-        };
-        let experts = Experts::new(
-            Tensor::randn(0f32, 1.0, (e, h, 2 * i), &dev)?,
-            Tensor::randn(0f32, 1.0, (e, 2 * i), &dev)?,
-            Tensor::randn(0f32, 1.0, (e, i, h), &dev)?,
-            Tensor::randn(0f32, 1.0, (e, h), &dev)?,
-            7.0,
-            1.702,
-        );
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h), &dev)?)?;
-        let g = Tensor::randn(0f32, 1.0, (n, h), &dev)?;
-        let routing = router.route(x.as_tensor())?;
-        let a = experts.forward_with(x.as_tensor(), &routing, false)?;
-        let b = experts.forward_with(x.as_tensor(), &routing, true)?;
-        let diff = crate::test_util::rel_diff;
-        assert!(diff(&a, &b)? < 1e-5, "values differ by {}", diff(&a, &b)?);
-        let ga = (&a * &g)?.sum_all()?.backward()?;
-        let gb = (&b * &g)?.sum_all()?.backward()?;
-        let (Some(p), Some(q)) = (ga.get(x.as_tensor()), gb.get(x.as_tensor())) else {
-            panic!("missing gradient");
-        };
-        assert!(diff(p, q)? < 1e-5, "gradients differ by {}", diff(p, q)?);
-        Ok(())
     }
 }

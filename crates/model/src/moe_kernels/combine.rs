@@ -26,18 +26,18 @@ pub fn combine(
     let (m, h) = ys.dims2()?;
     let (n, k) = weights.dims2()?;
     let (_e, bh) = bias.dims2()?;
-    if n * k > m || bh != h {
+    if n * k != m || bh != h {
         candle_core::bail!(
-            "combine: weights {:?}, bias {:?} do not fit ys {:?} (expected [N, k] with N·k ≤ {m}, [E, {h}])",
+            "combine: weights {:?}, bias {:?} do not fit ys {:?} (expected [N, k] with N·k = {m}, [E, {h}])",
             weights.dims(),
             bias.dims(),
             ys.dims()
         );
     }
     let ctx = Ctx {
-        pos: indices(pos, n * k, "combine: pos")?.reshape((n, k))?,
+        pos: indices(pos, m, "combine: pos")?.reshape((n, k))?,
         bias: float_operand(bias, ys.dtype())?,
-        expert: indices(expert, n * k, "combine: expert")?.reshape((n, k))?,
+        expert: indices(expert, m, "combine: expert")?.reshape((n, k))?,
     };
     let w = weights.to_dtype(ys.dtype())?.contiguous()?;
     ys.contiguous()?.apply_op2(&w, Combine(ctx))
@@ -168,9 +168,7 @@ impl CustomOp2 for Combine {
         crate::profile::scope("moe.combine.bwd", grad.device(), || {
             let g = grad.detach().to_dtype(ys.dtype())?.contiguous()?;
             let dys = match ys.track_op() {
-                true => Some(
-                    g.apply_op2_no_bwd(&w.detach(), &CombineBwdRows(self.0.clone(), ys.dim(0)?))?,
-                ),
+                true => Some(g.apply_op2_no_bwd(&w.detach(), &CombineBwdRows(self.0.clone()))?),
                 false => None,
             };
             let dw = match w.track_op() {
@@ -182,8 +180,8 @@ impl CustomOp2 for Combine {
     }
 }
 
-/// `(∂out [N, H], weights [N, k])` → `∂ys [M, H]` (rows no slot points to get zero); `.1` = M.
-struct CombineBwdRows(Ctx, usize);
+/// `(∂out [N, H], weights [N, k])` → `∂ys [M, H]` (rows no slot points to get zero).
+struct CombineBwdRows(Ctx);
 
 impl CustomOp2 for CombineBwdRows {
     fn name(&self) -> &'static str {
@@ -199,7 +197,7 @@ impl CustomOp2 for CombineBwdRows {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_n, h) = l.shape().dims2()?;
         let (_n, k) = wl.shape().dims2()?;
-        let m = self.1;
+        let m = wl.shape().elem_count();
         let g = cpu_f32(s, l, "combine backward: grad")?;
         let w = cpu_f32(ws, wl, "combine: weights")?;
         let out = self.0.with_cpu(|c| {
@@ -227,10 +225,10 @@ impl CustomOp2 for CombineBwdRows {
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (_n, h) = l.shape().dims2()?;
-        let m = self.1;
+        let m = wl.shape().elem_count();
         let out = self
             .0
-            .with_cuda(|c| super::cuda::combine_bwd_rows((s, l), (ws, wl), m, &c))?;
+            .with_cuda(|c| super::cuda::combine_bwd_rows((s, l), (ws, wl), &c))?;
         Ok((out, Shape::from((m, h))))
     }
 }

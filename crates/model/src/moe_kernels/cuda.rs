@@ -531,12 +531,13 @@ pub(super) fn combine(ys: Arg, w: Arg, held: &Held) -> Result<CudaStorage> {
     by_dtype!(ys.0.dtype(), run(ys, w, held))
 }
 
-/// `∂ys[pos[t, s]] = w[t, s] · ∂out[t]`: `dout` `[n, h]`, `w` `[n, k]` → `[m, h]` (rows no slot reads stay 0).
-pub(super) fn combine_bwd_rows(dout: Arg, w: Arg, m: usize, held: &Held) -> Result<CudaStorage> {
-    fn run<T: Elem>(dout: Arg, w: Arg, m: usize, held: &Held) -> Result<CudaStorage> {
+/// `∂ys[pos[t, s]] = w[t, s] · ∂out[t]`: `dout` `[n, h]`, `w` `[n, k]` → `[n·k, h]`.
+pub(super) fn combine_bwd_rows(dout: Arg, w: Arg, held: &Held) -> Result<CudaStorage> {
+    fn run<T: Elem>(dout: Arg, w: Arg, held: &Held) -> Result<CudaStorage> {
         let dev = dout.0.device();
         let (n, h) = dout.1.shape().dims2()?;
         let (_n, k) = w.1.shape().dims2()?;
+        let m = n * k;
         let (dv, d0) = view::<T>(dout, "combine backward: grad")?;
         let (wv, _) = view::<T>(w, "combine: weights")?;
         let (pv, _) = view::<u32>(held.pos, "combine: pos")?;
@@ -560,7 +561,7 @@ pub(super) fn combine_bwd_rows(dout: Arg, w: Arg, m: usize, held: &Held) -> Resu
         }
         Ok(wrap(out, dev))
     }
-    by_dtype!(dout.0.dtype(), run(dout, w, m, held))
+    by_dtype!(dout.0.dtype(), run(dout, w, held))
 }
 
 /// `∂w[t, s] = ∂out[t] · (ys[pos[t, s]] + bias[expert[t, s]])`: `dout` `[n, h]`, `ys` `[m, h]` → `[n, k]`.

@@ -6,23 +6,24 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use super::{check_dtype, cpu_f32, cpu_of, cpu_out, cpu_u32, index, indices};
 
 /// Routed rows: `x` `[N, H]` (f32 or bf16), `tokens` `[M]` u32 (the token of each routed row),
-/// `pos` `[N, k]` u32 (its inverse: `pos[t, s]` is the row of token `t`'s slot `s`; each row appears
-/// at most once — `M > N·k` leaves padding rows that no slot reads, whose gradient is ignored) → `[M, H]` with row `m` = `x[tokens[m]]`, x's dtype. Differentiable in `x`:
+/// `pos` `[N, k]` u32 (its inverse: `pos[t, s]` is the row of token `t`'s slot `s`; every row appears
+/// once) → `[M, H]` with row `m` = `x[tokens[m]]`, x's dtype. Differentiable in `x`:
 /// `∂x[t] = Σ_s ∂out[pos[t, s]]` (accumulated in f32, no atomics).
 pub fn gather_rows(x: &Tensor, tokens: &Tensor, pos: &Tensor) -> candle_core::Result<Tensor> {
     check_dtype(x, "gather_rows: x")?;
     let (n, _h) = x.dims2()?;
     let m = tokens.elem_count();
     let (pn, k) = pos.dims2()?;
-    if pn != n || pn * k > m {
+    if pn != n || pn * k != m {
         candle_core::bail!(
-            "gather_rows: pos is {:?} but x has {n} rows and tokens {m} entries (expected [{n}, k] with {n}·k ≤ {m})",
+            "gather_rows: pos is {:?} but x has {n} rows and tokens {m} entries (expected [{n}, {}])",
             pos.dims(),
+            m / n.max(1)
         );
     }
     let op = GatherRows {
         tokens: indices(tokens, m, "gather_rows: tokens")?,
-        pos: indices(pos, n * k, "gather_rows: pos")?,
+        pos: indices(pos, m, "gather_rows: pos")?,
     };
     x.contiguous()?.apply_op1(op)
 }

@@ -146,11 +146,9 @@ impl LoraExperts {
         }
         let dev = x.device();
         let rows = Tensor::from_vec(row_expert, (m, 1), dev)?;
-        let cols = (Tensor::arange(0u32, (r * e_count) as u32, dev)?.to_dtype(DType::F32)?
-            / r as f64)?
-            .floor()?
-            .to_dtype(DType::U32)?
-            .reshape((1, r * e_count))?;
+        // expert of each column of h (e·r + j → e)
+        let col_expert: Vec<u32> = (0..r * e_count).map(|c| (c / r) as u32).collect();
+        let cols = Tensor::from_vec(col_expert, (1, r * e_count), dev)?;
         let mask = rows.broadcast_eq(&cols)?.to_dtype(DType::F32)?; // [M, r·E]
         let h = x.to_dtype(DType::F32)?.matmul(&self.a.as_tensor().t()?)?;
         let out = self.b.dim(0)?;

@@ -3,6 +3,7 @@
 use candle_core::{DType, Module, Tensor, D};
 
 use crate::config::LayerType;
+use crate::fast_path::FastPath;
 use crate::linear::Linear;
 use crate::mask::{keep_last, AttnContext};
 use crate::rope::apply_rotary;
@@ -77,7 +78,7 @@ impl Attention {
             .reshape((b, t, nkv, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let (q, k) = if crate::fused_ops::enabled(&q) {
+        let (q, k) = if FastPath::Elementwise.on_for(&q) {
             (
                 crate::fused_ops::rotary(&q, &ctx.cos, &ctx.sin)?,
                 crate::fused_ops::rotary(&k, &ctx.cos, &ctx.sin)?,
@@ -112,7 +113,7 @@ impl Attention {
             }
         };
         let scale = 1.0 / (d as f64).sqrt();
-        if crate::attn_core::enabled(&q) {
+        if FastPath::ChunkedAttention.on_for(&q) {
             // CUDA: chunked core with a recomputing backward (no [B, nh, T, Tk] tensor kept).
             let window = match self.layer_type {
                 LayerType::Sliding => ctx.window(),
@@ -138,7 +139,7 @@ impl Attention {
         // GQA without repeating K/V: q-head h = kv·g + r uses kv-head kv.
         let qg = q.contiguous()?.reshape((b, nkv, g * t, d))?;
         let scores = qg.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, tk))?;
-        if crate::sink_softmax::enabled(&scores) {
+        if FastPath::SinkSoftmax.on_for(&scores) {
             // CUDA: one fused kernel (forward and backward) instead of the reference ops below.
             let probs = crate::sink_softmax::sink_softmax(
                 &scores,

@@ -21,12 +21,6 @@ use crate::sink_softmax::{sink_softmax, sink_softmax_grad};
 /// Upper bound on `heads · rows · keys` of one chunk's score tensor (2^26 elements: 128 MiB in bf16).
 pub const CHUNK_ELEMS: usize = 1 << 26;
 
-/// Whether the chunked core replaces the reference ops for tensors on this device (CUDA, unless
-/// `GPTOSS_NO_CHUNKED_ATTN` is set; the CPU keeps the reference path that the parity tests pin).
-pub(crate) fn enabled(t: &Tensor) -> bool {
-    t.device().is_cuda() && std::env::var_os("GPTOSS_NO_CHUNKED_ATTN").is_none()
-}
-
 /// What a call needs besides q, k, v.
 #[derive(Clone)]
 struct Plan {

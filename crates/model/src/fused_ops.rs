@@ -15,12 +15,6 @@ use half::bf16;
 
 use crate::storage::{cpu_f32, cpu_out};
 
-/// Whether the fused ops replace the reference ops for tensors on this device (CUDA, unless
-/// `GPTOSS_NO_FUSED_ELEMENTWISE` is set).
-pub(crate) fn enabled(t: &Tensor) -> bool {
-    t.device().is_cuda() && std::env::var_os("GPTOSS_NO_FUSED_ELEMENTWISE").is_none()
-}
-
 /// Rounds to the storage precision of `dtype` (bf16: round to nearest even; f32: as is).
 fn round(v: f32, dtype: DType) -> f32 {
     match dtype {
@@ -37,11 +31,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
     let w = weight.to_dtype(DType::F32)?.contiguous()?;
     let x = x.contiguous()?;
     let op = RmsNormOp { w, eps: eps as f32 };
-    if x.track_op() {
-        x.apply_op1(op)
-    } else {
-        x.apply_op1_no_bwd(&op)
-    }
+    // apply_op1 records the backward only when x takes part in autograd
+    x.apply_op1(op)
 }
 
 struct RmsNormOp {
@@ -168,11 +159,8 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
         cos_batch: cb,
         inverse: false,
     };
-    if x.track_op() {
-        x.apply_op1(op)
-    } else {
-        x.apply_op1_no_bwd(&op)
-    }
+    // apply_op1 records the backward only when x takes part in autograd
+    x.apply_op1(op)
 }
 
 struct RotaryOp {

@@ -23,6 +23,7 @@ mod attn_core;
 mod checkpoint;
 mod config;
 mod error;
+mod fast_path;
 mod frozen;
 mod fused_ops;
 mod generate;

@@ -13,11 +13,6 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 
 use crate::storage::{cpu_f32, cpu_out};
 
-/// Whether the fused op is used for tensors on this device (CUDA only; the CPU keeps the reference ops).
-pub(crate) fn enabled(t: &Tensor) -> bool {
-    t.device().is_cuda() && std::env::var_os("GPTOSS_NO_FUSED_SOFTMAX").is_none()
-}
-
 /// Softmax with sinks: `scores` raw `q·kᵀ` `[B, nh, T, Tk]` (bf16 or f32), `mask` additive
 /// `[B or 1, 1, T, Tk]` (same dtype; 0 or −inf), `sinks` `[nh]` (any float dtype), `scale` the
 /// `1/√d` factor → probabilities `[B, nh, T, Tk]` in the scores' dtype. Differentiable in `scores`.

@@ -1,0 +1,35 @@
+//! Which fused CUDA paths are on: each replaces reference candle ops for tensors on a CUDA device
+//! unless its `GPTOSS_NO_*` variable is set (read once per process; for A/B checks). The CPU always
+//! keeps the reference ops that the parity tests pin.
+
+use std::sync::OnceLock;
+
+use candle_core::Tensor;
+
+/// A fused path and the variable that turns it off.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FastPath {
+    /// The fused sink-softmax kernel in the reference attention (`GPTOSS_NO_FUSED_SOFTMAX`).
+    SinkSoftmax,
+    /// The chunked attention core (`GPTOSS_NO_CHUNKED_ATTN`).
+    ChunkedAttention,
+    /// The fused RMSNorm and RoPE kernels (`GPTOSS_NO_FUSED_ELEMENTWISE`).
+    Elementwise,
+}
+
+impl FastPath {
+    fn off_var(self) -> &'static str {
+        match self {
+            Self::SinkSoftmax => "GPTOSS_NO_FUSED_SOFTMAX",
+            Self::ChunkedAttention => "GPTOSS_NO_CHUNKED_ATTN",
+            Self::Elementwise => "GPTOSS_NO_FUSED_ELEMENTWISE",
+        }
+    }
+
+    /// Whether this path is used for `t` (on CUDA and not switched off).
+    pub(crate) fn on_for(self, t: &Tensor) -> bool {
+        static OFF: [OnceLock<bool>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        t.device().is_cuda()
+            && !*OFF[self as usize].get_or_init(|| std::env::var_os(self.off_var()).is_some())
+    }
+}

@@ -52,7 +52,7 @@ fn main() -> BoxResult<()> {
     let dev = if args.cpu {
         Device::Cpu
     } else {
-        Device::new_cuda(0)?
+        gptoss_model::cuda_device(0)?
     };
     let mut config = if args.tiny {
         Config::tiny()

@@ -77,6 +77,10 @@ struct Args {
     /// PyTorch's caching allocator. Off by default (the figures in the report were measured without it).
     #[arg(long)]
     pool_keep: bool,
+    /// Open the GPU with candle's `Device::new_cuda` (cudarc event tracking on) instead of
+    /// `gptoss_model::cuda_device` (tracking off), to measure what the tracking costs.
+    #[arg(long)]
+    tracked_device: bool,
 }
 
 /// Device memory figures in bytes, from CUDA's default memory pool (what candle allocates from).
@@ -503,14 +507,16 @@ fn main() -> BoxResult<()> {
         let dev = if args.cpu {
             Device::Cpu
         } else {
-            Device::new_cuda(0)?
+            gptoss_model::cuda_device(0)?
         };
         return check(&dev);
     }
     let dev = if args.cpu {
         Device::Cpu
-    } else {
+    } else if args.tracked_device {
         Device::new_cuda(0)?
+    } else {
+        gptoss_model::cuda_device(0)?
     };
     let pool = mem::Pool::of(&dev);
     if let (true, Some(p)) = (args.pool_keep, &pool) {

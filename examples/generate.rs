@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::Parser;
 use gptoss_harmony::HarmonyTokenizer;
 use gptoss_lora::LoraModel;
@@ -65,7 +65,7 @@ struct Cli {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     gptoss_sft::trainer::pipeline::tune_cpu_runtime();
-    let device = Device::cuda_if_available(0)?;
+    let device = gptoss_model::cuda_if_available(0)?;
     let (mut model, tok) = match &cli.model {
         Some(dir) => {
             let dtype = match cli.dtype.as_str() {

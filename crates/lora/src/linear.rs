@@ -48,6 +48,11 @@ impl LoraLinear {
 
     /// The LoRA term `scaling · B(A(dropout(x)))`: `x` `[.., in]` (any float dtype) → `[.., out]` f32.
     pub fn lora_term(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.unscaled_term(x)? * self.scaling
+    }
+
+    /// `B(A(dropout(x)))` before the scaling: `x` `[.., in]` (any float dtype) → `[.., out]` f32.
+    fn unscaled_term(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = self.a.dim(1)?;
         let rows = x.elem_count() / in_dim.max(1);
@@ -56,7 +61,7 @@ impl LoraLinear {
             x2 = candle_nn::ops::dropout(&x2, self.dropout)?;
         }
         let h = x2.matmul(&self.a.as_tensor().t()?)?;
-        let y = (h.matmul(&self.b.as_tensor().t()?)? * self.scaling)?;
+        let y = h.matmul(&self.b.as_tensor().t()?)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.b.dim(0)?;
@@ -73,8 +78,18 @@ impl LoraLinear {
 impl LinearAdapter for LoraLinear {
     /// `x` `[.., in]`, `base` `[.., out]` (run dtype) → `base + scaling·B(A(x))` in `base`'s dtype.
     fn forward(&self, x: &Tensor, base: &Tensor) -> candle_core::Result<Tensor> {
-        let sum = (base.to_dtype(DType::F32)? + self.lora_term(x)?)?;
-        sum.to_dtype(base.dtype())
+        self.forward_unbiased(x, base, None)
+    }
+
+    /// `x·Wᵀ` and the bias `b` → `round(f32(x·Wᵀ + b) + scaling · B(A(x)))` in one fused pass
+    /// ([`gptoss_model::add_scaled_delta`]): the same values as adding the bias first.
+    fn forward_unbiased(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        gptoss_model::add_scaled_delta(base, bias, &self.unscaled_term(x)?, self.scaling)
     }
 }
 

@@ -8,6 +8,22 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     /// `x`: layer input `[.., in]` (run dtype); `base`: `x·Wᵀ + b`, `[.., out]` (run dtype).
     /// Returns the layer output `[.., out]` in `base`'s dtype.
     fn forward(&self, x: &Tensor, base: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// As [`Self::forward`], with the base output given without its bias: `base` = `x·Wᵀ`
+    /// `[.., out]` and the layer's `bias` `[out]` (run dtype), so that an adapter can fuse the bias
+    /// add with its own (see [`crate::add_scaled_delta`]). The default adds the bias and calls
+    /// [`Self::forward`]; [`crate::Linear`] calls this one.
+    fn forward_unbiased(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        match bias {
+            Some(b) => self.forward(x, &base.broadcast_add(b)?),
+            None => self.forward(x, base),
+        }
+    }
 }
 
 /// Adapter on one 3-D expert parameter (`gate_up_proj` `[E, H, 2I]` or `down_proj` `[E, I, H]`, layout

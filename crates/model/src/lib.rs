@@ -18,10 +18,12 @@
 //!
 //! Adapters (LoRA) hook in through [`LinearAdapter`] and [`ExpertAdapter`] (see `docs/model-api.md`).
 
+mod adapter_sum;
 mod attention;
 mod attn_core;
 mod checkpoint;
 mod config;
+mod device;
 mod error;
 mod fast_path;
 mod frozen;
@@ -49,10 +51,12 @@ mod storage;
 #[cfg(test)]
 mod test_util;
 
+pub use adapter_sum::add_scaled_delta;
 pub use attention::{Attention, LayerCache};
 pub use attn_core::{sink_attention, CHUNK_ELEMS};
 pub use checkpoint::{checkpoint_files, load, save, SaveOptions, INDEX_FILE, SINGLE_FILE};
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
+pub use device::{cuda_device, cuda_if_available};
 pub use error::{ModelError, Result};
 pub use frozen::frozen_matmul;
 pub use fused_ops::{rms_norm, rotary};

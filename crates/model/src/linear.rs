@@ -70,15 +70,20 @@ impl Linear {
 
     /// The base projection `x·Wᵀ + b` without the adapter. `x`: `[.., in]` → `[.., out]`, run dtype.
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.project(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// `x·Wᵀ` without the bias: `[.., in]` → `[.., out]`, run dtype.
+    fn project(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
         let y = crate::frozen::frozen_matmul(&x2, &self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.weight.dim(0)?;
@@ -90,10 +95,9 @@ impl Linear {
 impl Module for Linear {
     /// `x`: `[.., in]` → `[.., out]` (run dtype), adapter applied when installed.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let base = self.forward_base(x)?;
         match &self.adapter {
-            Some(a) => a.forward(x, &base),
-            None => Ok(base),
+            Some(a) => a.forward_unbiased(x, &self.project(x)?, self.bias.as_ref()),
+            None => self.forward_base(x),
         }
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{ModelError, Result};
 use crate::frozen::frozen_matmul;
-use crate::grouped::{grouped_matmul, Spans};
+use crate::grouped::{grouped_matmul, GroupedWeight, Spans};
 use crate::hooks::{ExpertAdapter, ExpertParam};
 use crate::moe_kernels::{combine, gather_rows, swiglu_bias};
 use crate::packed_experts::PackedExperts;
@@ -124,19 +124,21 @@ impl Experts {
         self.packed.as_ref()
     }
 
-    /// The weights the forward uses, `[E, in, out]` each: dequantized now when packed, else the
-    /// dense parameters.
-    fn weights(&self) -> candle_core::Result<(Tensor, Tensor)> {
+    /// The weights the forward uses, `[E, in, out]` each: the MXFP4 blocks when packed (dequantized
+    /// inside the grouped matmul), else the dense parameters.
+    fn weights(&self) -> (GroupedWeight, GroupedWeight) {
         match &self.packed {
             Some(p) => {
                 let dtype = self.gate_up_proj_bias.dtype();
-                let deq = |q| {
-                    p.dequantize(q, dtype)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
-                };
-                Ok((deq(ExpertParam::GateUp)?, deq(ExpertParam::Down)?))
+                (
+                    p.grouped_weight(ExpertParam::GateUp, dtype),
+                    p.grouped_weight(ExpertParam::Down, dtype),
+                )
             }
-            None => Ok((self.gate_up_proj.clone(), self.down_proj.clone())),
+            None => (
+                GroupedWeight::Dense(self.gate_up_proj.clone()),
+                GroupedWeight::Dense(self.down_proj.clone()),
+            ),
         }
     }
 
@@ -192,19 +194,20 @@ impl Experts {
     fn project_rows(
         &self,
         p: ExpertParam,
-        w: &Tensor,
+        w: &GroupedWeight,
         x: &Tensor,
         spans: &Spans,
     ) -> candle_core::Result<Tensor> {
-        let y = if w.track_op() {
-            let mut parts = Vec::with_capacity(spans.len());
-            for &(e, off, len) in spans.iter() {
-                let we = w.narrow(0, e, 1)?.squeeze(0)?;
-                parts.push(frozen_matmul(&x.narrow(0, off, len)?, &we)?);
+        let y = match w {
+            GroupedWeight::Dense(w) if w.track_op() => {
+                let mut parts = Vec::with_capacity(spans.len());
+                for &(e, off, len) in spans.iter() {
+                    let we = w.narrow(0, e, 1)?.squeeze(0)?;
+                    parts.push(frozen_matmul(&x.narrow(0, off, len)?, &we)?);
+                }
+                Tensor::cat(&parts, 0)?
             }
-            Tensor::cat(&parts, 0)?
-        } else {
-            grouped_matmul(x, w, spans)?
+            _ => grouped_matmul(x, w, spans)?,
         };
         let adapter = match p {
             ExpertParam::GateUp => &self.gate_up_adapter,
@@ -218,7 +221,7 @@ impl Experts {
 
     /// One expert on its rows: `x` `[n, H]` → `[n, H]` (run dtype), without the routing weight.
     pub fn expert_forward(&self, e: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (gu_w, down_w) = self.weights()?;
+        let (gu_w, down_w) = self.weights();
         let n = x.dim(0)?;
         let spans: Spans = Arc::new(vec![(e, 0, n)]);
         let row_expert = Tensor::full(e as u32, n, x.device())?;
@@ -253,7 +256,7 @@ impl Experts {
         let xs = scope("moe.gather", dev, || {
             gather_rows(x, &maps.tokens, &maps.pos)
         })?;
-        let (gu_w, down_w) = scope("moe.dequant", dev, || self.weights())?;
+        let (gu_w, down_w) = self.weights();
         let spans = plan.spans;
         let gu = scope("moe.gate_up", dev, || {
             self.project_rows(ExpertParam::GateUp, &gu_w, &xs, &spans)

@@ -13,7 +13,9 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, DType, Result};
@@ -131,6 +133,115 @@ fn ptx() -> Result<&'static str> {
         .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
+/// The kernel name suffix of an output dtype.
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => candle_core::bail!("mxfp4 dequantize: unsupported output dtype {d:?}"),
+    })
+}
+
+/// Dequantizes the blocks `blocks[range]` (bytes, whole 16-byte blocks) with their scales
+/// `scales[range.start / 16 ..]` into the first `2 · range.len()` elements of `out`, in the
+/// checkpoint layout (row-major `[rows, cols]` for the rows whose blocks these are), on `stream`
+/// (`out`'s device's own stream, or a side stream of the same context). No allocation: the per-expert dequantization of the MoE's grouped matmul writes
+/// each expert into one reused scratch buffer this way.
+///
+/// # Shapes and dtypes
+/// `blocks`, `scales`: contiguous `u8` storages (e.g. a whole `[E, out, in/32, 16]` / `[E, out, in/32]`
+/// pair, `range` selecting expert `e`'s `out · in / 2` bytes); `out`: `f32`, `bf16` or `f16`.
+///
+/// # Errors
+/// A range that is not whole 16-byte-aligned blocks, inputs too short, a non-`u8` input, an
+/// unsupported `out` dtype or an `out` shorter than the result.
+pub fn dequantize_checkpoint_into(
+    blocks: &CudaStorage,
+    range: std::ops::Range<usize>,
+    scales: &CudaStorage,
+    out: &mut CudaStorage,
+    stream: &CudaStream,
+) -> Result<()> {
+    if range.start % 16 != 0 || range.len() % 16 != 0 {
+        candle_core::bail!(
+            "mxfp4 dequantize: block bytes {}..{} are not whole 16-byte blocks",
+            range.start,
+            range.end
+        );
+    }
+    let nblocks = range.len() / 16;
+    let b = blocks.as_cuda_slice::<u8>()?;
+    let s = scales.as_cuda_slice::<u8>()?;
+    let s_range = range.start / 16..range.end / 16;
+    if range.end > b.len() || s_range.end > s.len() {
+        candle_core::bail!(
+            "mxfp4 dequantize: blocks {}..{} / scales {}..{} outside storages of {} / {} bytes",
+            range.start,
+            range.end,
+            s_range.start,
+            s_range.end,
+            b.len(),
+            s.len()
+        );
+    }
+    let dev = out.device().clone();
+    let (b, s) = (b.slice(range), s.slice(s_range));
+    let func = dev.get_or_load_custom_func(
+        &format!("mxfp4_checkpoint_{}", suffix(out.dtype())?),
+        MODULE,
+        ptx()?,
+    )?;
+    let n = nblocks * 32;
+    macro_rules! run {
+        ($t:ty) => {{
+            let o = out.as_cuda_slice_mut::<$t>()?;
+            if o.len() < n {
+                candle_core::bail!(
+                    "mxfp4 dequantize: output of {} elements, {n} needed",
+                    o.len()
+                );
+            }
+            launch_checkpoint(stream, &func, &b, &s, &mut o.slice_mut(0..n), nblocks)
+        }};
+    }
+    match out.dtype() {
+        DType::F32 => run!(f32),
+        DType::BF16 => run!(bf16),
+        _ => run!(f16),
+    }
+}
+
+/// One checkpoint-layout launch: `nblocks` blocks → `32 · nblocks` values in `out`.
+fn launch_checkpoint<T: DeviceRepr>(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    blocks: &CudaView<u8>,
+    scales: &CudaView<u8>,
+    out: &mut CudaViewMut<T>,
+    nblocks: usize,
+) -> Result<()> {
+    if nblocks == 0 {
+        return Ok(());
+    }
+    let words = (nblocks * 4) as u64;
+    let grid = (words as u32).div_ceil(256).clamp(1, 1 << 20);
+    let cfg = LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(func);
+    b.arg(blocks);
+    b.arg(scales);
+    b.arg(out);
+    b.arg(&words);
+    // SAFETY: the kernel reads `words` u32 of blocks (4 per block), one scale per block, and writes
+    // 8 values per word: the lengths were checked by the callers.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
 /// Dequantizes contiguous `u8` CUDA storages into a new CUDA storage of `dtype`.
 pub(crate) fn dequantize_cuda(
     s1: &CudaStorage,
@@ -153,60 +264,48 @@ pub(crate) fn dequantize_cuda(
     let blocks = s1.as_cuda_slice::<u8>()?.slice(b0..b1);
     let scales = s2.as_cuda_slice::<u8>()?.slice(c0..c1);
     let n = shape.num_values();
-    let (name, launch): (String, LaunchConfig) = match layout {
-        Layout::Checkpoint => {
-            let words = (shape.num_blocks() * 4) as u32;
-            let grid = words.div_ceil(256).clamp(1, 1 << 20);
-            (
-                "checkpoint".into(),
-                LaunchConfig {
-                    grid_dim: (grid, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-            )
-        }
-        Layout::Transposed => (
-            "transposed".into(),
-            LaunchConfig {
-                grid_dim: (
-                    (shape.rows() as u32).div_ceil(TILE_ROWS),
-                    shape.groups() as u32,
-                    shape.matrices() as u32,
-                ),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
+    let layout_name = match layout {
+        Layout::Checkpoint => "checkpoint",
+        Layout::Transposed => "transposed",
+    };
+    let func = dev.get_or_load_custom_func(
+        &format!("mxfp4_{layout_name}_{}", suffix(dtype)?),
+        MODULE,
+        ptx()?,
+    )?;
+    let transposed = LaunchConfig {
+        grid_dim: (
+            (shape.rows() as u32).div_ceil(TILE_ROWS),
+            shape.groups() as u32,
+            shape.matrices() as u32,
         ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     };
-    let suffix = match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        d => candle_core::bail!("mxfp4 dequantize: unsupported output dtype {d:?}"),
-    };
-    let func = dev.get_or_load_custom_func(&format!("mxfp4_{name}_{suffix}"), MODULE, ptx()?)?;
-    let words = (shape.num_blocks() * 4) as u64;
     let (rows, groups) = (shape.rows() as i32, shape.groups() as i32);
     macro_rules! run {
         ($t:ty) => {{
             // SAFETY: every element is written by the kernel before the storage is read.
             let mut out = unsafe { dev.alloc::<$t>(n)? };
-            if n > 0 {
-                let mut b = func.builder();
-                b.arg(&blocks);
-                b.arg(&scales);
-                b.arg(&mut out);
-                match layout {
-                    Layout::Checkpoint => {
-                        b.arg(&words);
-                    }
-                    Layout::Transposed => {
-                        b.arg(&rows);
-                        b.arg(&groups);
-                    }
+            match layout {
+                Layout::Checkpoint => launch_checkpoint(
+                    &dev.cuda_stream(),
+                    &func,
+                    &blocks,
+                    &scales,
+                    &mut out.slice_mut(..),
+                    shape.num_blocks(),
+                )?,
+                Layout::Transposed if n > 0 => {
+                    let mut b = func.builder();
+                    b.arg(&blocks);
+                    b.arg(&scales);
+                    b.arg(&mut out);
+                    b.arg(&rows);
+                    b.arg(&groups);
+                    unsafe { b.launch(transposed) }.w()?;
                 }
-                unsafe { b.launch(launch) }.w()?;
+                Layout::Transposed => {}
             }
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};

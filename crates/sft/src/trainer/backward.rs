@@ -11,7 +11,7 @@
 
 use super::aux_loss::AuxLossPlan;
 use super::lm_loss::fused_lm_head_loss;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var, D};
 use gptoss_model::profile::scope;
 
 /// The per-layer view of a causal LM that training needs (implemented for
@@ -267,7 +267,8 @@ fn checkpointed<M: LayeredCausalLm>(
             model.layer(i, x.as_tensor(), &ctx)
         })?;
         let mut s = match &grad_out {
-            Some(g) => Some((&out * g)?.sum_all()?),
+            // row sums first: candle's sum_all runs one thread block over the whole tensor
+            Some(g) => Some((&out * g)?.sum_keepdim(D::Minus1)?.sum_all()?),
             None => None,
         };
         if let Some(plan) = &plan {

@@ -74,11 +74,41 @@ fn with_budget(
         window: mask.and(window),
         budget,
     };
+    let track = q.track_op() || k.track_op() || v.track_op();
+    #[cfg(feature = "cuda")]
+    if crate::fast_path::FastPath::FlashForward.on_for(q)
+        && crate::flash_fwd::supports(q, k, v, plan.mask.as_ref())
+    {
+        // One kernel, run inside the autograd node; it writes `[B, T, nh, d]` (what the output
+        // projection reads), handed out as a `[B, nh, T, d]` view.
+        let fwd = crate::flash_fwd::FlashFwd::new(plan.mask.as_ref(), sinks, scale, plan.window)?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let out = if track {
+            q.apply_op3(
+                &k,
+                &v,
+                Attach {
+                    out: Out::Flash(fwd),
+                    plan,
+                },
+            )?
+        } else {
+            q.apply_op3_no_bwd(&k, &v, &fwd)?
+        };
+        return out.transpose(1, 2);
+    }
     let out = plan.forward(&q.detach(), &k.detach(), &v.detach())?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
+    if !track {
         return Ok(out);
     }
-    q.apply_op3(k, v, Attach { out, plan })
+    q.apply_op3(
+        k,
+        v,
+        Attach {
+            out: Out::Computed(out),
+            plan,
+        },
+    )
 }
 
 /// Dimensions of one call.
@@ -279,19 +309,37 @@ impl Plan {
     }
 }
 
-/// The autograd node: its forward hands out the output computed by [`Plan::forward`], its backward
-/// recomputes chunk by chunk.
+/// What the autograd node's forward produces.
+enum Out {
+    /// The output computed by [`Plan::forward`] (`[B, nh, T, d]`), handed out (one copy).
+    Computed(Tensor),
+    /// The flash kernel, run on the node's inputs: `[B, T, nh, d]`.
+    #[cfg(feature = "cuda")]
+    Flash(crate::flash_fwd::FlashFwd),
+}
+
+/// The autograd node: its forward hands out the output of [`Out`], its backward recomputes chunk
+/// by chunk.
 struct Attach {
-    out: Tensor,
+    out: Out,
     plan: Plan,
 }
 
 impl Attach {
-    fn check(&self, l: &Layout) -> candle_core::Result<()> {
-        if l.contiguous_offsets() != Some((0, l.shape().elem_count())) {
+    /// The precomputed output (checked to be a fresh contiguous tensor).
+    #[cfg_attr(not(feature = "cuda"), allow(clippy::infallible_destructuring_match))]
+    fn computed(&self) -> candle_core::Result<&Tensor> {
+        let t = match &self.out {
+            Out::Computed(t) => t,
+            #[cfg(feature = "cuda")]
+            Out::Flash(_) => {
+                candle_core::bail!("sink_attention: the flash forward runs on CUDA only")
+            }
+        };
+        if t.layout().contiguous_offsets() != Some((0, t.elem_count())) {
             candle_core::bail!("sink_attention: output not a fresh contiguous tensor");
         }
-        Ok(())
+        Ok(t)
     }
 }
 
@@ -309,8 +357,7 @@ impl CustomOp3 for Attach {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (s, l) = self.out.storage_and_layout();
-        self.check(l)?;
+        let (s, l) = self.computed()?.storage_and_layout();
         match &*s {
             Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
             _ => candle_core::bail!("sink_attention: q on the CPU, output elsewhere"),
@@ -320,15 +367,17 @@ impl CustomOp3 for Attach {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (s, l) = self.out.storage_and_layout();
-        self.check(l)?;
+        if let Out::Flash(f) = &self.out {
+            return f.cuda_fwd(qs, ql, ks, kl, vs, vl);
+        }
+        let (s, l) = self.computed()?.storage_and_layout();
         match &*s {
             Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
             _ => candle_core::bail!("sink_attention: q on CUDA, output elsewhere"),
@@ -343,9 +392,15 @@ impl CustomOp3 for Attach {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let go = match &self.out {
+            Out::Computed(_) => grad.detach(),
+            // the flash output is `[B, T, nh, d]`
+            #[cfg(feature = "cuda")]
+            Out::Flash(_) => grad.detach().transpose(1, 2)?,
+        };
         let (dq, dk, dv) = crate::profile::scope("attn.core.bwd", q.device(), || {
             self.plan
-                .backward(&q.detach(), &k.detach(), &v.detach(), &grad.detach())
+                .backward(&q.detach(), &k.detach(), &v.detach(), &go)
         })?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
@@ -398,6 +453,98 @@ mod tests {
             }
         }
         Tensor::from_vec(m, (b, 1, t, tk), &Device::Cpu)
+    }
+
+    /// The flash forward kernel (bf16) against the f32 reference on the same bf16-rounded inputs,
+    /// gpt-oss head layout, with padding, sliding windows, a KV offset and no mask.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_flash_forward_matches_reference() -> candle_core::Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        let cpu = Device::Cpu;
+        let (b, nh, nkv, d) = (2, 64, 8, 64);
+        let cases = [
+            (1100, 1100, None, true),
+            (1100, 1100, Some(128), true),
+            (70, 70, None, true),
+            (5, 300, Some(128), true),
+            (1, 37, None, true),
+            (130, 130, None, false),
+        ];
+        for (t, tk, w, masked) in cases {
+            let bf = |dims: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
+                Tensor::randn(0f32, 1.0, dims, &cpu)?
+                    .to_dtype(DType::BF16)?
+                    .to_dtype(DType::F32)
+            };
+            let (q, k, v) = (
+                bf((b, nh, t, d))?,
+                bf((b, nkv, tk, d))?,
+                bf((b, nkv, tk, d))?,
+            );
+            let sinks = Tensor::randn(0f32, 1.0, nh, &cpu)?;
+            let m = if masked {
+                mask(b, t, tk, w)?
+            } else {
+                Tensor::zeros((1, 1, t, tk), DType::F32, &cpu)?
+            };
+            let want = reference(&q, &k, &v, &m, &sinks, 0.125)?;
+            let g = |x: &Tensor| x.to_dtype(DType::BF16)?.to_device(&gpu);
+            let mg = if masked { Some(g(&m)?) } else { None };
+            let (qg, kg, vg) = (g(&q)?, g(&k)?, g(&v)?);
+            assert!(crate::flash_fwd::supports(&qg, &kg, &vg, mg.as_ref()));
+            let (qv, kv, vv) = (
+                Var::from_tensor(&qg)?,
+                Var::from_tensor(&kg)?,
+                Var::from_tensor(&vg)?,
+            );
+            let sg = sinks.to_device(&gpu)?;
+            let out = sink_attention(
+                qv.as_tensor(),
+                kv.as_tensor(),
+                vv.as_tensor(),
+                mg.as_ref(),
+                &sg,
+                0.125,
+                w,
+            )?;
+            let got = out.to_device(&cpu)?;
+            let diff = max_diff(&got, &want);
+            assert!(
+                diff < 1.5e-2,
+                "t {t} tk {tk} window {w:?} masked {masked}: differs by {diff}"
+            );
+            // gradients: flash forward output layout through the chunked backward
+            let go = Tensor::randn(0f32, 1.0, (b, nh, t, d), &cpu)?;
+            let (qr, kr, vr) = (
+                Var::from_tensor(&q)?,
+                Var::from_tensor(&k)?,
+                Var::from_tensor(&v)?,
+            );
+            let r = reference(
+                qr.as_tensor(),
+                kr.as_tensor(),
+                vr.as_tensor(),
+                &m,
+                &sinks,
+                0.125,
+            )?;
+            let gr = (&r * &go)?.sum_all()?.backward()?;
+            let ga = (out.to_dtype(DType::F32)? * go.to_device(&gpu)?)?
+                .sum_all()?
+                .backward()?;
+            for (name, a, r) in [("q", &qv, &qr), ("k", &kv, &kr), ("v", &vv, &vr)] {
+                let (Some(a), Some(r)) = (ga.get(a.as_tensor()), gr.get(r.as_tensor())) else {
+                    panic!("no gradient for {name}");
+                };
+                let dd = max_diff(&a.to_device(&cpu)?, r);
+                assert!(
+                    dd < 3e-2,
+                    "t {t} tk {tk} window {w:?}: d{name} differs by {dd}"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

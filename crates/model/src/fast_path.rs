@@ -15,6 +15,9 @@ pub(crate) enum FastPath {
     ChunkedAttention,
     /// The fused RMSNorm and RoPE kernels (`GPTOSS_NO_FUSED_ELEMENTWISE`).
     Elementwise,
+    /// The flash-attention forward kernel inside the chunked core (`GPTOSS_NO_FLASH_FWD`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    FlashForward,
 }
 
 impl FastPath {
@@ -23,12 +26,13 @@ impl FastPath {
             Self::SinkSoftmax => "GPTOSS_NO_FUSED_SOFTMAX",
             Self::ChunkedAttention => "GPTOSS_NO_CHUNKED_ATTN",
             Self::Elementwise => "GPTOSS_NO_FUSED_ELEMENTWISE",
+            Self::FlashForward => "GPTOSS_NO_FLASH_FWD",
         }
     }
 
     /// Whether this path is used for `t` (on CUDA and not switched off).
     pub(crate) fn on_for(self, t: &Tensor) -> bool {
-        static OFF: [OnceLock<bool>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        static OFF: [OnceLock<bool>; 4] = [const { OnceLock::new() }; 4];
         t.device().is_cuda()
             && !*OFF[self as usize].get_or_init(|| std::env::var_os(self.off_var()).is_some())
     }

@@ -26,6 +26,8 @@ mod config;
 mod device;
 mod error;
 mod fast_path;
+#[cfg(feature = "cuda")]
+mod flash_fwd;
 mod frozen;
 mod fused_ops;
 mod generate;

@@ -119,8 +119,13 @@ impl Attention {
                 LayerType::Sliding => ctx.window(),
                 LayerType::Full => None,
             };
+            let core = if ctx.mask_is_structural() {
+                crate::attn_core::sink_attention_structural
+            } else {
+                crate::attn_core::sink_attention
+            };
             let out = crate::profile::scope("attn.core", q.device(), || {
-                crate::attn_core::sink_attention(
+                core(
                     &q.contiguous()?,
                     &k.contiguous()?,
                     &v,

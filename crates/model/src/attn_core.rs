@@ -52,7 +52,23 @@ pub fn sink_attention(
     scale: f64,
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS)
+    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, false)
+}
+
+/// [`sink_attention`] for a `mask` that hides exactly the causal keys (query `i` sees keys up to
+/// `Tk − T + i`) and, with `window = Some(w)`, the keys at or before `Tk − T + i − w` — no padding,
+/// no packed-sequence boundaries ([`crate::AttnContext::mask_is_structural`]). The CUDA kernel then
+/// derives the mask from the positions instead of reading it; the results are the same.
+pub fn sink_attention_structural(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    sinks: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, true)
 }
 
 /// [`sink_attention`] with a chosen chunk bound (tests use small ones).
@@ -66,6 +82,7 @@ fn with_budget(
     scale: f64,
     window: Option<usize>,
     budget: usize,
+    structural: bool,
 ) -> candle_core::Result<Tensor> {
     let plan = Plan {
         mask: mask.cloned(),
@@ -75,13 +92,16 @@ fn with_budget(
         budget,
     };
     let track = q.track_op() || k.track_op() || v.track_op();
+    #[cfg(not(feature = "cuda"))]
+    let _ = structural;
     #[cfg(feature = "cuda")]
     if crate::fast_path::FastPath::FlashForward.on_for(q)
-        && crate::flash_fwd::supports(q, k, v, plan.mask.as_ref())
+        && crate::flash::supports(q, k, v, plan.mask.as_ref())
     {
         // One kernel, run inside the autograd node; it writes `[B, T, nh, d]` (what the output
         // projection reads), handed out as a `[B, nh, T, d]` view.
-        let fwd = crate::flash_fwd::FlashFwd::new(plan.mask.as_ref(), sinks, scale, plan.window)?;
+        let fwd =
+            crate::flash::FlashFwd::new(plan.mask.as_ref(), structural, sinks, scale, plan.window)?;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let out = if track {
             q.apply_op3(
@@ -315,7 +335,7 @@ enum Out {
     Computed(Tensor),
     /// The flash kernel, run on the node's inputs: `[B, T, nh, d]`.
     #[cfg(feature = "cuda")]
-    Flash(crate::flash_fwd::FlashFwd),
+    Flash(crate::flash::FlashFwd),
 }
 
 /// The autograd node: its forward hands out the output of [`Out`], its backward recomputes chunk
@@ -394,9 +414,17 @@ impl CustomOp3 for Attach {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let go = match &self.out {
             Out::Computed(_) => grad.detach(),
-            // the flash output is `[B, T, nh, d]`
             #[cfg(feature = "cuda")]
-            Out::Flash(_) => grad.detach().transpose(1, 2)?,
+            Out::Flash(f) => {
+                if crate::fast_path::FastPath::FlashBackward.on_for(q) {
+                    let (dq, dk, dv) = crate::profile::scope("attn.core.bwd", q.device(), || {
+                        crate::flash::backward(f, q, k, v, _res, grad)
+                    })?;
+                    return Ok((Some(dq), Some(dk), Some(dv)));
+                }
+                // the flash output is `[B, T, nh, d]`
+                grad.detach().transpose(1, 2)?
+            }
         };
         let (dq, dk, dv) = crate::profile::scope("attn.core.bwd", q.device(), || {
             self.plan
@@ -463,15 +491,19 @@ mod tests {
         let gpu = Device::new_cuda(0)?;
         let cpu = Device::Cpu;
         let (b, nh, nkv, d) = (2, 64, 8, 64);
+        // (t, tk, window, masked, structural): structural masks have no padding row
         let cases = [
-            (1100, 1100, None, true),
-            (1100, 1100, Some(128), true),
-            (70, 70, None, true),
-            (5, 300, Some(128), true),
-            (1, 37, None, true),
-            (130, 130, None, false),
+            (1100, 1100, None, true, false),
+            (1100, 1100, Some(128), true, false),
+            (1100, 1100, None, true, true),
+            (1100, 1100, Some(128), true, true),
+            (70, 70, None, true, false),
+            (5, 300, Some(128), true, false),
+            (5, 300, Some(128), true, true),
+            (1, 37, None, true, true),
+            (130, 130, None, false, false),
         ];
-        for (t, tk, w, masked) in cases {
+        for (t, tk, w, masked, structural) in cases {
             let bf = |dims: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
                 Tensor::randn(0f32, 1.0, dims, &cpu)?
                     .to_dtype(DType::BF16)?
@@ -483,7 +515,9 @@ mod tests {
                 bf((b, nkv, tk, d))?,
             );
             let sinks = Tensor::randn(0f32, 1.0, nh, &cpu)?;
-            let m = if masked {
+            let m = if structural {
+                mask(1, t, tk, w)?
+            } else if masked {
                 mask(b, t, tk, w)?
             } else {
                 Tensor::zeros((1, 1, t, tk), DType::F32, &cpu)?
@@ -492,14 +526,19 @@ mod tests {
             let g = |x: &Tensor| x.to_dtype(DType::BF16)?.to_device(&gpu);
             let mg = if masked { Some(g(&m)?) } else { None };
             let (qg, kg, vg) = (g(&q)?, g(&k)?, g(&v)?);
-            assert!(crate::flash_fwd::supports(&qg, &kg, &vg, mg.as_ref()));
+            assert!(crate::flash::supports(&qg, &kg, &vg, mg.as_ref()));
             let (qv, kv, vv) = (
                 Var::from_tensor(&qg)?,
                 Var::from_tensor(&kg)?,
                 Var::from_tensor(&vg)?,
             );
             let sg = sinks.to_device(&gpu)?;
-            let out = sink_attention(
+            let core = if structural {
+                sink_attention_structural
+            } else {
+                sink_attention
+            };
+            let out = core(
                 qv.as_tensor(),
                 kv.as_tensor(),
                 vv.as_tensor(),
@@ -561,7 +600,7 @@ mod tests {
         let m = mask(b, t, tk, w)?;
         let scale = 1.0 / (d as f64).sqrt();
         let g = Tensor::randn(0f32, 1.0, (b, nh, t, d), &dev)?;
-        let a = with_budget(&q, &k, &v, Some(&m), &sinks, scale, w, budget)?;
+        let a = with_budget(&q, &k, &v, Some(&m), &sinks, scale, w, budget, false)?;
         let r = reference(&q, &k, &v, &m, &sinks, scale)?;
         let d0 = max_diff(&a, &r);
         assert!(d0 < 1e-5, "t {t} tk {tk} w {w:?}: forward differs by {d0}");

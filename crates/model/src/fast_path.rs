@@ -18,6 +18,9 @@ pub(crate) enum FastPath {
     /// The flash-attention forward kernel inside the chunked core (`GPTOSS_NO_FLASH_FWD`).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     FlashForward,
+    /// The flash-attention backward kernels after the flash forward (`GPTOSS_NO_FLASH_BWD`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    FlashBackward,
 }
 
 impl FastPath {
@@ -27,12 +30,13 @@ impl FastPath {
             Self::ChunkedAttention => "GPTOSS_NO_CHUNKED_ATTN",
             Self::Elementwise => "GPTOSS_NO_FUSED_ELEMENTWISE",
             Self::FlashForward => "GPTOSS_NO_FLASH_FWD",
+            Self::FlashBackward => "GPTOSS_NO_FLASH_BWD",
         }
     }
 
     /// Whether this path is used for `t` (on CUDA and not switched off).
     pub(crate) fn on_for(self, t: &Tensor) -> bool {
-        static OFF: [OnceLock<bool>; 4] = [const { OnceLock::new() }; 4];
+        static OFF: [OnceLock<bool>; 5] = [const { OnceLock::new() }; 5];
         t.device().is_cuda()
             && !*OFF[self as usize].get_or_init(|| std::env::var_os(self.off_var()).is_some())
     }

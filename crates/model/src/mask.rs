@@ -26,6 +26,8 @@ pub struct AttnContext {
     /// Batch size B.
     pub batch: usize,
     window: Option<usize>,
+    /// The masks hide exactly the causal / sliding-window keys (no padding, no packed sequences).
+    structural: bool,
 }
 
 impl AttnContext {
@@ -158,6 +160,7 @@ impl AttnContext {
             seq_len,
             batch,
             window,
+            structural: pad.is_none() && segments.is_none(),
         };
         let spec = MaskSpec {
             past_len,
@@ -196,6 +199,13 @@ impl AttnContext {
     /// The sliding window of the config.
     pub fn window(&self) -> Option<usize> {
         self.window
+    }
+
+    /// Whether the masks hide exactly the causal (and, for sliding layers, window) keys: built
+    /// without an `attention_mask` and without packed sequences. Kernels may then derive the mask
+    /// from positions instead of reading it ([`crate::sink_attention_structural`]).
+    pub fn mask_is_structural(&self) -> bool {
+        self.structural
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! For each batch size: random prompts of `--prompt` tokens, greedy decoding of `--new` tokens with no
 //! stop token; prints the prefill time and the decode throughput (generated tokens of all rows per
-//! second, after the prefill step). Experts are MXFP4-resident by default (dequantized per layer at every
-//! step — slow for decoding, where the weights dominate); `--dense-experts` keeps them bf16.
+//! second, after the prefill step). Experts are MXFP4-resident by default (each routed expert is
+//! decoded inside the grouped matmul at every step); `--dense-experts` keeps them bf16.
 //!
 //! ```text
 //! bench_generate [--batch 1,8] [--prompt 128] [--new 64] [--dense-experts] [--layers N] [--cpu --tiny]

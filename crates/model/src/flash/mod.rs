@@ -122,6 +122,22 @@ fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> candle_core::Result<C
     Ok(s.as_cuda_slice::<bf16>()?.slice(a..b))
 }
 
+/// The q, k, v storages of a custom op call: their dims, the device and the bf16 views.
+type Views<'a> = (CudaView<'a, bf16>, CudaView<'a, bf16>, CudaView<'a, bf16>);
+
+fn inputs<'a>(
+    q: (&'a CudaStorage, &Layout),
+    k: (&'a CudaStorage, &Layout),
+    v: (&'a CudaStorage, &Layout),
+) -> candle_core::Result<(Dims, CudaDevice, Views<'a>)> {
+    let views = (
+        view(q.0, q.1, "flash attention: q")?,
+        view(k.0, k.1, "flash attention: k")?,
+        view(v.0, v.1, "flash attention: v")?,
+    );
+    Ok((Dims::of(q.1, k.1)?, q.0.device().clone(), views))
+}
+
 impl FlashFwd {
     /// With the additive `mask` `[B or 1, 1, T, Tk]` (causal / sliding as [`crate::sink_attention`]
     /// requires; `None`: every key visible, `window` ignored), `sinks` `[nh]`, `scale`, `window`.
@@ -207,13 +223,7 @@ impl CustomOp3 for FlashFwd {
         vs: &CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dm = Dims::of(ql, kl)?;
-        let dev = qs.device().clone();
-        let (qv, kv, vv) = (
-            view(qs, ql, "flash attention: q")?,
-            view(ks, kl, "flash attention: k")?,
-            view(vs, vl, "flash attention: v")?,
-        );
+        let (dm, dev, (qv, kv, vv)) = inputs((qs, ql), (ks, kl), (vs, vl))?;
         let (sg, sl) = self.sinks.storage_and_layout();
         let (s0, s1) = contiguous_range(sl, "flash attention: sinks")?;
         let sv = cuda_of(&sg, "flash attention: sinks")?
@@ -309,7 +319,7 @@ impl FlashBwd<'_> {
     fn launch(
         &self,
         dev: &CudaDevice,
-        (q, k, v): (CudaView<'_, bf16>, CudaView<'_, bf16>, CudaView<'_, bf16>),
+        (q, k, v): Views<'_>,
         dm: Dims,
     ) -> candle_core::Result<CudaStorage> {
         let (og, ol) = self.o.storage_and_layout();
@@ -424,13 +434,7 @@ impl CustomOp3 for FlashBwd<'_> {
         vs: &CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dm = Dims::of(ql, kl)?;
-        let dev = qs.device().clone();
-        let views = (
-            view(qs, ql, "flash backward: q")?,
-            view(ks, kl, "flash backward: k")?,
-            view(vs, vl, "flash backward: v")?,
-        );
+        let (dm, dev, views) = inputs((qs, ql), (ks, kl), (vs, vl))?;
         let out = self.launch(&dev, views, dm)?;
         let n = dm.b * dm.nh * dm.t * 64 + 2 * dm.b * dm.nkv * dm.tk * 64;
         Ok((out, Shape::from(n)))

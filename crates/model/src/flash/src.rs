@@ -24,6 +24,18 @@ __device__ __forceinline__ void cp16(void* smem, const void* gmem, int bytes) {
 #define LDS 36  // u32 per shared row: 64 bf16 + 8 bf16 padding (no bank conflicts)
 #define LOG2E 1.4426950408889634f
 
+// The A operand (16 rows × 16 k) made of the C fragments of n-tiles 2·kk and 2·kk + 1, rounded to bf16.
+__device__ __forceinline__ void a_from_c(const float (*c)[4], int kk, u32* a) {
+    a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+// Elements (row, col) and (row + 1, col) of a padded bf16 shared tile as one operand register.
+__device__ __forceinline__ u32 pair16(const u16* tile, int row, int col) {
+    return (u32)tile[row * (2 * LDS) + col] | ((u32)tile[(row + 1) * (2 * LDS) + col] << 16);
+}
+
 // q [B, nh, t, 64], k/v [B, nkv, tk, 64], sinks [nh] f32, out [B, t, nh, 64] (all bf16 but sinks).
 // mode 0: every key visible; 1: additive mask [mb, 1, t, tk] (causal / sliding structure assumed
 // for the key range); 2: causal (+ window > 0) derived from positions, mask unused.
@@ -145,18 +157,11 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16(
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             u32 pa[4];
-            pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            a_from_c(s, kk, pa);
             const int kr = 16 * kk + 2 * tq;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int dcol = 8 * j + g;
-                const u32 b0 = (u32)vs16[kr * (2 * LDS) + dcol] | ((u32)vs16[(kr + 1) * (2 * LDS) + dcol] << 16);
-                const u32 b1 = (u32)vs16[(kr + 8) * (2 * LDS) + dcol] | ((u32)vs16[(kr + 9) * (2 * LDS) + dcol] << 16);
-                mma(o[j], pa, b0, b1);
-            }
+            for (int j = 0; j < 8; ++j)
+                mma(o[j], pa, pair16(vs16, kr, 8 * j + g), pair16(vs16, kr + 8, 8 * j + g));
         }
         __syncthreads();  // this buffer is staged again two tiles later
     }
@@ -311,18 +316,11 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 u32 pa[4];
-                pa[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-                pa[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-                pa[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                pa[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+                a_from_c(st, kk, pa);
                 const int qr = 16 * kk + 2 * tq;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const int dc = 8 * j + g;
-                    const u32 b0 = (u32)dos16[qr * (2 * LDS) + dc] | ((u32)dos16[(qr + 1) * (2 * LDS) + dc] << 16);
-                    const u32 b1 = (u32)dos16[(qr + 8) * (2 * LDS) + dc] | ((u32)dos16[(qr + 9) * (2 * LDS) + dc] << 16);
-                    mma(dva[j], pa, b0, b1);
-                }
+                for (int j = 0; j < 8; ++j)
+                    mma(dva[j], pa, pair16(dos16, qr, 8 * j + g), pair16(dos16, qr + 8, 8 * j + g));
             }
             // dPᵀ = V dOᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ − D) · scale (kept in dp).
             float dp[8][4];
@@ -342,22 +340,15 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 u32 pa[4];
-                pa[0] = pack_bf16(dp[2 * kk][0], dp[2 * kk][1]);
-                pa[1] = pack_bf16(dp[2 * kk][2], dp[2 * kk][3]);
-                pa[2] = pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-                pa[3] = pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+                a_from_c(dp, kk, pa);
                 dss[(warp * 16 + g) * LDS + 8 * kk + tq] = pa[0];
                 dss[(warp * 16 + g + 8) * LDS + 8 * kk + tq] = pa[1];
                 dss[(warp * 16 + g) * LDS + 8 * kk + 4 + tq] = pa[2];
                 dss[(warp * 16 + g + 8) * LDS + 8 * kk + 4 + tq] = pa[3];
                 const int qr = 16 * kk + 2 * tq;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const int dc = 8 * j + g;
-                    const u32 b0 = (u32)qs16[qr * (2 * LDS) + dc] | ((u32)qs16[(qr + 1) * (2 * LDS) + dc] << 16);
-                    const u32 b1 = (u32)qs16[(qr + 8) * (2 * LDS) + dc] | ((u32)qs16[(qr + 9) * (2 * LDS) + dc] << 16);
-                    mma(dka[j], pa, b0, b1);
-                }
+                for (int j = 0; j < 8; ++j)
+                    mma(dka[j], pa, pair16(qs16, qr, 8 * j + g), pair16(qs16, qr + 8, 8 * j + g));
             }
             __syncthreads();
             // dQ rows of this warp (16 queries) over the block's 64 keys: A[q][key] = dSᵀ[key][q].
@@ -368,18 +359,11 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 const int kr = 16 * kk + 2 * tq;
-                u32 a[4];
-                a[0] = (u32)dss16[kr * (2 * LDS) + qw + g] | ((u32)dss16[(kr + 1) * (2 * LDS) + qw + g] << 16);
-                a[1] = (u32)dss16[kr * (2 * LDS) + qw + g + 8] | ((u32)dss16[(kr + 1) * (2 * LDS) + qw + g + 8] << 16);
-                a[2] = (u32)dss16[(kr + 8) * (2 * LDS) + qw + g] | ((u32)dss16[(kr + 9) * (2 * LDS) + qw + g] << 16);
-                a[3] = (u32)dss16[(kr + 8) * (2 * LDS) + qw + g + 8] | ((u32)dss16[(kr + 9) * (2 * LDS) + qw + g + 8] << 16);
+                const u32 a[4] = {pair16(dss16, kr, qw + g), pair16(dss16, kr, qw + g + 8),
+                                  pair16(dss16, kr + 8, qw + g), pair16(dss16, kr + 8, qw + g + 8)};
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const int dc = 8 * j + g;
-                    const u32 b0 = (u32)kss16[kr * (2 * LDS) + dc] | ((u32)kss16[(kr + 1) * (2 * LDS) + dc] << 16);
-                    const u32 b1 = (u32)kss16[(kr + 8) * (2 * LDS) + dc] | ((u32)kss16[(kr + 9) * (2 * LDS) + dc] << 16);
-                    mma(dqa[j], a, b0, b1);
-                }
+                for (int j = 0; j < 8; ++j)
+                    mma(dqa[j], a, pair16(kss16, kr, 8 * j + g), pair16(kss16, kr + 8, 8 * j + g));
             }
             const int qa0 = q0 + qw + g, qa1 = qa0 + 8;
 #pragma unroll

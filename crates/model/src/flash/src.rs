@@ -31,9 +31,23 @@ __device__ __forceinline__ void a_from_c(const float (*c)[4], int kk, u32* a) {
     a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
     a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
-// Elements (row, col) and (row + 1, col) of a padded bf16 shared tile as one operand register.
-__device__ __forceinline__ u32 pair16(const u16* tile, int row, int col) {
-    return (u32)tile[row * (2 * LDS) + col] | ((u32)tile[(row + 1) * (2 * LDS) + col] << 16);
+// ldmatrix.x4.trans: four 8×8 bf16 blocks of a padded shared tile, transposed; lane l gives the
+// address of row (l & 7) of block (l >> 3).
+__device__ __forceinline__ void ldsm4t(u32* r, const u16* p) {
+    const u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+// B fragments with B[k][n] = tile[k][n], k = k0..k0+15: r[0], r[1] for the n-tile at column n0,
+// r[2], r[3] for the one at n0 + 8.
+__device__ __forceinline__ void b_pairs(const u16* tile, int k0, int n0, u32* r) {
+    const int lane = threadIdx.x & 31, m = lane >> 3, i = lane & 7;
+    ldsm4t(r, tile + (k0 + (m & 1) * 8 + i) * (2 * LDS) + n0 + (m >> 1) * 8);
+}
+// The A fragment (16 rows × 16 k) with A[row][k] = tile[k0 + k][r0 + row].
+__device__ __forceinline__ void a_trans(const u16* tile, int k0, int r0, u32* r) {
+    const int lane = threadIdx.x & 31, m = lane >> 3, i = lane & 7;
+    ldsm4t(r, tile + (k0 + (m >> 1) * 8 + i) * (2 * LDS) + r0 + (m & 1) * 8);
 }
 
 // q [B, nh, t, 64], k/v [B, nkv, tk, 64], sinks [nh] f32, out [B, t, nh, 64] (all bf16 but sinks).
@@ -153,15 +167,18 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16(
             l0 += s[j][0] + s[j][1];
             l1 += s[j][2] + s[j][3];
         }
-        // O += P V: B[k = key][n = dim] = V[key][dim], keys paired from the row-major tile.
+        // O += P V: B[k = key][n = dim] = V[key][dim], transposed out of the row-major tile (ldmatrix).
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             u32 pa[4];
             a_from_c(s, kk, pa);
-            const int kr = 16 * kk + 2 * tq;
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                mma(o[j], pa, pair16(vs16, kr, 8 * j + g), pair16(vs16, kr + 8, 8 * j + g));
+            for (int j = 0; j < 8; j += 2) {
+                u32 bv[4];
+                b_pairs(vs16, 16 * kk, 8 * j, bv);
+                mma(o[j], pa, bv[0], bv[1]);
+                mma(o[j + 1], pa, bv[2], bv[3]);
+            }
         }
         __syncthreads();  // this buffer is staged again two tiles later
     }
@@ -317,10 +334,13 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
             for (int kk = 0; kk < 4; ++kk) {
                 u32 pa[4];
                 a_from_c(st, kk, pa);
-                const int qr = 16 * kk + 2 * tq;
 #pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    mma(dva[j], pa, pair16(dos16, qr, 8 * j + g), pair16(dos16, qr + 8, 8 * j + g));
+                for (int j = 0; j < 8; j += 2) {
+                    u32 bv[4];
+                    b_pairs(dos16, 16 * kk, 8 * j, bv);
+                    mma(dva[j], pa, bv[0], bv[1]);
+                    mma(dva[j + 1], pa, bv[2], bv[3]);
+                }
             }
             // dPᵀ = V dOᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ − D) · scale (kept in dp).
             float dp[8][4];
@@ -345,10 +365,13 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
                 dss[(warp * 16 + g + 8) * LDS + 8 * kk + tq] = pa[1];
                 dss[(warp * 16 + g) * LDS + 8 * kk + 4 + tq] = pa[2];
                 dss[(warp * 16 + g + 8) * LDS + 8 * kk + 4 + tq] = pa[3];
-                const int qr = 16 * kk + 2 * tq;
 #pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    mma(dka[j], pa, pair16(qs16, qr, 8 * j + g), pair16(qs16, qr + 8, 8 * j + g));
+                for (int j = 0; j < 8; j += 2) {
+                    u32 bq[4];
+                    b_pairs(qs16, 16 * kk, 8 * j, bq);
+                    mma(dka[j], pa, bq[0], bq[1]);
+                    mma(dka[j + 1], pa, bq[2], bq[3]);
+                }
             }
             __syncthreads();
             // dQ rows of this warp (16 queries) over the block's 64 keys: A[q][key] = dSᵀ[key][q].
@@ -358,12 +381,15 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
             const int qw = warp * 16;
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                const int kr = 16 * kk + 2 * tq;
-                const u32 a[4] = {pair16(dss16, kr, qw + g), pair16(dss16, kr, qw + g + 8),
-                                  pair16(dss16, kr + 8, qw + g), pair16(dss16, kr + 8, qw + g + 8)};
+                u32 a[4];
+                a_trans(dss16, 16 * kk, qw, a);
 #pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    mma(dqa[j], a, pair16(kss16, kr, 8 * j + g), pair16(kss16, kr + 8, 8 * j + g));
+                for (int j = 0; j < 8; j += 2) {
+                    u32 bk[4];
+                    b_pairs(kss16, 16 * kk, 8 * j, bk);
+                    mma(dqa[j], a, bk[0], bk[1]);
+                    mma(dqa[j + 1], a, bk[2], bk[3]);
+                }
             }
             const int qa0 = q0 + qw + g, qa1 = qa0 + 8;
 #pragma unroll

@@ -1,8 +1,8 @@
 //! Training-step benchmark of LoRA fine-tuning on the gpt-oss-20b architecture (the GPU path).
 //!
 //! Builds gpt-oss-20b with random weights directly on the device — experts as random MXFP4
-//! blocks/scales kept packed and dequantized one layer at a time (as a checkpoint stores them),
-//! everything else bf16 — applies the cookbook LoRA (r 8, α 16, all attention linears + both expert
+//! blocks/scales kept packed (as a checkpoint stores them) and decoded per routed expert inside the
+//! grouped matmul, everything else bf16 — applies the cookbook LoRA (r 8, α 16, all attention linears + both expert
 //! weights of layers 7/15/23), and times full optimizer steps (forward + backward through
 //! `gptoss_sft::trainer::forward_backward`, `clip_grad_norm(1.0)`, AdamW) on random token sequences,
 //! batch 1, with and without per-layer gradient checkpointing. Prints per configuration the median
@@ -69,7 +69,8 @@ struct Args {
     #[arg(long)]
     check: bool,
     /// After the timed steps: a forward-only breakdown of one decoder layer (attention block, MoE
-    /// block, expert dequantization) at each sequence length, device-synchronized around each piece.
+    /// block, decoding all experts of the layer alone) at each sequence length, device-synchronized
+    /// around each piece.
     #[arg(long)]
     breakdown: bool,
     /// Keep freed memory in CUDA's default pool (release threshold = unlimited) instead of returning
@@ -469,7 +470,7 @@ fn breakdown(model: &GptOssForCausalLM, seq: usize, l: usize) -> BoxResult<()> {
     );
     println!(
         "breakdown seq {seq} layer {l} (forward only, no autograd, ms): rmsnorm {:.2} | attention block {:.2} | \
-         router {:.2} | experts {:.2} (of which MXFP4 dequant {:.2}) | whole layer {:.2} | x{} layers = {:.1}",
+         router {:.2} | experts {:.2} (decoding all experts alone {:.2}) | whole layer {:.2} | x{} layers = {:.1}",
         t_norm * 1e3,
         t_attn * 1e3,
         t_route * 1e3,

@@ -99,16 +99,12 @@ impl PackedExperts {
     /// contiguous `[E, out, in]` result; candle's matmul takes each `[in, out]` slice as a transposed
     /// operand without copying).
     pub fn dequantize(&self, p: ExpertParam, dtype: DType) -> Result<Tensor> {
-        let (b, s) = match p {
-            ExpertParam::GateUp => (&self.gate_up_blocks, &self.gate_up_scales),
-            ExpertParam::Down => (&self.down_blocks, &self.down_scales),
-        };
-        let dense = gptoss_mxfp4::dequantize(b, s, dtype, gptoss_mxfp4::Layout::Checkpoint)
+        self.grouped_weight(p, dtype)
+            .dense()
             .map_err(|err| ModelError::Mxfp4 {
                 name: p.name().to_string(),
                 reason: err.to_string(),
-            })?;
-        Ok(dense.transpose(1, 2)?)
+            })
     }
 
     /// The parameter as the MoE's grouped matmul takes it: still packed, dequantized to `dtype` one

@@ -159,11 +159,8 @@ impl FlashFwd {
             structural,
             sinks: sinks.to_dtype(DType::F32)?.contiguous()?,
             scale: scale as f32,
-            window: if mask.is_some() {
-                window.unwrap_or(0)
-            } else {
-                0
-            },
+            // without a mask the kernels ignore the window (every key is visible)
+            window: window.unwrap_or(0),
             lse: Mutex::new(None),
         })
     }

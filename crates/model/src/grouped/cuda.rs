@@ -49,7 +49,7 @@ struct Lane {
 }
 
 /// The lanes of a device, created on first use and kept for the process.
-fn lanes(dev: &CudaDevice, n: usize) -> candle_core::Result<Arc<Vec<Lane>>> {
+fn lanes(dev: &CudaDevice) -> candle_core::Result<Arc<Vec<Lane>>> {
     static LANES: OnceLock<Mutex<HashMap<DeviceId, Arc<Vec<Lane>>>>> = OnceLock::new();
     let mut map = LANES
         .get_or_init(|| Mutex::new(HashMap::new()))
@@ -59,6 +59,7 @@ fn lanes(dev: &CudaDevice, n: usize) -> candle_core::Result<Arc<Vec<Lane>>> {
         return Ok(l.clone());
     }
     let ctx = dev.cuda_stream().context().clone();
+    let n = lane_count();
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         let stream = ctx.new_stream().w()?;
@@ -93,7 +94,6 @@ fn raw<'a>(
         DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(stream),
         DType::BF16 => s.as_cuda_slice::<bf16>()?.device_ptr(stream),
         DType::F16 => s.as_cuda_slice::<f16>()?.device_ptr(stream),
-        DType::U8 => s.as_cuda_slice::<u8>()?.device_ptr(stream),
         d => candle_core::bail!("grouped_matmul: dtype {d:?} is not supported on CUDA"),
     })
 }
@@ -190,13 +190,13 @@ enum Source<'a> {
         stride: [usize; 3],
     },
     /// MXFP4 blocks/scales storages: expert `e` is bytes `b0 + e·per_expert ..` of the blocks,
-    /// dequantized as a `[rows, cols]` row-major matrix into the lane's scratch.
+    /// dequantized as a `[rows, cols]` row-major matrix (`2 · per_expert` values) into the lane's
+    /// scratch.
     Packed {
         blocks: &'a CudaStorage,
         scales: &'a CudaStorage,
         b0: usize,
         per_expert: usize,
-        elems: usize,
         strides: (usize, usize),
     },
 }
@@ -262,11 +262,8 @@ pub(super) fn grouped(
     w: &GroupedWeight,
     spans: &Spans,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
-    let (m, k) = l.shape().dims2()?;
-    let (e_count, k2, n) = w.dims()?;
-    if k != k2 {
-        candle_core::bail!("grouped_matmul: x is [{m}, {k}] but the weight takes {k2} inputs");
-    }
+    let (m, k) = l.shape().dims2()?; // k matches the weight: checked by `grouped_matmul`
+    let (e_count, _, n) = w.dims()?;
     let Some((x0, _)) = l.contiguous_offsets() else {
         candle_core::bail!("grouped_matmul: x must be contiguous");
     };
@@ -338,7 +335,6 @@ pub(super) fn grouped(
                 scales: cuda_of(ss, "grouped_matmul scales")?,
                 b0,
                 per_expert: rows * cols / 2,
-                elems: rows * cols,
                 // `[rows, cols]` row-major used as `[cols, rows]`: (i, o) → o·cols + i; or transposed.
                 strides: if *transposed { (cols, 1) } else { (1, cols) },
             }
@@ -346,26 +342,29 @@ pub(super) fn grouped(
     };
     let busy = spans.iter().filter(|sp| sp.2 > 0).count();
     let n_lanes = lane_count().min(busy).max(1);
-    let mut scratch = Vec::with_capacity(n_lanes);
-    if let Source::Packed { elems, .. } = &source {
+    let work = assign(spans, n_lanes);
+    let mut scratch = Vec::new();
+    if let Source::Packed { per_expert, .. } = &source {
         for _ in 0..n_lanes {
             // SAFETY: each span's dequantization writes the whole matrix before its GEMM reads it.
-            scratch.push(unsafe { dev.alloc_uninit(&Shape::from(*elems), dtype)? });
+            scratch.push(unsafe { dev.alloc_uninit(&Shape::from(2 * per_expert), dtype)? });
         }
     }
-    let mut scratch = scratch.iter_mut().map(Some).collect::<Vec<_>>();
-    scratch.resize_with(n_lanes, || None);
     if n_lanes == 1 {
         let handle = *dev.cublas_handle().handle();
-        let all: Vec<_> = spans.iter().copied().filter(|sp| sp.2 > 0).collect();
-        source.run(&gemm, &all, &main, handle, scratch[0].take())?;
+        source.run(&gemm, &work[0], &main, handle, scratch.first_mut())?;
     } else {
-        let lanes = lanes(&dev, lane_count())?;
-        let work = assign(spans, n_lanes);
-        for (lane, (part, scr)) in lanes.iter().zip(work.iter().zip(scratch.iter_mut())) {
+        let lanes = lanes(&dev)?;
+        for (i, (lane, part)) in lanes.iter().zip(&work).enumerate() {
             // the lane starts after everything enqueued so far (x, out and the scratch exist)
             lane.stream.join(&main).w()?;
-            source.run(&gemm, part, &lane.stream, *lane.blas.handle(), scr.take())?;
+            source.run(
+                &gemm,
+                part,
+                &lane.stream,
+                *lane.blas.handle(),
+                scratch.get_mut(i),
+            )?;
         }
         for lane in lanes.iter().take(n_lanes) {
             main.join(&lane.stream).w()?;

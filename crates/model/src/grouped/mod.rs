@@ -84,7 +84,7 @@ impl GroupedWeight {
     }
 
     /// The whole weight as a dense `[E, in, out]` tensor (dequantized here when packed).
-    fn dense(&self) -> candle_core::Result<Tensor> {
+    pub(crate) fn dense(&self) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => Ok(w.clone()),
             Self::Packed {

@@ -115,11 +115,7 @@ impl ExpertAdapter for LoraExperts {
         spans: &[(usize, usize, usize)],
     ) -> candle_core::Result<Tensor> {
         if x.device().is_cpu() {
-            let mut parts = Vec::with_capacity(spans.len());
-            for &(e, off, len) in spans {
-                parts.push(self.delta(e, &x.narrow(0, off, len)?)?);
-            }
-            return Tensor::cat(&parts, 0);
+            return gptoss_model::hooks::delta_per_expert(self, x, spans);
         }
         self.masked_delta(x, spans)
     }

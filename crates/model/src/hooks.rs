@@ -35,18 +35,28 @@ pub trait ExpertAdapter: Send + Sync + std::fmt::Debug {
 
     /// All routed rows at once: `x` `[M, in]` (run dtype) whose rows `off..off + len` go to expert
     /// `e` for each `(e, off, len)` of `spans` (the spans tile `0..M` in order) → `[M, out]` in x's
-    /// dtype. The default calls [`Self::delta`] per span and concatenates.
+    /// dtype. The default is [`delta_per_expert`].
     fn delta_grouped(
         &self,
         x: &Tensor,
         spans: &[(usize, usize, usize)],
     ) -> candle_core::Result<Tensor> {
-        let mut parts = Vec::with_capacity(spans.len());
-        for &(e, off, len) in spans {
-            parts.push(self.delta(e, &x.narrow(0, off, len)?)?);
-        }
-        Tensor::cat(&parts, 0)
+        delta_per_expert(self, x, spans)
     }
+}
+
+/// [`ExpertAdapter::delta_grouped`] by [`ExpertAdapter::delta`] on each span, concatenated (the
+/// default; adapters with a batched form can fall back to it).
+pub fn delta_per_expert<A: ExpertAdapter + ?Sized>(
+    adapter: &A,
+    x: &Tensor,
+    spans: &[(usize, usize, usize)],
+) -> candle_core::Result<Tensor> {
+    let mut parts = Vec::with_capacity(spans.len());
+    for &(e, off, len) in spans {
+        parts.push(adapter.delta(e, &x.narrow(0, off, len)?)?);
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// Which 3-D expert parameter.

@@ -269,10 +269,15 @@ impl GptOssForCausalLM {
     ) -> Result<HiddenOutput> {
         let (b, t) = self.check_ids(input_ids)?;
         let ctx = self.attention_context(b, t, 0, attention_mask)?;
+        self.hidden_in(input_ids, &ctx)
+    }
+
+    /// Embeddings, every decoder layer under `ctx` and the final norm.
+    fn hidden_in(&self, input_ids: &Tensor, ctx: &AttnContext) -> Result<HiddenOutput> {
         let mut h = self.embed(input_ids)?;
         let mut router_logits = Vec::with_capacity(self.model.layers.len());
         for i in 0..self.model.layers.len() {
-            let out = self.layer_forward(i, &h, &ctx)?;
+            let out = self.layer_forward(i, &h, ctx)?;
             h = out.hidden;
             router_logits.push(out.router_logits);
         }
@@ -293,11 +298,7 @@ impl GptOssForCausalLM {
             ));
         }
         let ctx = self.packed_attention_context(seq_lens)?;
-        let mut h = self.embed(input_ids)?;
-        for i in 0..self.model.layers.len() {
-            h = self.layer_forward(i, &h, &ctx)?.hidden;
-        }
-        self.lm_head(&self.final_hidden(&h)?)
+        self.lm_head(&self.hidden_in(input_ids, &ctx)?.hidden)
     }
 
     /// `input_ids` `[B, T]` u32; `attention_mask` `[B, T]` (1 = token, 0 = pad) optional → logits `[B, T, V]` f32.

@@ -31,6 +31,18 @@ __device__ __forceinline__ void a_from_c(const float (*c)[4], int kk, u32* a) {
     a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
     a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
+// acc[j] (8 n-tiles of 8) = A · Bᵀ over 64 k: A fragments a[kk] (16 rows), B[n][k] the u32 rows
+// (bf16 pairs along k) of a padded shared tile.
+__device__ __forceinline__ void mma_rows(float (*acc)[4], const u32 (*a)[4], const u32* tile) {
+    const int g = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            mma(acc[j], a[kk], tile[(8 * j + g) * LDS + 8 * kk + tq], tile[(8 * j + g) * LDS + 8 * kk + 4 + tq]);
+    }
+}
 // ldmatrix.x4.trans: four 8×8 bf16 blocks of a padded shared tile, transposed; lane l gives the
 // address of row (l & 7) of block (l >> 3).
 __device__ __forceinline__ void ldsm4t(u32* r, const u16* p) {
@@ -117,16 +129,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16(
         const u32* kst = ks[buf];
         const u16* vs16 = (const u16*)vs[buf];
         float s[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                const u32 b0 = kst[(8 * j + g) * LDS + 8 * kk + tq];
-                const u32 b1 = kst[(8 * j + g) * LDS + 8 * kk + 4 + tq];
-                mma(s[j], qa[kk], b0, b1);
-            }
-        }
+        mma_rows(s, qa, kst);
         // Whether every key of the tile is visible to every row of this warp (no per-element test).
         const int wr0 = q0 + warp * 16, wr1 = min(wr0 + 15, t - 1);
         const bool full = k0 + BC <= kend && wr1 >= wr0 && wr1 < t
@@ -307,15 +310,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
             __syncthreads();
             // Sᵀ (16 keys × 64 queries) and Pᵀ.
             float st[8][4];
+            mma_rows(st, ka, qs);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < 4; ++kk) {
-                    const u32 b0 = qs[(8 * j + g) * LDS + 8 * kk + tq];
-                    const u32 b1 = qs[(8 * j + g) * LDS + 8 * kk + 4 + tq];
-                    mma(st[j], ka[kk], b0, b1);
-                }
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     const int key = c < 2 ? kr0 : kr1;
@@ -344,15 +341,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
             }
             // dPᵀ = V dOᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ − D) · scale (kept in dp).
             float dp[8][4];
+            mma_rows(dp, va, dos);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < 4; ++kk) {
-                    const u32 b0 = dos[(8 * j + g) * LDS + 8 * kk + tq];
-                    const u32 b1 = dos[(8 * j + g) * LDS + 8 * kk + 4 + tq];
-                    mma(dp[j], va[kk], b0, b1);
-                }
 #pragma unroll
                 for (int c = 0; c < 4; ++c) dp[j][c] = st[j][c] * (dp[j][c] - d_s[8 * j + 2 * tq + (c & 1)]) * scale;
             }

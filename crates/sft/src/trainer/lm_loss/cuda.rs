@@ -47,8 +47,7 @@ __device__ __forceinline__ Acc merge(Acc a, Acc b) {
     return r;
 }
 
-__device__ Acc block_merge(Acc a, Acc* sh) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+__device__ __forceinline__ Acc warp_merge(Acc a) {
     for (int o = 16; o > 0; o >>= 1) {
         Acc b;
         b.m = __shfl_xor_sync(0xffffffffu, a.m, o);
@@ -57,20 +56,18 @@ __device__ Acc block_merge(Acc a, Acc* sh) {
         b.d = __shfl_xor_sync(0xffffffffu, a.d, o);
         a = merge(a, b);
     }
+    return a;
+}
+
+__device__ Acc block_merge(Acc a, Acc* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    a = warp_merge(a);
     if (lane == 0) sh[w] = a;
     __syncthreads();
     if (w == 0) {
         Acc e;
         e.m = __int_as_float(0xff800000); e.i = 0x7fffffff; e.s = 0.0; e.d = 0.0;
-        a = lane < nw ? sh[lane] : e;
-        for (int o = 16; o > 0; o >>= 1) {
-            Acc b;
-            b.m = __shfl_xor_sync(0xffffffffu, a.m, o);
-            b.i = __shfl_xor_sync(0xffffffffu, a.i, o);
-            b.s = __shfl_xor_sync(0xffffffffu, a.s, o);
-            b.d = __shfl_xor_sync(0xffffffffu, a.d, o);
-            a = merge(a, b);
-        }
+        a = warp_merge(lane < nw ? sh[lane] : e);
         if (lane == 0) sh[32] = a;
     }
     __syncthreads();

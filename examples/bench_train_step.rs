@@ -21,11 +21,13 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
 use gptoss_lora::{LoraConfig, LoraModel};
+use gptoss_model::profile::scope;
 use gptoss_model::{init_random, init_random_packed, Config, GptOssForCausalLM};
 use gptoss_sft::optim::{AdamW, AdamWConfig, Gradients};
 use gptoss_sft::trainer::{forward_backward, BackwardOptions, MicroBatch};
 
-type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+type BoxError = Box<dyn std::error::Error>;
+type BoxResult<T> = Result<T, BoxError>;
 
 #[derive(Parser, Debug)]
 #[command(about = "Median LoRA training-step time, tokens/s and peak memory of gpt-oss")]
@@ -256,16 +258,21 @@ fn step(
     };
     dev.synchronize()?;
     let t0 = Instant::now();
-    let out = forward_backward(model, vars, &batch, &opts)?;
+    let out = scope("step.forward_backward", dev, || {
+        forward_backward(model, vars, &batch, &opts).map_err(BoxError::from)
+    })?;
     let mut grads = Gradients::new(vars.len());
     for (i, g) in out.grads.into_iter().enumerate() {
         if let Some(g) = g {
             grads.set(i, g)?;
         }
     }
-    grads.clip_grad_norm(1.0)?;
-    opt.step(&grads, lr)?;
-    dev.synchronize()?;
+    scope("step.clip+adamw", dev, || -> BoxResult<()> {
+        grads.clip_grad_norm(1.0)?;
+        opt.step(&grads, lr)?;
+        Ok(())
+    })?;
+    scope("step.final_sync", dev, || dev.synchronize())?;
     Ok(StepStats {
         secs: t0.elapsed().as_secs_f64(),
         loss: out.nll_sum / out.count.max(1) as f64,
@@ -490,9 +497,11 @@ fn print_profile(steps: usize) {
     if rows.is_empty() {
         return;
     }
-    println!(
-        "profile (GPTOSS_PROFILE=1, device-synchronized, per step over the {steps} timed steps):"
-    );
+    let how = match gptoss_model::profile::mode() {
+        gptoss_model::profile::Mode::Host => "host time to enqueue (and block), not synchronized",
+        _ => "device-synchronized",
+    };
+    println!("profile (GPTOSS_PROFILE, {how}, per step over the {steps} timed steps):");
     for (label, secs, calls) in rows {
         println!(
             "  {label:<20} {:>9.2} ms  {:>6} calls/step",

@@ -1,9 +1,12 @@
-//! Opt-in wall-clock profile of the pieces of a step (`GPTOSS_PROFILE=1`).
+//! Opt-in wall-clock profile of the pieces of a step (`GPTOSS_PROFILE=1` or `GPTOSS_PROFILE=host`).
 //!
-//! [`scope`] runs a closure; when profiling is on it synchronizes the device before and after and
-//! adds the elapsed time to a per-label total, so host work, host↔device syncs and kernel time of a
-//! piece all show up (nsys is not available on every GPU machine; ncu only gives kernel times). Off
-//! (the default) it is a plain call. [`report`] returns the totals, [`reset`] clears them.
+//! [`scope`] runs a closure and adds the elapsed time to a per-label total. With `GPTOSS_PROFILE=1`
+//! it synchronizes the device before and after, so host work, host↔device syncs and kernel time of a
+//! piece all show up (nsys is not available on every GPU machine; ncu only gives kernel times). With
+//! `GPTOSS_PROFILE=host` it does not synchronize: the totals are the host's time to enqueue each
+//! piece plus any time it blocks inside it (a device→host copy), which tells a launch-bound step
+//! from a kernel-bound one. Off (the default) it is a plain call. [`report`] returns the totals,
+//! [`reset`] clears them.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
@@ -11,9 +14,25 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("GPTOSS_PROFILE").is_some_and(|v| v != "0"))
+/// What [`scope`] does, from `GPTOSS_PROFILE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Unset or `0`: a plain call.
+    Off,
+    /// `host`: host-side time, no synchronization.
+    Host,
+    /// Anything else: device-synchronized time.
+    Synced,
+}
+
+/// The mode chosen by `GPTOSS_PROFILE` (read once).
+pub fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("GPTOSS_PROFILE").as_deref() {
+        Err(_) | Ok("0") | Ok("") => Mode::Off,
+        Ok("host") => Mode::Host,
+        Ok(_) => Mode::Synced,
+    })
 }
 
 fn table() -> &'static Mutex<BTreeMap<&'static str, (f64, u64)>> {
@@ -21,19 +40,25 @@ fn table() -> &'static Mutex<BTreeMap<&'static str, (f64, u64)>> {
     T.get_or_init(|| Mutex::new(BTreeMap::new()))
 }
 
-/// Runs `f`, timed under `label` (device-synchronized) when `GPTOSS_PROFILE` is set.
+/// Runs `f`, timed under `label` when `GPTOSS_PROFILE` is set (see [`Mode`]).
 pub fn scope<T, E: From<candle_core::Error>>(
     label: &'static str,
     dev: &Device,
     f: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
-    if !enabled() {
-        return f();
+    let synced = match mode() {
+        Mode::Off => return f(),
+        Mode::Host => false,
+        Mode::Synced => true,
+    };
+    if synced {
+        dev.synchronize()?;
     }
-    dev.synchronize()?;
     let t = Instant::now();
     let out = f()?;
-    dev.synchronize()?;
+    if synced {
+        dev.synchronize()?;
+    }
     let dt = t.elapsed().as_secs_f64();
     if let Ok(mut m) = table().lock() {
         let e = m.entry(label).or_insert((0.0, 0));

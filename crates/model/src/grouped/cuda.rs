@@ -22,11 +22,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys, CudaBlas};
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, SyncOnDrop};
+use candle_core::cuda_backend::cudarc::cublaslt::sys as lt_sys;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, SyncOnDrop};
 use candle_core::cuda_backend::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
 
+use super::lt::{Call, Lt};
 use super::{check_spans, GroupedWeight, Spans};
 use crate::storage::cuda_of;
 
@@ -42,15 +44,48 @@ fn lane_count() -> usize {
     })
 }
 
-/// A side stream and the cuBLAS handle bound to it.
+/// Bytes of cuBLASLt workspace per lane.
+const WORKSPACE_BYTES: usize = 16 << 20;
+
+/// A stream with the cuBLAS handle bound to it (the fallback) and its cuBLASLt workspace.
 struct Lane {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    workspace: CudaSlice<u8>,
+}
+
+impl Lane {
+    fn new(stream: Arc<CudaStream>) -> candle_core::Result<Self> {
+        Ok(Self {
+            blas: CudaBlas::new(stream.clone()).w()?,
+            workspace: stream.alloc_zeros::<u8>(WORKSPACE_BYTES).w()?,
+            stream,
+        })
+    }
+
+    /// The GEMM engine for this lane.
+    fn engine<'a>(&'a self, lt: &'a Lt) -> Engine<'a> {
+        let (workspace, _) = self.workspace.device_ptr(&self.stream);
+        Engine {
+            lt,
+            handle: *self.blas.handle(),
+            stream: self.stream.cu_stream() as _,
+            workspace,
+        }
+    }
+}
+
+/// A device's lanes: `main` on the device's stream, `side` on their own streams, and the
+/// cuBLASLt handle they share (its algorithm cache is per device).
+struct Lanes {
+    main: Lane,
+    side: Vec<Lane>,
+    lt: Lt,
 }
 
 /// The lanes of a device, created on first use and kept for the process.
-fn lanes(dev: &CudaDevice) -> candle_core::Result<Arc<Vec<Lane>>> {
-    static LANES: OnceLock<Mutex<HashMap<DeviceId, Arc<Vec<Lane>>>>> = OnceLock::new();
+fn lanes(dev: &CudaDevice) -> candle_core::Result<Arc<Lanes>> {
+    static LANES: OnceLock<Mutex<HashMap<DeviceId, Arc<Lanes>>>> = OnceLock::new();
     let mut map = LANES
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
@@ -58,15 +93,17 @@ fn lanes(dev: &CudaDevice) -> candle_core::Result<Arc<Vec<Lane>>> {
     if let Some(l) = map.get(&dev.id()) {
         return Ok(l.clone());
     }
-    let ctx = dev.cuda_stream().context().clone();
-    let n = lane_count();
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        let stream = ctx.new_stream().w()?;
-        let blas = CudaBlas::new(stream.clone()).w()?;
-        v.push(Lane { stream, blas });
+    let main = dev.cuda_stream();
+    let ctx = main.context().clone();
+    let mut side = Vec::new();
+    for _ in 0..lane_count() {
+        side.push(Lane::new(ctx.new_stream().w()?)?);
     }
-    let l = Arc::new(v);
+    let l = Arc::new(Lanes {
+        main: Lane::new(main)?,
+        side,
+        lt: Lt::new()?,
+    });
     map.insert(dev.id(), l.clone());
     Ok(l)
 }
@@ -117,7 +154,7 @@ struct Slice {
 
 /// The GEMMs' fixed parts.
 struct Gemm {
-    dtype: sys::cudaDataType,
+    dtype: DType,
     elt: u64,
     k: usize,
     n: usize,
@@ -125,15 +162,17 @@ struct Gemm {
     out: u64,
 }
 
+/// Where a lane's GEMMs run: cuBLASLt with a cached algorithm, else cuBLAS on the same stream.
+struct Engine<'a> {
+    lt: &'a Lt,
+    handle: sys::cublasHandle_t,
+    stream: lt_sys::cudaStream_t,
+    workspace: u64,
+}
+
 impl Gemm {
-    /// Rows `off..off+len`: `out[off..] = x[off..] · W`, on the stream of `handle`.
-    fn span(
-        &self,
-        handle: sys::cublasHandle_t,
-        w: &Slice,
-        off: usize,
-        len: usize,
-    ) -> candle_core::Result<()> {
+    /// Rows `off..off+len`: `out[off..] = x[off..] · W`, on the engine's stream.
+    fn span(&self, eng: &Engine, w: &Slice, off: usize, len: usize) -> candle_core::Result<()> {
         let (k, n) = (self.k, self.n);
         let (op, lda) = if w.s_out == 1 && (w.s_in >= n || k == 1) {
             (sys::cublasOperation_t::CUBLAS_OP_N, w.s_in.max(n))
@@ -150,13 +189,33 @@ impl Gemm {
             i32::try_from(v)
                 .map_err(|_| candle_core::Error::Msg(format!("grouped_matmul: {v} > i32")))
         };
+        let b = self.x + (off * k) as u64 * self.elt;
+        let c = self.out + (off * n) as u64 * self.elt;
+        let call = Call {
+            dtype: self.dtype,
+            trans: op == sys::cublasOperation_t::CUBLAS_OP_T,
+            n,
+            k,
+            len,
+            lda,
+            a: w.ptr,
+            b,
+            c,
+        };
+        if eng
+            .lt
+            .gemm(&call, eng.stream, eng.workspace, WORKSPACE_BYTES)?
+        {
+            return Ok(());
+        }
+        let dt = data_type(self.dtype)?;
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: A spans the weight slice (strides checked against its layout by the caller), B the
         // `len` rows of `x` from row `off`, C the same rows of the `[M, n]` output; all three live
         // on the handle's stream for the duration of the call (their guards are held by the caller).
         unsafe {
             blas::gemm_ex(
-                handle,
+                eng.handle,
                 op,
                 sys::cublasOperation_t::CUBLAS_OP_N,
                 int(n)?,
@@ -164,14 +223,14 @@ impl Gemm {
                 int(k)?,
                 (&alpha as *const f32).cast::<c_void>(),
                 w.ptr as *const c_void,
-                self.dtype,
+                dt,
                 int(lda)?,
-                (self.x + (off * k) as u64 * self.elt) as *const c_void,
-                self.dtype,
+                b as *const c_void,
+                dt,
                 int(k)?,
                 (&beta as *const f32).cast::<c_void>(),
-                (self.out + (off * n) as u64 * self.elt) as *mut c_void,
-                self.dtype,
+                c as *mut c_void,
+                dt,
                 int(n)?,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -208,7 +267,7 @@ impl Source<'_> {
         gemm: &Gemm,
         spans: &[(usize, usize, usize)],
         stream: &CudaStream,
-        handle: sys::cublasHandle_t,
+        eng: &Engine,
         scratch: Option<&mut CudaStorage>,
     ) -> candle_core::Result<()> {
         match (self, scratch) {
@@ -219,7 +278,7 @@ impl Source<'_> {
                         s_in: stride[1],
                         s_out: stride[2],
                     };
-                    gemm.span(handle, &slice, off, len)?;
+                    gemm.span(eng, &slice, off, len)?;
                 }
             }
             (
@@ -244,7 +303,7 @@ impl Source<'_> {
                     )?;
                     let (ptr, _g) = raw(scratch, stream)?;
                     let (s_in, s_out) = *strides;
-                    gemm.span(handle, &Slice { ptr, s_in, s_out }, off, len)?;
+                    gemm.span(eng, &Slice { ptr, s_in, s_out }, off, len)?;
                 }
             }
             (Self::Packed { .. }, None) => {
@@ -281,7 +340,7 @@ pub(super) fn grouped(
     let (x_ptr, gx) = raw(s, &main)?;
     let (out_ptr, go) = raw(&out, &main)?;
     let gemm = Gemm {
-        dtype: data_type(dtype)?,
+        dtype,
         elt,
         k,
         n,
@@ -350,23 +409,18 @@ pub(super) fn grouped(
             scratch.push(unsafe { dev.alloc_uninit(&Shape::from(2 * per_expert), dtype)? });
         }
     }
+    let lanes = lanes(&dev)?;
     if n_lanes == 1 {
-        let handle = *dev.cublas_handle().handle();
-        source.run(&gemm, &work[0], &main, handle, scratch.first_mut())?;
+        let eng = lanes.main.engine(&lanes.lt);
+        source.run(&gemm, &work[0], &main, &eng, scratch.first_mut())?;
     } else {
-        let lanes = lanes(&dev)?;
-        for (i, (lane, part)) in lanes.iter().zip(&work).enumerate() {
+        for (i, (lane, part)) in lanes.side.iter().zip(&work).enumerate() {
             // the lane starts after everything enqueued so far (x, out and the scratch exist)
             lane.stream.join(&main).w()?;
-            source.run(
-                &gemm,
-                part,
-                &lane.stream,
-                *lane.blas.handle(),
-                scratch.get_mut(i),
-            )?;
+            let eng = lane.engine(&lanes.lt);
+            source.run(&gemm, part, &lane.stream, &eng, scratch.get_mut(i))?;
         }
-        for lane in lanes.iter().take(n_lanes) {
+        for lane in lanes.side.iter().take(n_lanes) {
             main.join(&lane.stream).w()?;
         }
     }
@@ -546,5 +600,115 @@ mod timings {
             time(&dev, 10, || grouped_matmul(&g, &pt, &spans).map(|_| ()))?,
         );
         Ok(())
+    }
+
+    /// Host enqueue time (no synchronization inside the timed loop) and wall time per call.
+    fn host_and_wall(
+        dev: &Device,
+        n: usize,
+        f: impl Fn(usize) -> candle_core::Result<()>,
+    ) -> candle_core::Result<(f64, f64)> {
+        f(0)?;
+        dev.synchronize()?;
+        let t = Instant::now();
+        for i in 0..n {
+            f(i + 1)?;
+        }
+        let host = t.elapsed().as_secs_f64();
+        dev.synchronize()?;
+        let wall = t.elapsed().as_secs_f64();
+        Ok((host * 1e6 / n as f64, wall * 1e6 / n as f64))
+    }
+
+    /// Spans of 32 experts over `m` rows, uneven like real routing, different for each `seed`.
+    fn uneven_spans(m: usize, seed: usize) -> Spans {
+        let mut v = Vec::new();
+        let mut off = 0;
+        for e in 0..32usize {
+            let len = if e == 31 {
+                m - off
+            } else {
+                (m / 32) * (60 + (e * 37 + seed * 11) % 81) / 100
+            };
+            v.push((e, off, len));
+            off += len;
+        }
+        Arc::new(v)
+    }
+
+    #[test]
+    #[ignore = "GPU figures; run by hand on the GPU machine"]
+    fn host_enqueue() -> candle_core::Result<()> {
+        let dev = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (e, rows, cols, m) = (32usize, 5760usize, 2880usize, 8192usize);
+        let blocks = Tensor::rand(0f32, 256f32, (e, rows, cols / 32, 16), &dev)?
+            .floor()?
+            .to_dtype(DType::U8)?;
+        let scales = Tensor::rand(117f32, 122f32, (e, rows, cols / 32), &dev)?
+            .floor()?
+            .to_dtype(DType::U8)?;
+        let x = Tensor::randn(0f32, 1.0, (m, cols), &dev)?.to_dtype(DType::BF16)?;
+        let packed = GroupedWeight::Packed {
+            blocks,
+            scales,
+            dtype: DType::BF16,
+            transposed: false,
+        };
+        let dense = GroupedWeight::Dense(packed.dense()?);
+        let fixed = uneven_spans(m, 0);
+        let show = |name: &str, (h, w): (f64, f64)| {
+            println!("{name:<44} host {h:9.1} us/call   wall {w:9.1} us/call");
+        };
+        let n = 5;
+        show(
+            "grouped dense, same spans",
+            host_and_wall(&dev, n, |_| grouped_matmul(&x, &dense, &fixed).map(|_| ()))?,
+        );
+        show(
+            "grouped dense, new spans each call",
+            host_and_wall(&dev, n, |i| {
+                grouped_matmul(&x, &dense, &uneven_spans(m, i + 100)).map(|_| ())
+            })?,
+        );
+        show(
+            "grouped MXFP4, same spans",
+            host_and_wall(&dev, n, |_| grouped_matmul(&x, &packed, &fixed).map(|_| ()))?,
+        );
+        show(
+            "grouped MXFP4, new spans each call",
+            host_and_wall(&dev, n, |i| {
+                grouped_matmul(&x, &packed, &uneven_spans(m, i + 200)).map(|_| ())
+            })?,
+        );
+        let w0 = dense_weight_of(&dense)?;
+        let xs = x.narrow(0, 0, 256)?;
+        show(
+            "32 candle matmuls [256x2880]x[2880x5760]",
+            host_and_wall(&dev, n, |_| {
+                for _ in 0..32 {
+                    xs.matmul(&w0)?;
+                }
+                Ok(())
+            })?,
+        );
+        let small = Tensor::zeros(1024, DType::F32, &dev)?;
+        show(
+            "64 candle affine ops on 1024 floats",
+            host_and_wall(&dev, n, |_| {
+                for _ in 0..64 {
+                    small.affine(2.0, 1.0)?;
+                }
+                Ok(())
+            })?,
+        );
+        Ok(())
+    }
+
+    /// Expert 0's `[in, out]` weight of a dense grouped weight.
+    fn dense_weight_of(w: &GroupedWeight) -> candle_core::Result<Tensor> {
+        match w {
+            GroupedWeight::Dense(t) => t.get(0),
+            GroupedWeight::Packed { .. } => w.dense()?.get(0),
+        }
     }
 }

@@ -20,6 +20,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod lt;
 
 /// `(expert, first row, rows)` of each group; the groups tile `0..M` in order.
 pub(crate) type Spans = Arc<Vec<(usize, usize, usize)>>;

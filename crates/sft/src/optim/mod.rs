@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::atomic;
 use crate::error::{Result, SftError};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 /// AdamW hyper-parameters (defaults: torch / HF `TrainingArguments`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -263,6 +266,28 @@ impl AdamW {
                 )));
             }
             let g = g.to_dtype(p.var.dtype())?;
+            #[cfg(feature = "cuda")]
+            if p.var.device().is_cuda() && p.var.dtype() == DType::F32 {
+                // One fused kernel, the same f32 operations as below (bit for bit).
+                let s = cuda::Scalars {
+                    decay: c.weight_decay != 0.0,
+                    keep: 1.0 - lr * c.weight_decay,
+                    one_minus_b1: 1.0 - c.beta1,
+                    b2: c.beta2,
+                    one_minus_b2: 1.0 - c.beta2,
+                    inv_bc2_sqrt: 1.0 / bias_correction2_sqrt,
+                    eps: c.eps,
+                    step_size,
+                };
+                cuda::step(
+                    p.var.as_tensor(),
+                    &p.exp_avg,
+                    &p.exp_avg_sq,
+                    &g.contiguous()?,
+                    s,
+                )?;
+                continue;
+            }
             let mut param = p.var.as_tensor().clone();
             if c.weight_decay != 0.0 {
                 param = param.affine(1.0 - lr * c.weight_decay, 0.0)?;

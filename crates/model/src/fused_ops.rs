@@ -295,8 +295,10 @@ __device__ __forceinline__ float rnd(float v, bool b16) { return b16 ? bf16_roun
 template <typename T>
 __device__ void rotary(const T* __restrict__ x, const T* __restrict__ cs, const T* __restrict__ sn,
                        T* __restrict__ out, int nh, int t, int half, int cb,
-                       u64 sb, u64 shh, u64 stt, int inverse, bool b16) {
-    const u64 row = blockIdx.x;           // (b*nh + h)*T + ti
+                       u64 sb, u64 shh, u64 stt, int inverse, bool b16, u64 nrows) {
+    // blockDim.y rows per block, blockDim.x threads along the row's first half.
+    const u64 row = (u64)blockIdx.x * blockDim.y + threadIdx.y;  // (b*nh + h)*T + ti
+    if (row >= nrows) return;
     const int ti = (int)(row % t);
     const u64 bh = row / t;
     const int h = (int)(bh % nh);
@@ -324,9 +326,9 @@ extern "C" __global__ void rms_fwd_bf16(const u16* x, const float* w, u16* y, in
 extern "C" __global__ void rms_bwd_f32(const float* x, const float* g, const float* w, float* dx, int h, float eps) { rms_bwd<float>(x, g, w, dx, h, eps); }
 extern "C" __global__ void rms_bwd_bf16(const u16* x, const u16* g, const float* w, u16* dx, int h, float eps) { rms_bwd<u16>(x, g, w, dx, h, eps); }
 extern "C" __global__ void rotary_f32(const float* x, const float* c, const float* s, float* o, int nh, int t, int half, int cb,
-    u64 sb, u64 sh, u64 st, int inv) { rotary<float>(x, c, s, o, nh, t, half, cb, sb, sh, st, inv, false); }
+    u64 sb, u64 sh, u64 st, int inv, u64 rows) { rotary<float>(x, c, s, o, nh, t, half, cb, sb, sh, st, inv, false, rows); }
 extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s, u16* o, int nh, int t, int half, int cb,
-    u64 sb, u64 sh, u64 st, int inv) { rotary<u16>(x, c, s, o, nh, t, half, cb, sb, sh, st, inv, true); }
+    u64 sb, u64 sh, u64 st, int inv, u64 rows) { rotary<u16>(x, c, s, o, nh, t, half, cb, sb, sh, st, inv, true, rows); }
 "#;
 
     static KERNELS: Kernels = Kernels::new("gptoss_fused_ops", SRC);
@@ -454,8 +456,19 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
                     bld.arg(&sh);
                     bld.arg(&stt);
                     bld.arg(&inv_i);
-                    let threads = (half as u32).next_power_of_two().clamp(32, 256);
-                    unsafe { bld.launch(rows_cfg(rows, threads)) }.w()?;
+                    let rows64 = rows as u64;
+                    bld.arg(&rows64);
+                    // several rows per block: one row of a 64-wide head is only 32 threads
+                    let tx = (half as u32).next_power_of_two().clamp(32, 256);
+                    let ty = (256 / tx).max(1);
+                    let cfg = LaunchConfig {
+                        grid_dim: ((rows as u32).div_ceil(ty), 1, 1),
+                        block_dim: (tx, ty, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: argument types and order match `rotary_*`; `out` holds rows · d
+                    // elements, `xv` the strided view the layout describes.
+                    unsafe { bld.launch(cfg) }.w()?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};

@@ -7,6 +7,7 @@
 //! else runs on the device: gather of the routed rows, grouped expert matmuls, and the fused bias/SwiGLU
 //! and weighted-combine ops of [`crate::moe_kernels`].
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -18,6 +19,7 @@ use crate::hooks::{ExpertAdapter, ExpertParam};
 use crate::moe_kernels::{combine, gather_rows, swiglu_bias};
 use crate::packed_experts::PackedExperts;
 use crate::profile::scope;
+use crate::route_replay;
 
 /// `model.layers.{i}.mlp.router`: `logits = x·Wᵀ + b` (not a [`crate::Linear`]: no adapter hook).
 #[derive(Debug, Clone)]
@@ -246,18 +248,31 @@ impl Experts {
     /// (see [`crate::moe_kernels`]).
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> candle_core::Result<Tensor> {
         let dev = x.device();
-        let plan = scope("moe.route", dev, || {
-            RoutePlan::new(&routing.indices, self.num_experts())
-        })?;
-        if plan.rows() == 0 {
+        // under gradient checkpointing the recompute reuses the forward pass's plan (no host wait)
+        let key = self as *const Self as usize;
+        let planned = match route_replay::replayed::<Planned>(key, &routing.indices) {
+            Some(p) => p,
+            None => {
+                let plan = scope("moe.route", dev, || {
+                    RoutePlan::new(&routing.indices, self.num_experts())
+                })?;
+                let maps = match plan.rows() {
+                    0 => None,
+                    _ => Some(scope("moe.upload", dev, || plan.upload(dev))?),
+                };
+                let p = Rc::new(Planned { plan, maps });
+                route_replay::record(key, &routing.indices, p.clone());
+                p
+            }
+        };
+        let (plan, Some(maps)) = (&planned.plan, &planned.maps) else {
             return x.zeros_like();
-        }
-        let maps = scope("moe.upload", dev, || plan.upload(dev))?;
+        };
         let xs = scope("moe.gather", dev, || {
             gather_rows(x, &maps.tokens, &maps.pos)
         })?;
         let (gu_w, down_w) = self.weights();
-        let spans = plan.spans;
+        let spans = plan.spans.clone();
         let gu = scope("moe.gate_up", dev, || {
             self.project_rows(ExpertParam::GateUp, &gu_w, &xs, &spans)
         })?;
@@ -298,6 +313,12 @@ struct RoutePlan {
     row_expert: Vec<u32>,
     /// `(N, k)`.
     nk: (usize, usize),
+}
+
+/// A plan with its device maps (`None` when no row is routed), shared with [`route_replay`].
+struct Planned {
+    plan: RoutePlan,
+    maps: Option<RouteMaps>,
 }
 
 /// The index maps of a [`RoutePlan`] on the device (u32).

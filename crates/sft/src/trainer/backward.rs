@@ -11,7 +11,8 @@
 
 use super::aux_loss::AuxLossPlan;
 use super::lm_loss::fused_lm_head_loss;
-use candle_core::{Result, Tensor, Var, D};
+use super::seed_grad::seed_gradient;
+use candle_core::{Result, Tensor, Var};
 use gptoss_model::profile::scope;
 
 /// The per-layer view of a causal LM that training needs (implemented for
@@ -160,7 +161,7 @@ fn head<M: LayeredCausalLm>(
         let padded = Tensor::cat(&[&fused.grad_hidden, &zero], 0)?;
         let inv = Tensor::from_vec(inv, b * t, hn.device())?;
         let g = padded.index_select(&inv, 0)?.reshape((b, t, hd))?;
-        Some((&hn * g)?.sum_keepdim(D::Minus1)?.sum_all()?)
+        Some(seed_gradient(&hn, &g)?)
     };
     Ok((fused, surrogate))
 }
@@ -243,6 +244,8 @@ fn checkpointed<M: LayeredCausalLm>(
     inputs.push(model.embed(&batch.input_ids)?.detach());
     let mut router = Vec::with_capacity(n_layers);
     let dev = batch.input_ids.device().clone();
+    // the recompute reuses the routing plans of this pass (checked at the end)
+    let replay = gptoss_model::RouteReplay::record();
     for i in 0..n_layers {
         let (out, r) = scope("layer.forward", &dev, || model.layer(i, &inputs[i], &ctx))?;
         inputs.push(out.detach());
@@ -276,6 +279,7 @@ fn checkpointed<M: LayeredCausalLm>(
     drop(h_last);
     inputs.pop();
     // Backward through the layers, recomputing each from its input.
+    replay.replaying();
     for i in (0..n_layers).rev() {
         let Some(input) = inputs.pop() else { break };
         let x = Var::from_tensor(&input)?;
@@ -283,8 +287,7 @@ fn checkpointed<M: LayeredCausalLm>(
             model.layer(i, x.as_tensor(), &ctx)
         })?;
         let mut s = match &grad_out {
-            // row sums first: candle's sum_all runs one thread block over the whole tensor
-            Some(g) => Some((&out * g)?.sum_keepdim(D::Minus1)?.sum_all()?),
+            Some(g) => Some(seed_gradient(&out, g)?),
             None => None,
         };
         if let Some(plan) = &plan {
@@ -299,6 +302,7 @@ fn checkpointed<M: LayeredCausalLm>(
         add_grads(&mut acc, collect(params, &g))?;
         grad_out = g.get(x.as_tensor()).cloned();
     }
+    replay.verify()?;
     Ok(MicroStepOutput {
         nll_sum: fused.nll_sum,
         count: fused.count,

@@ -56,11 +56,13 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let in_dim = self.a.dim(1)?;
         let rows = x.elem_count() / in_dim.max(1);
-        let mut x2 = x.to_dtype(DType::F32)?.reshape((rows, in_dim))?;
-        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            x2 = candle_nn::ops::dropout(&x2, self.dropout)?;
-        }
-        let h = x2.matmul(&self.a.as_tensor().t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let h = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            let x2 = candle_nn::ops::dropout(&x2.to_dtype(DType::F32)?, self.dropout)?;
+            x2.matmul(&self.a.as_tensor().t()?)?
+        } else {
+            crate::down_proj::down_proj(&x2, self.a.as_tensor())?
+        };
         let y = h.matmul(&self.b.as_tensor().t()?)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {

@@ -1,0 +1,65 @@
+//! The fused CUDA `lora_A(x.to(float32))` (`down_proj`) against the candle composition on the CPU:
+//! output and both gradients, bf16 and f32 inputs, the cookbook shape and odd ones. Needs a CUDA
+//! device (run on the GPU machine).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use gptoss_lora::down_proj::down_proj;
+
+/// `max |a − b| / max(1e-6, max |b|)`.
+fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(d / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6))
+}
+
+/// (output, ∂x, ∂A) of `sum(down_proj(x, A) · w)` on `dev`.
+fn run(x: &Tensor, a: &Tensor, w: &Tensor, dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    let x = Var::from_tensor(&x.to_device(dev)?)?;
+    let a = Var::from_tensor(&a.to_device(dev)?)?;
+    let h = down_proj(x.as_tensor(), a.as_tensor())?;
+    let g = (&h * w.to_device(dev)?)?.sum_all()?.backward()?;
+    let get = |v: &Var| {
+        g.get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+    };
+    let cpu = Device::Cpu;
+    Ok((
+        h.to_device(&cpu)?,
+        get(&x)?.to_device(&cpu)?,
+        get(&a)?.to_device(&cpu)?,
+    ))
+}
+
+#[test]
+fn cuda_down_proj_matches_the_composition() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let cpu = Device::Cpu;
+    for (n, in_dim, r) in [(2048, 2880, 8), (37, 64, 3), (5, 4096, 16), (300, 2880, 1)] {
+        for dtype in [DType::BF16, DType::F32] {
+            let x = Tensor::randn(0f32, 1.0, (n, in_dim), &cpu)?.to_dtype(dtype)?;
+            let a = Tensor::randn(0f32, 0.02, (r, in_dim), &cpu)?;
+            let w = Tensor::randn(0f32, 1.0, (n, r), &cpu)?;
+            let (h0, dx0, da0) = run(&x, &a, &w, &cpu)?;
+            let (h1, dx1, da1) = run(&x, &a, &w, &gpu)?;
+            assert_eq!(dx1.dtype(), dtype, "dx keeps x's dtype");
+            let dx_tol = if dtype == DType::BF16 { 1e-2 } else { 1e-5 };
+            let (eh, edx, eda) = (rel(&h1, &h0)?, rel(&dx1, &dx0)?, rel(&da1, &da0)?);
+            println!("n {n} in {in_dim} r {r} {dtype:?}: h {eh:e} dx {edx:e} dA {eda:e}");
+            assert!(
+                eh < 1e-5,
+                "{n}x{in_dim} r{r} {dtype:?}: output differs by {eh}"
+            );
+            assert!(
+                edx < dx_tol,
+                "{n}x{in_dim} r{r} {dtype:?}: dx differs by {edx}"
+            );
+            assert!(
+                eda < 1e-5,
+                "{n}x{in_dim} r{r} {dtype:?}: dA differs by {eda}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -62,31 +62,25 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, nh, d))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, nkv, d))?
-            .transpose(1, 2)?;
+        // token-major [B, T, heads, d] as projected
+        let q = self.q_proj.forward(x)?.reshape((b, t, nh, d))?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, d))?;
         let v = self
             .v_proj
             .forward(x)?
             .reshape((b, t, nkv, d))?
             .transpose(1, 2)?
             .contiguous()?;
+        // → [B, heads, T, d] after RoPE (the fused kernel reads the token-major layout itself)
         let (q, k) = if FastPath::Elementwise.on_for(&q) {
             (
-                crate::fused_ops::rotary(&q, &ctx.cos, &ctx.sin)?,
-                crate::fused_ops::rotary(&k, &ctx.cos, &ctx.sin)?,
+                crate::fused_ops::rotary_tokens_first(&q, &ctx.cos, &ctx.sin)?,
+                crate::fused_ops::rotary_tokens_first(&k, &ctx.cos, &ctx.sin)?,
             )
         } else {
             (
-                apply_rotary(&q, &ctx.cos, &ctx.sin)?,
-                apply_rotary(&k, &ctx.cos, &ctx.sin)?,
+                apply_rotary(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?,
+                apply_rotary(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?,
             )
         };
         let (k, v) = match cache {
@@ -119,13 +113,9 @@ impl Attention {
                 LayerType::Sliding => ctx.window(),
                 LayerType::Full => None,
             };
-            let core = if ctx.mask_is_structural() {
-                crate::attn_core::sink_attention_structural
-            } else {
-                crate::attn_core::sink_attention
-            };
+            // [B, T, nh, d]: what the output projection reads, with no transpose in the graph
             let out = crate::profile::scope("attn.core", q.device(), || {
-                core(
+                crate::attn_core::sink_attention_token_major(
                     &q.contiguous()?,
                     &k.contiguous()?,
                     &v,
@@ -133,11 +123,10 @@ impl Attention {
                     &self.sinks,
                     scale,
                     window,
+                    ctx.mask_is_structural(),
                 )
             })?;
-            return self
-                .o_proj
-                .forward(&out.transpose(1, 2)?.reshape((b, t, nh * d))?);
+            return self.o_proj.forward(&out.reshape((b, t, nh * d))?);
         }
         let tk = k.dim(2)?;
         let g = nh / nkv;

@@ -52,7 +52,7 @@ pub fn sink_attention(
     scale: f64,
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, false)
+    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, false)?.head_major()
 }
 
 /// [`sink_attention`] for a `mask` that hides exactly the causal keys (query `i` sees keys up to
@@ -68,7 +68,46 @@ pub fn sink_attention_structural(
     scale: f64,
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, true)
+    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, true)?.head_major()
+}
+
+/// [`sink_attention`] (`structural = false`) or [`sink_attention_structural`] (`true`) returning
+/// `[B, T, nh, d]`, the layout the output projection reads. The CUDA kernel writes that layout, so
+/// no transpose enters the autograd graph (each transpose's gradient would be materialized).
+#[allow(clippy::too_many_arguments)]
+pub fn sink_attention_token_major(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    sinks: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    structural: bool,
+) -> candle_core::Result<Tensor> {
+    match with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, structural)? {
+        CoreOut::TokenMajor(t) => Ok(t),
+        CoreOut::HeadMajor(t) => t.transpose(1, 2),
+    }
+}
+
+/// The attention output in the layout it was computed in.
+enum CoreOut {
+    /// `[B, nh, T, d]`.
+    HeadMajor(Tensor),
+    /// `[B, T, nh, d]` (the CUDA kernel's).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    TokenMajor(Tensor),
+}
+
+impl CoreOut {
+    /// `[B, nh, T, d]` (a view of the token-major output).
+    fn head_major(self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::HeadMajor(t) => Ok(t),
+            Self::TokenMajor(t) => t.transpose(1, 2),
+        }
+    }
 }
 
 /// [`sink_attention`] with a chosen chunk bound (tests use small ones).
@@ -83,7 +122,7 @@ fn with_budget(
     window: Option<usize>,
     budget: usize,
     structural: bool,
-) -> candle_core::Result<Tensor> {
+) -> candle_core::Result<CoreOut> {
     let plan = Plan {
         mask: mask.cloned(),
         sinks: sinks.clone(),
@@ -99,7 +138,7 @@ fn with_budget(
         && crate::flash::supports(q, k, v, plan.mask.as_ref())
     {
         // One kernel, run inside the autograd node; it writes `[B, T, nh, d]` (what the output
-        // projection reads), handed out as a `[B, nh, T, d]` view.
+        // projection reads).
         let fwd =
             crate::flash::FlashFwd::new(plan.mask.as_ref(), structural, sinks, scale, plan.window)?;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -115,20 +154,20 @@ fn with_budget(
         } else {
             q.apply_op3_no_bwd(&k, &v, &fwd)?
         };
-        return out.transpose(1, 2);
+        return Ok(CoreOut::TokenMajor(out));
     }
     let out = plan.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !track {
-        return Ok(out);
+        return Ok(CoreOut::HeadMajor(out));
     }
-    q.apply_op3(
+    Ok(CoreOut::HeadMajor(q.apply_op3(
         k,
         v,
         Attach {
             out: Out::Computed(out),
             plan,
         },
-    )
+    )?))
 }
 
 /// Dimensions of one call.
@@ -600,7 +639,7 @@ mod tests {
         let m = mask(b, t, tk, w)?;
         let scale = 1.0 / (d as f64).sqrt();
         let g = Tensor::randn(0f32, 1.0, (b, nh, t, d), &dev)?;
-        let a = with_budget(&q, &k, &v, Some(&m), &sinks, scale, w, budget, false)?;
+        let a = with_budget(&q, &k, &v, Some(&m), &sinks, scale, w, budget, false)?.head_major()?;
         let r = reference(&q, &k, &v, &m, &sinks, scale)?;
         let d0 = max_diff(&a, &r);
         assert!(d0 < 1e-5, "t {t} tk {tk} w {w:?}: forward differs by {d0}");

@@ -158,9 +158,34 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
         sin: sin.to_dtype(x.dtype())?.contiguous()?,
         cos_batch: cb,
         inverse: false,
+        tokens_first: (false, false),
     };
     // apply_op1 records the backward only when x takes part in autograd
     x.apply_op1(op)
+}
+
+/// [`rotary`] of a token-major `x` `[B, T, heads, d]` (e.g. a projection's output reshaped, any
+/// strides with a unit last stride) → contiguous `[B, heads, T, d]`, the same values as
+/// `rotary(&x.transpose(1, 2)?, ..)`. Its gradient comes back `[B, T, heads, d]` contiguous, so no
+/// transpose enters the autograd graph (a transpose's gradient would be materialized).
+pub fn rotary_tokens_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, t, _, d) = x.dims4()?;
+    let (cb, one, ct, half) = cos.dims4()?;
+    if one != 1 || ct != t || 2 * half != d || sin.dims() != cos.dims() || x.stride()[3] != 1 {
+        candle_core::bail!(
+            "rotary: x {:?} (strides {:?}, token-major) does not fit cos/sin {:?}",
+            x.dims(),
+            x.stride(),
+            cos.dims()
+        );
+    }
+    x.apply_op1(RotaryOp {
+        cos: cos.to_dtype(x.dtype())?.contiguous()?,
+        sin: sin.to_dtype(x.dtype())?.contiguous()?,
+        cos_batch: cb,
+        inverse: false,
+        tokens_first: (true, false),
+    })
 }
 
 struct RotaryOp {
@@ -169,6 +194,30 @@ struct RotaryOp {
     cos_batch: usize,
     /// The backward: rotate by −θ (`dx1 = g1·cos + g2·sin`, `dx2 = g2·cos − g1·sin`), rounded once.
     inverse: bool,
+    /// Whether the (input, output) are token-major `[B, T, heads, d]` rather than `[B, heads, T, d]`.
+    tokens_first: (bool, bool),
+}
+
+impl RotaryOp {
+    /// `(B, heads, T, d)` and the input strides in that order.
+    fn dims(&self, l: &Layout) -> candle_core::Result<([usize; 4], [usize; 3])> {
+        let (a, b, c, d) = l.shape().dims4()?;
+        let st = l.stride();
+        Ok(if self.tokens_first.0 {
+            ([a, c, b, d], [st[0], st[2], st[1]])
+        } else {
+            ([a, b, c, d], [st[0], st[1], st[2]])
+        })
+    }
+
+    /// The output's shape and its strides in `(B, heads, T)` order.
+    fn out(&self, [b, nh, t, d]: [usize; 4]) -> (Shape, [usize; 3]) {
+        if self.tokens_first.1 {
+            (Shape::from((b, t, nh, d)), [t * nh * d, d, nh * d])
+        } else {
+            (Shape::from((b, nh, t, d)), [nh * t * d, t * d, d])
+        }
+    }
 }
 
 impl CustomOp1 for RotaryOp {
@@ -177,9 +226,9 @@ impl CustomOp1 for RotaryOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, nh, t, d) = l.shape().dims4()?;
+        let ([b, nh, t, d], st) = self.dims(l)?;
+        let (shape, ost) = self.out([b, nh, t, d]);
         let half = d / 2;
-        let st = l.stride();
         let x: Vec<f32> = match s {
             CpuStorage::F32(v) => v.clone(),
             CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
@@ -201,7 +250,7 @@ impl CustomOp1 for RotaryOp {
             for h in 0..nh {
                 for ti in 0..t {
                     let src = l.start_offset() + bi * st[0] + h * st[1] + ti * st[2];
-                    let dst = ((bi * nh + h) * t + ti) * d;
+                    let dst = bi * ost[0] + h * ost[1] + ti * ost[2];
                     let cb = if self.cos_batch > 1 { bi } else { 0 };
                     for i in 0..half {
                         let (c, s_) =
@@ -221,7 +270,7 @@ impl CustomOp1 for RotaryOp {
                 }
             }
         }
-        Ok((cpu_out(out, dt, "rotary")?, Shape::from((b, nh, t, d))))
+        Ok((cpu_out(out, dt, "rotary")?, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -230,19 +279,31 @@ impl CustomOp1 for RotaryOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let shape = Shape::from(l.shape().dims4()?);
+        let (dims, st) = self.dims(l)?;
+        let (shape, ost) = self.out(dims);
+        let geo = cuda::Geometry { dims, st, ost };
         Ok((
-            cuda::rotary(s, l, &self.cos, &self.sin, self.cos_batch, self.inverse)?,
+            cuda::rotary(
+                s,
+                l,
+                &geo,
+                &self.cos,
+                &self.sin,
+                self.cos_batch,
+                self.inverse,
+            )?,
             shape,
         ))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // the gradient comes back in the input's layout
         let op = RotaryOp {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             cos_batch: self.cos_batch,
             inverse: true,
+            tokens_first: (self.tokens_first.1, self.tokens_first.0),
         };
         Ok(Some(g.to_dtype(x.dtype())?.apply_op1_no_bwd(&op)?))
     }
@@ -291,11 +352,12 @@ __device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ g, const 
 
 __device__ __forceinline__ float rnd(float v, bool b16) { return b16 ? bf16_round(v) : v; }
 
-// x: [B, nh, T, d] with strides (sb, sh, st, 1); out contiguous; cos/sin [cb, 1, T, d/2].
+// x: (b, h, t) at strides (sb, sh, st) (unit last stride); out at strides (ob, oh, ot); cos/sin
+// [cb, 1, T, d/2].
 template <typename T>
 __device__ void rotary(const T* __restrict__ x, const T* __restrict__ cs, const T* __restrict__ sn,
                        T* __restrict__ out, int nh, int t, int half, int cb,
-                       u64 sb, u64 shh, u64 stt, int inverse, bool b16, u64 nrows) {
+                       u64 sb, u64 shh, u64 stt, u64 ob, u64 oh, u64 ot, int inverse, bool b16, u64 nrows) {
     // blockDim.y rows per block, blockDim.x threads along the row's first half.
     const u64 row = (u64)blockIdx.x * blockDim.y + threadIdx.y;  // (b*nh + h)*T + ti
     if (row >= nrows) return;
@@ -304,7 +366,7 @@ __device__ void rotary(const T* __restrict__ x, const T* __restrict__ cs, const 
     const int h = (int)(bh % nh);
     const int b = (int)(bh / nh);
     const u64 src = (u64)b * sb + (u64)h * shh + (u64)ti * stt;
-    const u64 dst = row * (u64)(2 * half);
+    const u64 dst = (u64)b * ob + (u64)h * oh + (u64)ti * ot;
     const u64 co = ((u64)(cb > 1 ? b : 0) * t + ti) * half;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         const float c = ld(cs, co + i), s = ld(sn, co + i);
@@ -326,9 +388,9 @@ extern "C" __global__ void rms_fwd_bf16(const u16* x, const float* w, u16* y, in
 extern "C" __global__ void rms_bwd_f32(const float* x, const float* g, const float* w, float* dx, int h, float eps) { rms_bwd<float>(x, g, w, dx, h, eps); }
 extern "C" __global__ void rms_bwd_bf16(const u16* x, const u16* g, const float* w, u16* dx, int h, float eps) { rms_bwd<u16>(x, g, w, dx, h, eps); }
 extern "C" __global__ void rotary_f32(const float* x, const float* c, const float* s, float* o, int nh, int t, int half, int cb,
-    u64 sb, u64 sh, u64 st, int inv, u64 rows) { rotary<float>(x, c, s, o, nh, t, half, cb, sb, sh, st, inv, false, rows); }
+    u64 sb, u64 sh, u64 st, u64 ob, u64 oh, u64 ot, int inv, u64 rows) { rotary<float>(x, c, s, o, nh, t, half, cb, sb, sh, st, ob, oh, ot, inv, false, rows); }
 extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s, u16* o, int nh, int t, int half, int cb,
-    u64 sb, u64 sh, u64 st, int inv, u64 rows) { rotary<u16>(x, c, s, o, nh, t, half, cb, sb, sh, st, inv, true, rows); }
+    u64 sb, u64 sh, u64 st, u64 ob, u64 oh, u64 ot, int inv, u64 rows) { rotary<u16>(x, c, s, o, nh, t, half, cb, sb, sh, st, ob, oh, ot, inv, true, rows); }
 "#;
 
     static KERNELS: Kernels = Kernels::new("gptoss_fused_ops", SRC);
@@ -399,18 +461,29 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
         })
     }
 
+    /// `(B, heads, T, d)`, the input strides and the output strides in `(B, heads, T)` order.
+    pub(super) struct Geometry {
+        pub dims: [usize; 4],
+        pub st: [usize; 3],
+        pub ost: [usize; 3],
+    }
+
     pub(super) fn rotary(
         s: &CudaStorage,
         l: &Layout,
+        geo: &Geometry,
         cos: &Tensor,
         sin: &Tensor,
         cos_batch: usize,
         inverse: bool,
     ) -> Result<CudaStorage> {
-        let (bsz, nh, t, d) = l.shape().dims4()?;
-        let st = l.stride();
-        if st[3] != 1 {
-            candle_core::bail!("rotary: the last dimension must have stride 1, got {st:?}");
+        let [bsz, nh, t, d] = geo.dims;
+        let (st, ost) = (geo.st, geo.ost);
+        if l.stride()[3] != 1 {
+            candle_core::bail!(
+                "rotary: the last dimension must have stride 1, got {:?}",
+                l.stride()
+            );
         }
         let rows = bsz * nh * t;
         let half = d / 2;
@@ -432,6 +505,7 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
             i32::from(inverse),
         );
         let (sb, sh, stt) = (st[0] as u64, st[1] as u64, st[2] as u64);
+        let (ob, oh, ot) = (ost[0] as u64, ost[1] as u64, ost[2] as u64);
         macro_rules! run {
             ($t:ty, $name:literal) => {{
                 let func = KERNELS.func(&dev, $name)?;
@@ -455,6 +529,9 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
                     bld.arg(&sb);
                     bld.arg(&sh);
                     bld.arg(&stt);
+                    bld.arg(&ob);
+                    bld.arg(&oh);
+                    bld.arg(&ot);
                     bld.arg(&inv_i);
                     let rows64 = rows as u64;
                     bld.arg(&rows64);
@@ -546,6 +623,39 @@ mod tests {
         let d0 = max_diff(
             &rotary(&xb, &cb, &sb)?,
             &crate::apply_rotary(&xb, &cb, &sb)?,
+        );
+        assert!(d0 == 0.0, "bf16 forward differs by {d0}");
+        Ok(())
+    }
+
+    #[test]
+    fn token_major_rotary_equals_rotary_of_the_transpose() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, nh, d) = (2, 5, 3, 8);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, nh, d), &dev)?)?;
+        let ang = Tensor::randn(0f32, 2.0, (1, 1, t, d / 2), &dev)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let g = Tensor::randn(0f32, 1.0, (b, nh, t, d), &dev)?;
+        let r = crate::apply_rotary(&x.as_tensor().transpose(1, 2)?, &cos, &sin)?;
+        let a = rotary_tokens_first(x.as_tensor(), &cos, &sin)?;
+        assert_eq!(a.dims(), &[b, nh, t, d]);
+        assert!(a.is_contiguous());
+        assert!(max_diff(&a, &r) < 1e-6, "forward {}", max_diff(&a, &r));
+        let gr = (&r * &g)?.sum_all()?.backward()?;
+        let ga = (&a * &g)?.sum_all()?.backward()?;
+        let (Some(p), Some(q)) = (ga.get(x.as_tensor()), gr.get(x.as_tensor())) else {
+            panic!("missing gradient")
+        };
+        assert_eq!(p.dims(), &[b, t, nh, d]);
+        assert!(max_diff(p, q) < 1e-5, "gradient {}", max_diff(p, q));
+        let (xb, cb, sb) = (
+            x.as_tensor().to_dtype(DType::BF16)?,
+            cos.to_dtype(DType::BF16)?,
+            sin.to_dtype(DType::BF16)?,
+        );
+        let d0 = max_diff(
+            &rotary_tokens_first(&xb, &cb, &sb)?,
+            &crate::apply_rotary(&xb.transpose(1, 2)?, &cb, &sb)?,
         );
         assert!(d0 == 0.0, "bf16 forward differs by {d0}");
         Ok(())

@@ -56,13 +56,15 @@ mod test_util;
 
 pub use adapter_sum::add_scaled_delta;
 pub use attention::{Attention, LayerCache};
-pub use attn_core::{sink_attention, sink_attention_structural, CHUNK_ELEMS};
+pub use attn_core::{
+    sink_attention, sink_attention_structural, sink_attention_token_major, CHUNK_ELEMS,
+};
 pub use checkpoint::{checkpoint_files, load, save, SaveOptions, INDEX_FILE, SINGLE_FILE};
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
 pub use device::{cuda_device, cuda_if_available};
 pub use error::{ModelError, Result};
 pub use frozen::frozen_matmul;
-pub use fused_ops::{rms_norm, rotary};
+pub use fused_ops::{rms_norm, rotary, rotary_tokens_first};
 pub use generate::{
     generate, harmony_stop_tokens, GenerationConfig, Generator, Sampler, HARMONY_CALL, HARMONY_END,
     HARMONY_RETURN,

@@ -65,7 +65,10 @@ unsafe impl Sync for Lt {}
 
 /// Rows rounded up to the bucket whose algorithm serves them.
 fn bucket(len: usize) -> usize {
-    if len <= 512 {
+    if len <= 16 {
+        // decode-time row counts (a few tokens per expert) get algorithms of their own
+        len
+    } else if len <= 512 {
         len.next_multiple_of(32)
     } else if len <= 4096 {
         len.next_multiple_of(256)

@@ -268,8 +268,12 @@ fn step(
         }
     }
     scope("step.clip+adamw", dev, || -> BoxResult<()> {
-        grads.clip_grad_norm(1.0)?;
+        // as the trainer: the norm is read after the optimizer step is enqueued
+        let norm = grads.clip_grad_norm_on_device(1.0)?;
         opt.step(&grads, lr)?;
+        if let Some(n) = norm {
+            n.to_scalar::<f32>()?;
+        }
         Ok(())
     })?;
     scope("step.final_sync", dev, || dev.synchronize())?;

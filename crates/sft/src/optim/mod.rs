@@ -124,27 +124,52 @@ impl Gradients {
     /// Total L2 norm over all gradients: the L2 norm of the per-parameter L2 norms, in f32
     /// (as `clip_grad_norm_` with `norm_type=2`).
     pub fn total_norm(&self) -> Result<f64> {
+        Ok(match self.total_norm_tensor()? {
+            Some(t) => t.to_scalar::<f32>()? as f64,
+            None => 0.0,
+        })
+    }
+
+    /// [`Self::total_norm`] as a scalar f32 tensor on the gradients' device, without copying it to
+    /// the host (`None` without gradients).
+    pub fn total_norm_tensor(&self) -> Result<Option<Tensor>> {
         let mut norms = Vec::new();
         for g in self.grads.iter().flatten() {
             let n = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?;
             norms.push(n);
         }
         if norms.is_empty() {
-            return Ok(0.0);
+            return Ok(None);
         }
-        let total = Tensor::stack(&norms, 0)?.sqr()?.sum_all()?.sqrt()?;
-        Ok(total.to_scalar::<f32>()? as f64)
+        Ok(Some(Tensor::stack(&norms, 0)?.sqr()?.sum_all()?.sqrt()?))
     }
 
     /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: scales every gradient by
     /// `min(1, max_norm / (total_norm + 1e-6))` and returns the **pre-clip** total norm.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
-        let total = self.total_norm()?;
-        let coef = (max_norm as f32 / (total as f32 + 1e-6)).min(1.0);
+        Ok(match self.clip_grad_norm_on_device(max_norm)? {
+            Some(t) => t.to_scalar::<f32>()? as f64,
+            None => 0.0,
+        })
+    }
+
+    /// [`Self::clip_grad_norm`] with the coefficient computed on the device and the pre-clip norm
+    /// returned as a scalar f32 tensor there, so that a trainer can enqueue the optimizer step
+    /// before it waits for the norm. The f32 operations are those of the host version (one
+    /// division, a minimum with 1, one product per element).
+    pub fn clip_grad_norm_on_device(&mut self, max_norm: f64) -> Result<Option<Tensor>> {
+        let Some(total) = self.total_norm_tensor()? else {
+            return Ok(None);
+        };
+        let dev = total.device();
+        let max = Tensor::new(max_norm as f32, dev)?;
+        let coef = max
+            .div(&total.affine(1.0, 1e-6)?)?
+            .minimum(&Tensor::new(1f32, dev)?)?;
         for g in self.grads.iter_mut().flatten() {
-            *g = g.affine(coef as f64, 0.0)?;
+            *g = g.broadcast_mul(&coef.to_dtype(g.dtype())?)?;
         }
-        Ok(total)
+        Ok(Some(total))
     }
 }
 

@@ -236,29 +236,98 @@ fn cuda_fused_norm_and_rotary_match_cpu() {
             ang.sin().unwrap().to_dtype(dtype).unwrap(),
         );
         let gq = Tensor::randn(0f32, 1.0, (2, 64, 300, 64), &cpu).unwrap();
-        let run = |d: &Device| {
-            let qv = Var::from_tensor(&q.to_device(d).unwrap()).unwrap();
-            let view = qv.as_tensor().transpose(1, 2).unwrap();
-            let y = gptoss_model::rotary(
-                &view,
-                &cos.to_device(d).unwrap(),
-                &sin.to_device(d).unwrap(),
-            )
+        // the transposed view, and the token-major variant reading q as it is
+        for token_major in [false, true] {
+            let run = |d: &Device| {
+                let qv = Var::from_tensor(&q.to_device(d).unwrap()).unwrap();
+                let (c, s) = (cos.to_device(d).unwrap(), sin.to_device(d).unwrap());
+                let y = if token_major {
+                    gptoss_model::rotary_tokens_first(qv.as_tensor(), &c, &s).unwrap()
+                } else {
+                    gptoss_model::rotary(&qv.as_tensor().transpose(1, 2).unwrap(), &c, &s).unwrap()
+                };
+                let gs = (y.to_dtype(DType::F32).unwrap() * gq.to_device(d).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let dq = gs.get(qv.as_tensor()).unwrap().to_device(&cpu).unwrap();
+                (y.to_device(&cpu).unwrap(), dq)
+            };
+            let (yc, dc) = run(&cpu);
+            let (yg, dg) = run(&dev);
+            let (e1, e2) = (max_abs(&yg, &yc), max_abs(&dg, &dc));
+            println!("{dtype:?} token-major {token_major}: rotary cuda vs cpu: y {e1}, dq {e2}");
+            assert!(e1 == 0.0, "{dtype:?}: rotary forward differs by {e1}");
+            assert!(e2 <= tol, "{dtype:?}: rotary gradient differs by {e2}");
+            assert_eq!(dg.dims(), q.dims(), "the gradient has q's shape");
+        }
+    }
+}
+
+/// The vendored candle-core's vectorized bf16 add/sub/mul (contiguous operands of one shape)
+/// against candle's generic kernel (reached through transposed, non-contiguous views): bit for
+/// bit, over operands whose magnitudes span 1e-6 to 1e6 (exponent gaps, cancellation, ties).
+#[test]
+fn cuda_vectorized_bf16_binary_ops_match_the_generic_kernel() {
+    let dev = Device::new_cuda(0).unwrap();
+    let cpu = Device::Cpu;
+    let (r, c) = (64usize, 96usize);
+    let mk = |seed: u64| {
+        let v: Vec<f32> = (0..r * c)
+            .map(|i| {
+                let h = (i as u64 * 2_654_435_761 + seed * 97) % 1_000_003;
+                let m = h as f32 / 1_000_003.0 * 2.0 - 1.0;
+                m * 10f32.powi((h % 13) as i32 - 6)
+            })
+            .collect();
+        Tensor::from_vec(v, (r, c), &cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap()
+    };
+    let (a, b) = (mk(1), mk(2));
+    // a few exact cancellations and equal operands
+    let a = Tensor::cat(
+        &[&a.narrow(0, 0, 8).unwrap(), &a.narrow(0, 8, r - 8).unwrap()],
+        0,
+    )
+    .unwrap();
+    let b = Tensor::cat(
+        &[&a.narrow(0, 0, 8).unwrap(), &b.narrow(0, 8, r - 8).unwrap()],
+        0,
+    )
+    .unwrap();
+    let bits = |t: &Tensor| -> Vec<u16> {
+        t.to_device(&cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    type Op = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    let ops: [(&str, Op); 3] = [
+        ("add", |x, y| x.add(y)),
+        ("sub", |x, y| x.sub(y)),
+        ("mul", |x, y| x.mul(y)),
+    ];
+    for (name, op) in ops {
+        let fast = op(&a, &b).unwrap();
+        let generic = op(&a.t().unwrap(), &b.t().unwrap())
+            .unwrap()
+            .t()
+            .unwrap()
+            .contiguous()
             .unwrap();
-            let gs = (y.to_dtype(DType::F32).unwrap() * gq.to_device(d).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let dq = gs.get(qv.as_tensor()).unwrap().to_device(&cpu).unwrap();
-            (y.to_device(&cpu).unwrap(), dq)
-        };
-        let (yc, dc) = run(&cpu);
-        let (yg, dg) = run(&dev);
-        let (e1, e2) = (max_abs(&yg, &yc), max_abs(&dg, &dc));
-        println!("{dtype:?}: rotary cuda vs cpu: y {e1}, dq {e2}");
-        assert!(e1 == 0.0, "{dtype:?}: rotary forward differs by {e1}");
-        assert!(e2 <= tol, "{dtype:?}: rotary gradient differs by {e2}");
+        let (f, g) = (bits(&fast), bits(&generic));
+        let differ = f.iter().zip(&g).filter(|(x, y)| x != y).count();
+        assert_eq!(differ, 0, "{name}: {differ} of {} values differ", f.len());
     }
 }

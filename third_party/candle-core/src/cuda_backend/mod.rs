@@ -20,6 +20,7 @@ pub mod cutile;
 mod device;
 mod error;
 mod utils;
+mod vec_binary; // [gptoss patch]
 pub use device::{CudaDevice, DeviceId};
 pub use error::{CudaError, WrapErr};
 pub use utils::{Map1, Map1Any, Map2, Map2Any, Map2InPlace, Map3, S};
@@ -1747,6 +1748,12 @@ impl BackendStorage for CudaStorage {
         rhs_l: &Layout,
     ) -> Result<Self> {
         let device = self.device().clone();
+        // [gptoss patch] vectorized bf16 add/sub/mul (same values) when the operands allow it
+        if let Some(slice) =
+            vec_binary::try_binary(B::KERNEL, &self.slice, lhs_l, &rhs.slice, rhs_l, &device)
+        {
+            return Ok(Self { slice, device });
+        }
         let slice = B::V.map(&self.slice, lhs_l, &rhs.slice, rhs_l, &device)?;
         Ok(Self { slice, device })
     }

@@ -143,25 +143,8 @@ impl CustomOp2 for RmsNormBwd {
 /// d/2]` (x's dtype, frozen) → contiguous `[B, heads, T, d]`: `cat(x1·cos − x2·sin, x2·cos +
 /// x1·sin)` with the rounding of the reference ([`crate::apply_rotary`]). Differentiable in `x`.
 pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, t, d) = x.dims4()?;
-    let (cb, one, ct, half) = cos.dims4()?;
-    if one != 1 || ct != t || 2 * half != d || sin.dims() != cos.dims() || x.stride()[3] != 1 {
-        candle_core::bail!(
-            "rotary: x {:?} (strides {:?}) does not fit cos/sin {:?}",
-            x.dims(),
-            x.stride(),
-            cos.dims()
-        );
-    }
-    let op = RotaryOp {
-        cos: cos.to_dtype(x.dtype())?.contiguous()?,
-        sin: sin.to_dtype(x.dtype())?.contiguous()?,
-        cos_batch: cb,
-        inverse: false,
-        tokens_first: (false, false),
-    };
     // apply_op1 records the backward only when x takes part in autograd
-    x.apply_op1(op)
+    x.apply_op1(RotaryOp::new(x, cos, sin, false)?)
 }
 
 /// [`rotary`] of a token-major `x` `[B, T, heads, d]` (e.g. a projection's output reshaped, any
@@ -169,23 +152,7 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
 /// `rotary(&x.transpose(1, 2)?, ..)`. Its gradient comes back `[B, T, heads, d]` contiguous, so no
 /// transpose enters the autograd graph (a transpose's gradient would be materialized).
 pub fn rotary_tokens_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, t, _, d) = x.dims4()?;
-    let (cb, one, ct, half) = cos.dims4()?;
-    if one != 1 || ct != t || 2 * half != d || sin.dims() != cos.dims() || x.stride()[3] != 1 {
-        candle_core::bail!(
-            "rotary: x {:?} (strides {:?}, token-major) does not fit cos/sin {:?}",
-            x.dims(),
-            x.stride(),
-            cos.dims()
-        );
-    }
-    x.apply_op1(RotaryOp {
-        cos: cos.to_dtype(x.dtype())?.contiguous()?,
-        sin: sin.to_dtype(x.dtype())?.contiguous()?,
-        cos_batch: cb,
-        inverse: false,
-        tokens_first: (true, false),
-    })
+    x.apply_op1(RotaryOp::new(x, cos, sin, true)?)
 }
 
 struct RotaryOp {
@@ -199,6 +166,34 @@ struct RotaryOp {
 }
 
 impl RotaryOp {
+    /// The forward op for `x` (`[B, heads, T, d]`, or `[B, T, heads, d]` when `tokens_first`) after
+    /// checking it against `cos`/`sin` `[B or 1, 1, T, d/2]`.
+    fn new(
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        tokens_first: bool,
+    ) -> candle_core::Result<Self> {
+        let (_, a, b, d) = x.dims4()?;
+        let t = if tokens_first { a } else { b };
+        let (cb, one, ct, half) = cos.dims4()?;
+        if one != 1 || ct != t || 2 * half != d || sin.dims() != cos.dims() || x.stride()[3] != 1 {
+            candle_core::bail!(
+                "rotary: x {:?} (strides {:?}, token-major: {tokens_first}) does not fit cos/sin {:?}",
+                x.dims(),
+                x.stride(),
+                cos.dims()
+            );
+        }
+        Ok(Self {
+            cos: cos.to_dtype(x.dtype())?.contiguous()?,
+            sin: sin.to_dtype(x.dtype())?.contiguous()?,
+            cos_batch: cb,
+            inverse: false,
+            tokens_first: (tokens_first, false),
+        })
+    }
+
     /// `(B, heads, T, d)` and the input strides in that order.
     fn dims(&self, l: &Layout) -> candle_core::Result<([usize; 4], [usize; 3])> {
         let (a, b, c, d) = l.shape().dims4()?;

@@ -660,26 +660,18 @@ mod timings {
             println!("{name:<44} host {h:9.1} us/call   wall {w:9.1} us/call");
         };
         let n = 5;
-        show(
-            "grouped dense, same spans",
-            host_and_wall(&dev, n, |_| grouped_matmul(&x, &dense, &fixed).map(|_| ()))?,
-        );
-        show(
-            "grouped dense, new spans each call",
-            host_and_wall(&dev, n, |i| {
-                grouped_matmul(&x, &dense, &uneven_spans(m, i + 100)).map(|_| ())
-            })?,
-        );
-        show(
-            "grouped MXFP4, same spans",
-            host_and_wall(&dev, n, |_| grouped_matmul(&x, &packed, &fixed).map(|_| ()))?,
-        );
-        show(
-            "grouped MXFP4, new spans each call",
-            host_and_wall(&dev, n, |i| {
-                grouped_matmul(&x, &packed, &uneven_spans(m, i + 200)).map(|_| ())
-            })?,
-        );
+        for (name, w, seed) in [("dense", &dense, 100), ("MXFP4", &packed, 200)] {
+            show(
+                &format!("grouped {name}, same spans"),
+                host_and_wall(&dev, n, |_| grouped_matmul(&x, w, &fixed).map(|_| ()))?,
+            );
+            show(
+                &format!("grouped {name}, new spans each call"),
+                host_and_wall(&dev, n, |i| {
+                    grouped_matmul(&x, w, &uneven_spans(m, i + seed)).map(|_| ())
+                })?,
+            );
+        }
         let w0 = dense_weight_of(&dense)?;
         let xs = x.narrow(0, 0, 256)?;
         show(

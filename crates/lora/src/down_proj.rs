@@ -8,7 +8,8 @@
 //! two-pass deterministic column reduction for `∂A = ∂hᵀ·x`. Sums run in f32 in a different order
 //! than cuBLAS's, so values agree with the composition to f32 rounding (GPU test `cuda_down_proj`).
 //! Elsewhere, or for shapes the kernels do not take (rank above [`MAX_RANK`], `in` not a multiple of
-//! 4), it is the composition.
+//! 4), it is the composition. [`expert_delta`] runs the same kernels in a grouped form for PEFT's
+//! expert (3-D parameter) LoRA.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -25,18 +26,75 @@ pub fn down_proj(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     x.to_dtype(DType::F32)?.matmul(&a.t()?)
 }
 
+/// PEFT's expert LoRA on rows grouped by expert: `x` `[M, in]` (f32 or bf16) whose rows
+/// `off..off + len` go to expert `e` for each `(e, off, len)` of `spans` (tiling `0..M` in order), `a`
+/// `[E·r, in]` and `b` `[out, r·E]` f32 in PEFT's layouts → `((x·A_eᵀ)·B_eᵀ)·scaling` `[M, out]` in
+/// x's dtype, differentiable in `x`, `a` and `b` — [`crate::expert::LoraExperts`]'s per-expert
+/// delta for all rows in one autograd node. On CUDA: the `down_proj` kernels in their grouped form
+/// (each row picks its expert's block; the weight gradients sum each expert's rows in row splits
+/// of 64, then splits in order), one small host→device copy of the row map. `None` elsewhere or for
+/// shapes the kernels do not take.
+pub fn expert_delta(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    spans: &[(usize, usize, usize)],
+    experts: usize,
+    scaling: f64,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        let (m, in_dim) = x.dims2()?;
+        let (out, rank_cols) = b.dims2()?;
+        let r = rank_cols / experts.max(1);
+        let fits = x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+            && a.dtype() == DType::F32
+            && b.dtype() == DType::F32
+            && a.dims() == [experts * r, in_dim]
+            && rank_cols == experts * r
+            && in_dim % 4 == 0
+            && out % 4 == 0
+            && (1..=MAX_RANK).contains(&r);
+        if fits {
+            let group = std::sync::Arc::new(cuda::Group::new(spans, m, experts, x.device())?);
+            // Bt_e = B's columns j·E + e, `[E, r, out]`
+            let bt = b
+                .reshape((out, r, experts))?
+                .permute((2, 1, 0))?
+                .contiguous()?;
+            let op = cuda::ExpertOp {
+                group,
+                scaling: scaling as f32,
+            };
+            return Ok(Some(x.contiguous()?.apply_op3(
+                &a.contiguous()?,
+                &bt,
+                op,
+            )?));
+        }
+    }
+    let _ = (x, a, b, spans, experts, scaling);
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+    use std::sync::Arc;
+
+    use candle_core::{
+        CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    };
     use gptoss_model::nvrtc::{contiguous_range, Kernels};
 
     use super::MAX_RANK;
 
     const SRC: &str = r#"
 #define RMAX 16
+#define RPW 4
 
 // Four consecutive values of x from element i (i a multiple of 4, the row 8- or 16-byte aligned).
 __device__ __forceinline__ void ld4(const u16* p, u64 i, float* v) {
@@ -49,16 +107,22 @@ __device__ __forceinline__ void ld4(const float* p, u64 i, float* v) {
     v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
 }
 
-// h[row, j] = sum_i x[row, i] a[j, i]: one block per RPW rows (each A load serves all of them), its
-// warps splitting i (a warp takes every (blockDim.x / 32)-th run of 128 inputs); the warps' partial
-// sums are added in shared memory, in warp order.
-#define RPW 4
-template <typename T>
+// Grouped forms (G): row m uses the weight block blk[m] ([r, in] each, back to back), and the
+// reduction over rows runs per block over the row ranges `splits` ([row0, row1) pairs, grouped by
+// block); `scale` multiplies each x value (rounded) before it enters a sum, or (dx) the finished sum.
+
+// h[row, j] = sum_i (x[row, i] scale) a_row[j, i]: one block per RPW rows, its warps splitting i; the
+// warps' partial sums are added in shared memory, in warp order.
+template <typename T, bool G>
 __device__ void fwd(const T* __restrict__ x, const float* __restrict__ a, float* __restrict__ h,
-                    int n, int in, int r) {
+                    int n, int in, int r, float scale, const u32* __restrict__ blk) {
     __shared__ float part[32][RPW][RMAX];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const u64 row0 = (u64)blockIdx.x * RPW;
+    const float* aq[RPW];
+#pragma unroll
+    for (int q = 0; q < RPW; ++q)
+        aq[q] = a + (G ? (u64)blk[row0 + q < (u64)n ? row0 + q : (u64)n - 1] * r * in : 0);
     float acc[RPW][RMAX];
 #pragma unroll
     for (int q = 0; q < RPW; ++q)
@@ -68,16 +132,22 @@ __device__ void fwd(const T* __restrict__ x, const float* __restrict__ a, float*
         float v[RPW][4];
 #pragma unroll
         for (int q = 0; q < RPW; ++q) {
-            if (row0 + q < (u64)n) ld4(x, (row0 + q) * in + i, v[q]);
-            else v[q][0] = v[q][1] = v[q][2] = v[q][3] = 0.f;
+            if (row0 + q < (u64)n) {
+                ld4(x, (row0 + q) * in + i, v[q]);
+#pragma unroll
+                for (int c = 0; c < 4; ++c) v[q][c] = __fmul_rn(v[q][c], scale);
+            } else {
+                v[q][0] = v[q][1] = v[q][2] = v[q][3] = 0.f;
+            }
         }
 #pragma unroll
         for (int j = 0; j < RMAX; ++j) {
             if (j < r) {
-                const float4 w = *reinterpret_cast<const float4*>(a + (u64)j * in + i);
 #pragma unroll
-                for (int q = 0; q < RPW; ++q)
+                for (int q = 0; q < RPW; ++q) {
+                    const float4 w = *reinterpret_cast<const float4*>(aq[q] + (u64)j * in + i);
                     acc[q][j] = fmaf(v[q][3], w.w, fmaf(v[q][2], w.z, fmaf(v[q][1], w.y, fmaf(v[q][0], w.x, acc[q][j]))));
+                }
             }
         }
     }
@@ -102,24 +172,28 @@ __device__ void fwd(const T* __restrict__ x, const float* __restrict__ a, float*
     }
 }
 
-// dx[row, i..i+4] = sum_j g[row, j] a[j, i..i+4], rounded to T: one thread per four outputs of
-// RPW rows (each A load serves all of them).
-template <typename T>
+// out[row, i..i+4] = (sum_j g[row, j] a_row[j, i..i+4]) scale, rounded to T: one thread per four
+// outputs of RPW rows.
+template <typename T, bool G>
 __device__ void dx(const float* __restrict__ g, const float* __restrict__ a, T* __restrict__ out,
-                   int n, int in, int r) {
+                   int n, int in, int r, float scale, const u32* __restrict__ blk) {
     const u64 quads = in / 4;
     const u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 groups = ((u64)n + RPW - 1) / RPW;
     if (q >= groups * quads) return;
     const u64 row0 = q / quads * RPW;
     const int i = (int)(q % quads) * 4;
+    const float* ap[RPW];
+#pragma unroll
+    for (int p = 0; p < RPW; ++p)
+        ap[p] = a + (G ? (u64)blk[row0 + p < (u64)n ? row0 + p : (u64)n - 1] * r * in : 0);
     float s[RPW][4];
 #pragma unroll
     for (int p = 0; p < RPW; ++p) s[p][0] = s[p][1] = s[p][2] = s[p][3] = 0.f;
     for (int j = 0; j < r; ++j) {
-        const float4 w = *reinterpret_cast<const float4*>(a + (u64)j * in + i);
 #pragma unroll
         for (int p = 0; p < RPW; ++p) {
+            const float4 w = *reinterpret_cast<const float4*>(ap[p] + (u64)j * in + i);
             const float gj = row0 + p < (u64)n ? g[(row0 + p) * r + j] : 0.f;
             s[p][0] = fmaf(gj, w.x, s[p][0]); s[p][1] = fmaf(gj, w.y, s[p][1]);
             s[p][2] = fmaf(gj, w.z, s[p][2]); s[p][3] = fmaf(gj, w.w, s[p][3]);
@@ -129,19 +203,22 @@ __device__ void dx(const float* __restrict__ g, const float* __restrict__ a, T* 
     for (int p = 0; p < RPW; ++p) {
         if (row0 + p < (u64)n) {
             const u64 o = (row0 + p) * in + i;
-            st(out, o, s[p][0]); st(out, o + 1, s[p][1]); st(out, o + 2, s[p][2]); st(out, o + 3, s[p][3]);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) st(out, o + c, __fmul_rn(s[p][c], scale));
         }
     }
 }
 
-// part[s, j, i] = sum over rows s·per .. of g[row, j] x[row, i]: one thread per column i.
-template <typename T>
+// part[s, j, i] = sum over the rows of split s of g[row, j] (x[row, i] scale): one thread per column.
+// Split s is rows [s·per, s·per + per) or, grouped, [splits[2s], splits[2s + 1]).
+template <typename T, bool G>
 __device__ void da_part(const float* __restrict__ g, const T* __restrict__ x, float* __restrict__ part,
-                        int n, int in, int r, int per) {
+                        int n, int in, int r, int per, float scale, const u32* __restrict__ splits) {
     __shared__ float gs[32][RMAX];
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     const int s = blockIdx.y;
-    const int n0 = s * per, n1 = min(n, n0 + per);
+    const int n0 = G ? (int)splits[2 * s] : s * per;
+    const int n1 = G ? (int)splits[2 * s + 1] : min(n, n0 + per);
     float acc[RMAX];
 #pragma unroll
     for (int j = 0; j < RMAX; ++j) acc[j] = 0.f;
@@ -158,7 +235,8 @@ __device__ void da_part(const float* __restrict__ g, const T* __restrict__ x, fl
             for (int rr = 0; rr < m; rr += 4) {
                 float xv[4];
 #pragma unroll
-                for (int u = 0; u < 4; ++u) xv[u] = rr + u < m ? ld(x, (u64)(base + rr + u) * in + i) : 0.f;
+                for (int u = 0; u < 4; ++u)
+                    xv[u] = rr + u < m ? __fmul_rn(ld(x, (u64)(base + rr + u) * in + i), scale) : 0.f;
 #pragma unroll
                 for (int u = 0; u < 4; ++u)
 #pragma unroll
@@ -172,7 +250,7 @@ __device__ void da_part(const float* __restrict__ g, const T* __restrict__ x, fl
     }
 }
 
-// da[k] = sum_s part[s, k] (k over r·in), in order of s.
+// da[k] = sum over all splits of part[s, k] (k over r·in), in order of s.
 __device__ void da_sum(const float* __restrict__ part, float* __restrict__ da, int splits, u64 ri) {
     const u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= ri) return;
@@ -181,13 +259,32 @@ __device__ void da_sum(const float* __restrict__ part, float* __restrict__ da, i
     da[k] = v;
 }
 
-extern "C" __global__ void lora_down_fwd_f32(const float* x, const float* a, float* h, int n, int in, int r) { fwd<float>(x, a, h, n, in, r); }
-extern "C" __global__ void lora_down_fwd_bf16(const u16* x, const float* a, float* h, int n, int in, int r) { fwd<u16>(x, a, h, n, in, r); }
-extern "C" __global__ void lora_down_dx_f32(const float* g, const float* a, float* o, int n, int in, int r) { dx<float>(g, a, o, n, in, r); }
-extern "C" __global__ void lora_down_dx_bf16(const float* g, const float* a, u16* o, int n, int in, int r) { dx<u16>(g, a, o, n, in, r); }
-extern "C" __global__ void lora_down_da_part_f32(const float* g, const float* x, float* p, int n, int in, int r, int per) { da_part<float>(g, x, p, n, in, r, per); }
-extern "C" __global__ void lora_down_da_part_bf16(const float* g, const u16* x, float* p, int n, int in, int r, int per) { da_part<u16>(g, x, p, n, in, r, per); }
+// da[e, k] = sum of part[s, k] over block e's splits seg[e] .. seg[e + 1] (0 without any), in order.
+__device__ void da_sum_seg(const float* __restrict__ part, float* __restrict__ da, const u32* __restrict__ seg,
+                           int blocks, u64 ri) {
+    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (u64)blocks * ri) return;
+    const int e = (int)(t / ri);
+    const u64 k = t % ri;
+    float v = 0.f;
+    for (u32 s = seg[e]; s < seg[e + 1]; ++s) v += part[(u64)s * ri + k];
+    da[t] = v;
+}
+
+extern "C" __global__ void lora_down_fwd_f32(const float* x, const float* a, float* h, int n, int in, int r, float sc, const u32* b) { fwd<float, false>(x, a, h, n, in, r, sc, b); }
+extern "C" __global__ void lora_down_fwd_bf16(const u16* x, const float* a, float* h, int n, int in, int r, float sc, const u32* b) { fwd<u16, false>(x, a, h, n, in, r, sc, b); }
+extern "C" __global__ void lora_down_fwd_g_f32(const float* x, const float* a, float* h, int n, int in, int r, float sc, const u32* b) { fwd<float, true>(x, a, h, n, in, r, sc, b); }
+extern "C" __global__ void lora_down_fwd_g_bf16(const u16* x, const float* a, float* h, int n, int in, int r, float sc, const u32* b) { fwd<u16, true>(x, a, h, n, in, r, sc, b); }
+extern "C" __global__ void lora_down_dx_f32(const float* g, const float* a, float* o, int n, int in, int r, float sc, const u32* b) { dx<float, false>(g, a, o, n, in, r, sc, b); }
+extern "C" __global__ void lora_down_dx_bf16(const float* g, const float* a, u16* o, int n, int in, int r, float sc, const u32* b) { dx<u16, false>(g, a, o, n, in, r, sc, b); }
+extern "C" __global__ void lora_down_dx_g_f32(const float* g, const float* a, float* o, int n, int in, int r, float sc, const u32* b) { dx<float, true>(g, a, o, n, in, r, sc, b); }
+extern "C" __global__ void lora_down_dx_g_bf16(const float* g, const float* a, u16* o, int n, int in, int r, float sc, const u32* b) { dx<u16, true>(g, a, o, n, in, r, sc, b); }
+extern "C" __global__ void lora_down_da_part_f32(const float* g, const float* x, float* p, int n, int in, int r, int per, float sc, const u32* sp) { da_part<float, false>(g, x, p, n, in, r, per, sc, sp); }
+extern "C" __global__ void lora_down_da_part_bf16(const float* g, const u16* x, float* p, int n, int in, int r, int per, float sc, const u32* sp) { da_part<u16, false>(g, x, p, n, in, r, per, sc, sp); }
+extern "C" __global__ void lora_down_da_part_g_f32(const float* g, const float* x, float* p, int n, int in, int r, int per, float sc, const u32* sp) { da_part<float, true>(g, x, p, n, in, r, per, sc, sp); }
+extern "C" __global__ void lora_down_da_part_g_bf16(const float* g, const u16* x, float* p, int n, int in, int r, int per, float sc, const u32* sp) { da_part<u16, true>(g, x, p, n, in, r, per, sc, sp); }
 extern "C" __global__ void lora_down_da_sum(const float* p, float* da, int splits, u64 ri) { da_sum(p, da, splits, ri); }
+extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const u32* seg, int blocks, u64 ri) { da_sum_seg(p, da, seg, blocks, ri); }
 "#;
 
     static KERNELS: Kernels = Kernels::new("gptoss_lora_down", SRC);
@@ -229,6 +326,404 @@ extern "C" __global__ void lora_down_da_sum(const float* p, float* da, int split
         }
     }
 
+    /// Rows grouped by weight block — the experts of one MoE call — on the device: the kernels'
+    /// grouped forms pick each row's `[r, in]` block and reduce per block.
+    pub(crate) struct Group {
+        /// Block of each row, `[M]` u32.
+        rows: Tensor,
+        /// `[row0, row1)` of each split of a block's rows, grouped by block, `[2S]` u32.
+        splits: Tensor,
+        /// Block e's splits are `seg[e] .. seg[e + 1]`, `[E + 1]` u32.
+        seg: Tensor,
+        n_splits: usize,
+        blocks: usize,
+    }
+
+    /// Rows per split of the grouped reductions.
+    const SPLIT_ROWS: usize = 64;
+
+    impl Group {
+        /// From `(block, first row, rows)` spans tiling `0..m` in order (blocks `< blocks`), in one
+        /// host→device copy.
+        pub(crate) fn new(
+            spans: &[(usize, usize, usize)],
+            m: usize,
+            blocks: usize,
+            dev: &candle_core::Device,
+        ) -> Result<Self> {
+            let mut rows = Vec::with_capacity(m);
+            let mut per_block: Vec<Vec<u32>> = vec![Vec::new(); blocks];
+            let mut next = 0usize;
+            for &(e, off, len) in spans {
+                if e >= blocks || off != next {
+                    candle_core::bail!(
+                        "grouped LoRA: span ({e}, {off}, {len}) does not continue row {next} with a \
+                         block below {blocks}"
+                    );
+                }
+                rows.extend(std::iter::repeat_n(e as u32, len));
+                let mut r0 = off;
+                while r0 < off + len {
+                    let r1 = (r0 + SPLIT_ROWS).min(off + len);
+                    per_block[e].extend([r0 as u32, r1 as u32]);
+                    r0 = r1;
+                }
+                next = off + len;
+            }
+            if next != m {
+                candle_core::bail!("grouped LoRA: spans cover {next} rows, x has {m}");
+            }
+            let mut splits = Vec::new();
+            let mut seg = Vec::with_capacity(blocks + 1);
+            for b in &per_block {
+                seg.push((splits.len() / 2) as u32);
+                splits.extend_from_slice(b);
+            }
+            seg.push((splits.len() / 2) as u32);
+            let n_splits = splits.len() / 2;
+            let (nr, ns) = (rows.len(), splits.len());
+            let mut all = rows;
+            all.extend(splits);
+            all.extend(seg);
+            let all = Tensor::from_vec(all, nr + ns + blocks + 1, dev)?;
+            Ok(Self {
+                rows: all.narrow(0, 0, nr)?,
+                splits: all.narrow(0, nr, ns)?,
+                seg: all.narrow(0, nr + ns, blocks + 1)?,
+                n_splits,
+                blocks,
+            })
+        }
+    }
+
+    /// The device view of a u32 tensor (the group's maps).
+    fn u32_view<'a>(
+        g: &'a candle_core::StorageRef<'a>,
+        l: &Layout,
+        what: &str,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>> {
+        let candle_core::Storage::Cuda(c) = &**g else {
+            candle_core::bail!("grouped LoRA: {what} is not on a CUDA device");
+        };
+        let (a, b) = contiguous_range(l, what)?;
+        Ok(c.as_cuda_slice::<u32>()?.slice(a..b))
+    }
+
+    /// `h = (x·scale)·a_rowᵀ` `[N, r]` f32; ungrouped `a` is `[r, in]`, grouped `[E·r, in]`.
+    fn launch_fwd(
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        group: Option<&Group>,
+        scale: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, in_dim) = xl.shape().dims2()?;
+        let (a_rows, _) = wl.shape().dims2()?;
+        let r = a_rows / group.map_or(1, |g| g.blocks).max(1);
+        let (x0, x1) = start4(xl, "x")?;
+        let (a0, a1) = start4(wl, "a")?;
+        let dev = xs.device().clone();
+        let stream = dev.cuda_stream();
+        let CudaStorageSlice::F32(aw) = &ws.slice else {
+            candle_core::bail!("lora_down_fwd: a must be f32");
+        };
+        let av = aw.slice(a0..a1);
+        // SAFETY: the kernel writes every one of the n·r outputs.
+        let mut h = unsafe { dev.alloc::<f32>(n * r)? };
+        let (ni, ii, ri) = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
+        let guard = group.map(|g| g.rows.storage_and_layout());
+        if n > 0 {
+            let blk = match &guard {
+                Some((st, l)) => Some(u32_view(st, l, "rows")?),
+                None => None,
+            };
+            let (gs, null) = (if blk.is_some() { "_g" } else { "" }, 0u64);
+            macro_rules! run {
+                ($s:expr, $t:literal) => {{
+                    let func = KERNELS.func(&dev, &format!("lora_down_fwd{gs}_{}", $t))?;
+                    let xv = $s.slice(x0..x1);
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&xv);
+                    b.arg(&av);
+                    b.arg(&mut h);
+                    b.arg(&ni);
+                    b.arg(&ii);
+                    b.arg(&ri);
+                    b.arg(&scale);
+                    match &blk {
+                        Some(v) => b.arg(v),
+                        None => b.arg(&null),
+                    };
+                    // SAFETY: argument types and order match the kernel; x holds n·in values,
+                    // a (E·)r·in, h n·r, rows n block indices below E; 8 warps per 4 rows.
+                    unsafe { b.launch(cfg(n.div_ceil(4), 256)) }.w()?;
+                }};
+            }
+            match &xs.slice {
+                CudaStorageSlice::F32(s) => run!(s, "f32"),
+                CudaStorageSlice::BF16(s) => run!(s, "bf16"),
+                _ => candle_core::bail!("lora_down_fwd: x must be f32 or bf16"),
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(h, dev), Shape::from((n, r))))
+    }
+
+    /// `out = (g·a_row)·scale` `[N, in]` in `dtype`; `g` `[N, r]` f32, `a` `[(E·)r, in]` f32.
+    fn launch_dx(
+        gs: &CudaStorage,
+        gl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        dtype: DType,
+        group: Option<&Group>,
+        scale: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, r) = gl.shape().dims2()?;
+        let (_, in_dim) = wl.shape().dims2()?;
+        let (g0, g1) = contiguous_range(gl, "g")?;
+        let (a0, a1) = start4(wl, "a")?;
+        let dev = gs.device().clone();
+        let stream = dev.cuda_stream();
+        let (CudaStorageSlice::F32(gw), CudaStorageSlice::F32(aw)) = (&gs.slice, &ws.slice) else {
+            candle_core::bail!("lora_down_dx: g and a must be f32");
+        };
+        let (gv, av) = (gw.slice(g0..g1), aw.slice(a0..a1));
+        let (ni, ii, ri) = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
+        // one thread per 4 outputs of 4 rows
+        let quads = n.div_ceil(4) * (in_dim / 4);
+        let guard = group.map(|g| g.rows.storage_and_layout());
+        let blk = match &guard {
+            Some((st, l)) => Some(u32_view(st, l, "rows")?),
+            None => None,
+        };
+        let (gsfx, null) = (if blk.is_some() { "_g" } else { "" }, 0u64);
+        macro_rules! run {
+            ($t:ty, $name:literal) => {{
+                // SAFETY: the kernel writes every one of the n·in outputs.
+                let mut o = unsafe { dev.alloc::<$t>(n * in_dim)? };
+                if quads > 0 {
+                    let func = KERNELS.func(&dev, &format!("lora_down_dx{gsfx}_{}", $name))?;
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&gv);
+                    b.arg(&av);
+                    b.arg(&mut o);
+                    b.arg(&ni);
+                    b.arg(&ii);
+                    b.arg(&ri);
+                    b.arg(&scale);
+                    match &blk {
+                        Some(v) => b.arg(v),
+                        None => b.arg(&null),
+                    };
+                    // SAFETY: argument types and order match the kernel; one thread per 4
+                    // outputs of 4 rows; rows holds n block indices below E.
+                    unsafe { b.launch(cfg(quads.div_ceil(256), 256)) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(o, dev.clone())
+            }};
+        }
+        let out = match dtype {
+            DType::F32 => run!(f32, "f32"),
+            DType::BF16 => run!(half::bf16, "bf16"),
+            d => candle_core::bail!("lora_down_dx: unsupported dtype {d:?}"),
+        };
+        Ok((out, Shape::from((n, in_dim))))
+    }
+
+    /// `gᵀ·(x·scale)` f32: `[r, in]`, or grouped `[E·r, in]` summing each block's rows only.
+    fn launch_da(
+        gs: &CudaStorage,
+        gl: &Layout,
+        xs: &CudaStorage,
+        xl: &Layout,
+        group: Option<&Group>,
+        scale: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, r) = gl.shape().dims2()?;
+        let (_, in_dim) = xl.shape().dims2()?;
+        let (g0, g1) = contiguous_range(gl, "g")?;
+        let (x0, x1) = contiguous_range(xl, "x")?;
+        let dev = gs.device().clone();
+        let stream = dev.cuda_stream();
+        let CudaStorageSlice::F32(gw) = &gs.slice else {
+            candle_core::bail!("lora_down_da: g must be f32");
+        };
+        let gv = gw.slice(g0..g1);
+        let cols = in_dim.div_ceil(256);
+        let blocks = group.map_or(1, |g| g.blocks);
+        let (splits, per) = match group {
+            Some(g) => (g.n_splits, 0),
+            None => {
+                // about four blocks per SM of an H100/H200, at least 32 rows each
+                let s = (528 / cols.max(1)).clamp(1, n.div_ceil(32).max(1));
+                (s, n.div_ceil(s).max(1))
+            }
+        };
+        let ri = r * in_dim;
+        // SAFETY: da_part writes every partial of the splits·r·in.
+        let mut part = unsafe { dev.alloc::<f32>(splits.max(1) * ri)? };
+        // SAFETY: da_sum(_seg) writes every one of the blocks·r·in outputs.
+        let mut da = unsafe { dev.alloc::<f32>(blocks * ri)? };
+        let (ni, ii, rr, pi, si) = (
+            int(n, "N")?,
+            int(in_dim, "in")?,
+            int(r, "r")?,
+            int(per, "rows")?,
+            int(splits, "splits")?,
+        );
+        let guards = group.map(|g| (g.splits.storage_and_layout(), g.seg.storage_and_layout()));
+        let maps = match &guards {
+            Some(((sp, spl), (sg, sgl))) => {
+                Some((u32_view(sp, spl, "splits")?, u32_view(sg, sgl, "seg")?))
+            }
+            None => None,
+        };
+        let (gsfx, null) = (if maps.is_some() { "_g" } else { "" }, 0u64);
+        if ri > 0 && splits > 0 {
+            macro_rules! run {
+                ($s:expr, $t:literal) => {{
+                    let func = KERNELS.func(&dev, &format!("lora_down_da_part{gsfx}_{}", $t))?;
+                    let xv = $s.slice(x0..x1);
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&gv);
+                    b.arg(&xv);
+                    b.arg(&mut part);
+                    b.arg(&ni);
+                    b.arg(&ii);
+                    b.arg(&rr);
+                    b.arg(&pi);
+                    b.arg(&scale);
+                    match &maps {
+                        Some((sp, _)) => b.arg(sp),
+                        None => b.arg(&null),
+                    };
+                    let c = LaunchConfig {
+                        grid_dim: (cols as u32, splits as u32, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: argument types and order match the kernel; g holds n·r, x n·in,
+                    // part splits·r·in values; the splits lie inside 0..n.
+                    unsafe { b.launch(c) }.w()?;
+                }};
+            }
+            match &xs.slice {
+                CudaStorageSlice::F32(s) => run!(s, "f32"),
+                CudaStorageSlice::BF16(s) => run!(s, "bf16"),
+                _ => candle_core::bail!("lora_down_da: x must be f32 or bf16"),
+            }
+        }
+        if blocks * ri > 0 {
+            let ri64 = ri as u64;
+            match &maps {
+                Some((_, seg)) => {
+                    let func = KERNELS.func(&dev, "lora_down_da_sum_seg")?;
+                    let bi = int(blocks, "E")?;
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&part);
+                    b.arg(&mut da);
+                    b.arg(seg);
+                    b.arg(&bi);
+                    b.arg(&ri64);
+                    // SAFETY: argument types and order match the kernel; seg holds E + 1
+                    // split offsets into part.
+                    unsafe { b.launch(cfg((blocks * ri).div_ceil(256), 256)) }.w()?;
+                }
+                None => {
+                    let func = KERNELS.func(&dev, "lora_down_da_sum")?;
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&part);
+                    b.arg(&mut da);
+                    b.arg(&si);
+                    b.arg(&ri64);
+                    // SAFETY: argument types and order match the kernel; part holds
+                    // splits·r·in values.
+                    unsafe { b.launch(cfg(ri.div_ceil(256), 256)) }.w()?;
+                }
+            }
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(da, dev),
+            Shape::from((blocks * r, in_dim)),
+        ))
+    }
+
+    /// Implements `CustomOp2` for a launcher whose backward is not needed: `$op` with `$name`.
+    macro_rules! no_bwd_op2 {
+        ($op:ty, $name:literal, |$s:ident, $a:ident, $al:ident, $b:ident, $bl:ident| $body:expr) => {
+            impl CustomOp2 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn cpu_fwd(
+                    &self,
+                    _: &CpuStorage,
+                    _: &Layout,
+                    _: &CpuStorage,
+                    _: &Layout,
+                ) -> Result<(CpuStorage, Shape)> {
+                    candle_core::bail!(concat!($name, ": CUDA only"))
+                }
+
+                fn cuda_fwd(
+                    &$s,
+                    $a: &CudaStorage,
+                    $al: &Layout,
+                    $b: &CudaStorage,
+                    $bl: &Layout,
+                ) -> Result<(CudaStorage, Shape)> {
+                    $body
+                }
+            }
+        };
+    }
+
+    /// `(x·scale)·a_rowᵀ`: args `(x [N, in], a [(E·)r, in] f32)`.
+    struct FwdOp {
+        group: Option<Arc<Group>>,
+        scale: f32,
+    }
+    no_bwd_op2!(FwdOp, "lora_down_fwd", |self, x, xl, a, al| launch_fwd(
+        x,
+        xl,
+        a,
+        al,
+        self.group.as_deref(),
+        self.scale
+    ));
+
+    /// `(g·a_row)·scale` in `dtype`: args `(g [N, r] f32, a [(E·)r, in] f32)`.
+    struct DxOp {
+        dtype: DType,
+        group: Option<Arc<Group>>,
+        scale: f32,
+    }
+    no_bwd_op2!(DxOp, "lora_down_dx", |self, g, gl, a, al| launch_dx(
+        g,
+        gl,
+        a,
+        al,
+        self.dtype,
+        self.group.as_deref(),
+        self.scale
+    ));
+
+    /// `gᵀ·(x·scale)` f32 (per block when grouped): args `(g [N, r] f32, x [N, in])`.
+    struct DaOp {
+        group: Option<Arc<Group>>,
+        scale: f32,
+    }
+    no_bwd_op2!(DaOp, "lora_down_da", |self, g, gl, x, xl| launch_da(
+        g,
+        gl,
+        x,
+        xl,
+        self.group.as_deref(),
+        self.scale
+    ));
+
     /// The forward, differentiable in both inputs.
     pub(super) struct DownFwd;
 
@@ -254,43 +749,7 @@ extern "C" __global__ void lora_down_da_sum(const float* p, float* da, int split
             ws: &CudaStorage,
             wl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            let (n, in_dim) = xl.shape().dims2()?;
-            let (r, _) = wl.shape().dims2()?;
-            let (x0, x1) = start4(xl, "x")?;
-            let (a0, a1) = start4(wl, "a")?;
-            let dev = xs.device().clone();
-            let stream = dev.cuda_stream();
-            let CudaStorageSlice::F32(aw) = &ws.slice else {
-                candle_core::bail!("lora_down_fwd: a must be f32");
-            };
-            let av = aw.slice(a0..a1);
-            // SAFETY: the kernel writes every one of the n·r outputs.
-            let mut h = unsafe { dev.alloc::<f32>(n * r)? };
-            let (ni, ii, ri) = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
-            if n > 0 {
-                macro_rules! run {
-                    ($s:expr, $name:literal) => {{
-                        let func = KERNELS.func(&dev, $name)?;
-                        let xv = $s.slice(x0..x1);
-                        let mut b = stream.launch_builder(&func);
-                        b.arg(&xv);
-                        b.arg(&av);
-                        b.arg(&mut h);
-                        b.arg(&ni);
-                        b.arg(&ii);
-                        b.arg(&ri);
-                        // SAFETY: argument types and order match the kernel; x holds n·in values,
-                        // a r·in, h n·r; one block of 8 warps per 4 rows.
-                        unsafe { b.launch(cfg(n.div_ceil(4), 256)) }.w()?;
-                    }};
-                }
-                match &xs.slice {
-                    CudaStorageSlice::F32(s) => run!(s, "lora_down_fwd_f32"),
-                    CudaStorageSlice::BF16(s) => run!(s, "lora_down_fwd_bf16"),
-                    _ => candle_core::bail!("lora_down_fwd: x must be f32 or bf16"),
-                }
-            }
-            Ok((CudaStorage::wrap_cuda_slice(h, dev), Shape::from((n, r))))
+            launch_fwd(xs, xl, ws, wl, None, 1.0)
         }
 
         fn bwd(
@@ -301,20 +760,35 @@ extern "C" __global__ void lora_down_da_sum(const float* p, float* da, int split
             g: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let g = g.contiguous()?;
-            let dx = g.apply_op2_no_bwd(a, &DownDx { dtype: x.dtype() })?;
-            let da = g.apply_op2_no_bwd(x, &DownDa)?;
+            let dx = g.apply_op2_no_bwd(
+                a,
+                &DxOp {
+                    dtype: x.dtype(),
+                    group: None,
+                    scale: 1.0,
+                },
+            )?;
+            let da = g.apply_op2_no_bwd(
+                x,
+                &DaOp {
+                    group: None,
+                    scale: 1.0,
+                },
+            )?;
             Ok((Some(dx), Some(da)))
         }
     }
 
-    /// `∂x = g·A` in `dtype`: args `(g [N, r] f32, a [r, in] f32)`.
-    struct DownDx {
-        dtype: DType,
+    /// PEFT's expert LoRA delta on grouped rows: args `(x [M, in], a [E·r, in] f32,
+    /// bt [E, r, out] f32)` → `((x·A_eᵀ)·Bt_e)·scaling` `[M, out]` in x's dtype.
+    pub(crate) struct ExpertOp {
+        pub(crate) group: Arc<Group>,
+        pub(crate) scaling: f32,
     }
 
-    impl CustomOp2 for DownDx {
+    impl CustomOp3 for ExpertOp {
         fn name(&self) -> &'static str {
-            "lora_down_dx"
+            "lora_expert_delta"
         }
 
         fn cpu_fwd(
@@ -323,153 +797,87 @@ extern "C" __global__ void lora_down_da_sum(const float* p, float* da, int split
             _: &Layout,
             _: &CpuStorage,
             _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("lora_down_dx: CUDA only")
+            candle_core::bail!("lora_expert_delta: CUDA only (the CPU runs expert by expert)")
         }
 
         fn cuda_fwd(
             &self,
-            gs: &CudaStorage,
-            gl: &Layout,
-            ws: &CudaStorage,
-            wl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let (n, r) = gl.shape().dims2()?;
-            let (_, in_dim) = wl.shape().dims2()?;
-            let (g0, g1) = contiguous_range(gl, "g")?;
-            let (a0, a1) = start4(wl, "a")?;
-            let dev = gs.device().clone();
-            let stream = dev.cuda_stream();
-            let (CudaStorageSlice::F32(gw), CudaStorageSlice::F32(aw)) = (&gs.slice, &ws.slice)
-            else {
-                candle_core::bail!("lora_down_dx: g and a must be f32");
-            };
-            let (gv, av) = (gw.slice(g0..g1), aw.slice(a0..a1));
-            let (ni, ii, ri) = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
-            // one thread per 4 outputs of 4 rows
-            let quads = n.div_ceil(4) * (in_dim / 4);
-            macro_rules! run {
-                ($t:ty, $name:literal) => {{
-                    // SAFETY: the kernel writes every one of the n·in outputs.
-                    let mut o = unsafe { dev.alloc::<$t>(n * in_dim)? };
-                    if quads > 0 {
-                        let func = KERNELS.func(&dev, $name)?;
-                        let mut b = stream.launch_builder(&func);
-                        b.arg(&gv);
-                        b.arg(&av);
-                        b.arg(&mut o);
-                        b.arg(&ni);
-                        b.arg(&ii);
-                        b.arg(&ri);
-                        // SAFETY: argument types and order match the kernel; one thread per 4
-                        // outputs of 4 rows.
-                        unsafe { b.launch(cfg(quads.div_ceil(256), 256)) }.w()?;
-                    }
-                    CudaStorage::wrap_cuda_slice(o, dev.clone())
-                }};
-            }
-            let out = match self.dtype {
-                DType::F32 => run!(f32, "lora_down_dx_f32"),
-                DType::BF16 => run!(half::bf16, "lora_down_dx_bf16"),
-                d => candle_core::bail!("lora_down_dx: unsupported dtype {d:?}"),
-            };
-            Ok((out, Shape::from((n, in_dim))))
-        }
-    }
-
-    /// `∂A = gᵀ·x` f32: args `(g [N, r] f32, x [N, in])`.
-    struct DownDa;
-
-    impl CustomOp2 for DownDa {
-        fn name(&self) -> &'static str {
-            "lora_down_da"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("lora_down_da: CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            gs: &CudaStorage,
-            gl: &Layout,
             xs: &CudaStorage,
             xl: &Layout,
+            a: &CudaStorage,
+            al: &Layout,
+            bt: &CudaStorage,
+            btl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            let (n, r) = gl.shape().dims2()?;
-            let (_, in_dim) = xl.shape().dims2()?;
-            let (g0, g1) = contiguous_range(gl, "g")?;
-            let (x0, x1) = contiguous_range(xl, "x")?;
-            let dev = gs.device().clone();
-            let stream = dev.cuda_stream();
-            let CudaStorageSlice::F32(gw) = &gs.slice else {
-                candle_core::bail!("lora_down_da: g must be f32");
-            };
-            let gv = gw.slice(g0..g1);
-            let cols = in_dim.div_ceil(256);
-            // about four blocks per SM of an H100/H200, at least 32 rows each
-            let splits = (528 / cols.max(1)).clamp(1, n.div_ceil(32).max(1));
-            let per = n.div_ceil(splits).max(1);
-            let ri = r * in_dim;
-            // SAFETY: da_part writes every partial of the splits·r·in.
-            let mut part = unsafe { dev.alloc::<f32>(splits * ri)? };
-            // SAFETY: da_sum writes every one of the r·in outputs.
-            let mut da = unsafe { dev.alloc::<f32>(ri)? };
-            let (ni, ii, rr, pi, si) = (
-                int(n, "N")?,
-                int(in_dim, "in")?,
-                int(r, "r")?,
-                int(per, "rows")?,
-                int(splits, "splits")?,
-            );
-            if ri > 0 {
-                macro_rules! run {
-                    ($s:expr, $name:literal) => {{
-                        let func = KERNELS.func(&dev, $name)?;
-                        let xv = $s.slice(x0..x1);
-                        let mut b = stream.launch_builder(&func);
-                        b.arg(&gv);
-                        b.arg(&xv);
-                        b.arg(&mut part);
-                        b.arg(&ni);
-                        b.arg(&ii);
-                        b.arg(&rr);
-                        b.arg(&pi);
-                        let c = LaunchConfig {
-                            grid_dim: (cols as u32, splits as u32, 1),
-                            block_dim: (256, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        // SAFETY: argument types and order match the kernel; g holds n·r, x n·in,
-                        // part splits·r·in values.
-                        unsafe { b.launch(c) }.w()?;
-                    }};
-                }
-                match &xs.slice {
-                    CudaStorageSlice::F32(s) => run!(s, "lora_down_da_part_f32"),
-                    CudaStorageSlice::BF16(s) => run!(s, "lora_down_da_part_bf16"),
-                    _ => candle_core::bail!("lora_down_da: x must be f32 or bf16"),
-                }
-                let func = KERNELS.func(&dev, "lora_down_da_sum")?;
-                let ri64 = ri as u64;
-                let mut b = stream.launch_builder(&func);
-                b.arg(&part);
-                b.arg(&mut da);
-                b.arg(&si);
-                b.arg(&ri64);
-                // SAFETY: argument types and order match the kernel; part holds splits·r·in values.
-                unsafe { b.launch(cfg(ri.div_ceil(256), 256)) }.w()?;
-            }
-            Ok((
-                CudaStorage::wrap_cuda_slice(da, dev),
-                Shape::from((r, in_dim)),
-            ))
+            let g = Some(&*self.group);
+            let (h, hs) = launch_fwd(xs, xl, a, al, g, 1.0)?;
+            let (e, r, out) = btl.shape().dims3()?;
+            let bt2 = Layout::contiguous_with_offset((e * r, out), btl.start_offset());
+            launch_dx(
+                &h,
+                &Layout::contiguous(hs),
+                bt,
+                &bt2,
+                xs.dtype(),
+                g,
+                self.scaling,
+            )
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            a: &Tensor,
+            bt: &Tensor,
+            _res: &Tensor,
+            dy: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let (e, r, out) = bt.dims3()?;
+            let group = Some(self.group.clone());
+            let dy = dy.contiguous()?;
+            let bt2 = bt.reshape((e * r, out))?;
+            let h = x.apply_op2_no_bwd(
+                a,
+                &FwdOp {
+                    group: group.clone(),
+                    scale: 1.0,
+                },
+            )?;
+            // ∂h = (∂y·scaling)·Bt_e, ∂Bt_e = hᵀ·(∂y·scaling) over expert e's rows
+            let dh = dy.apply_op2_no_bwd(
+                &bt2,
+                &FwdOp {
+                    group: group.clone(),
+                    scale: self.scaling,
+                },
+            )?;
+            let dbt = h.apply_op2_no_bwd(
+                &dy,
+                &DaOp {
+                    group: group.clone(),
+                    scale: self.scaling,
+                },
+            )?;
+            // ∂A_e = ∂hᵀ·x over expert e's rows, ∂x = ∂h·A_e (rounded once to x's dtype)
+            let da = dh.apply_op2_no_bwd(
+                x,
+                &DaOp {
+                    group: group.clone(),
+                    scale: 1.0,
+                },
+            )?;
+            let dx = dh.apply_op2_no_bwd(
+                a,
+                &DxOp {
+                    dtype: x.dtype(),
+                    group,
+                    scale: 1.0,
+                },
+            )?;
+            Ok((Some(dx), Some(da), Some(dbt.reshape((e, r, out))?)))
         }
     }
 }

@@ -104,9 +104,10 @@ impl ExpertAdapter for LoraExperts {
         y.to_dtype(x.dtype())
     }
 
-    /// Off the CPU, all rows in two matmuls instead of two per expert (each a handful of kernel
-    /// launches and autograd nodes): `h = x·Aᵀ` `[M, r·E]` for all experts, masked to each row's own
-    /// expert block, then `h·B'ᵀ` with B's columns reordered expert-major — the same sums as
+    /// On CUDA one fused node for all rows ([`crate::down_proj::expert_delta`]); on other devices
+    /// (or shapes those kernels do not take) two matmuls instead of two per expert (each a handful of
+    /// kernel launches and autograd nodes): `h = x·Aᵀ` `[M, r·E]` for all experts, masked to each
+    /// row's own expert block, then `h·B'ᵀ` with B's columns reordered expert-major — the same sums as
     /// [`Self::delta`] (the masked terms are exact zeros) at E× the (small) FLOPs. The CPU keeps the
     /// per-expert path.
     fn delta_grouped(
@@ -117,7 +118,12 @@ impl ExpertAdapter for LoraExperts {
         if x.device().is_cpu() {
             return gptoss_model::hooks::delta_per_expert(self, x, spans);
         }
-        self.masked_delta(x, spans)
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        let fused = crate::down_proj::expert_delta(x, a, b, spans, self.num_experts, self.scaling)?;
+        match fused {
+            Some(y) => Ok(y),
+            None => self.masked_delta(x, spans),
+        }
     }
 }
 

@@ -81,7 +81,9 @@ pub fn expert_delta(
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use std::sync::Arc;
 
@@ -409,6 +411,25 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
         Ok(c.as_cuda_slice::<u32>()?.slice(a..b))
     }
 
+    /// The arguments after the three pointers shared by the forward and dx kernels:
+    /// `(n, in, r, scale, blk)`, `blk` the group's row map or a null pointer.
+    fn push_tail<'a>(
+        b: &mut LaunchArgs<'a>,
+        (n, in_dim, r): &'a (i32, i32, i32),
+        scale: &'a f32,
+        blk: &'a Option<CudaView<'a, u32>>,
+        null: &'a u64,
+    ) {
+        b.arg(n);
+        b.arg(in_dim);
+        b.arg(r);
+        b.arg(scale);
+        match blk {
+            Some(v) => b.arg(v),
+            None => b.arg(null),
+        };
+    }
+
     /// `h = (x·scale)·a_rowᵀ` `[N, r]` f32; ungrouped `a` is `[r, in]`, grouped `[E·r, in]`.
     fn launch_fwd(
         xs: &CudaStorage,
@@ -431,7 +452,7 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
         let av = aw.slice(a0..a1);
         // SAFETY: the kernel writes every one of the n·r outputs.
         let mut h = unsafe { dev.alloc::<f32>(n * r)? };
-        let (ni, ii, ri) = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
+        let dims = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
         let guard = group.map(|g| g.rows.storage_and_layout());
         if n > 0 {
             let blk = match &guard {
@@ -447,14 +468,7 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
                     b.arg(&xv);
                     b.arg(&av);
                     b.arg(&mut h);
-                    b.arg(&ni);
-                    b.arg(&ii);
-                    b.arg(&ri);
-                    b.arg(&scale);
-                    match &blk {
-                        Some(v) => b.arg(v),
-                        None => b.arg(&null),
-                    };
+                    push_tail(&mut b, &dims, &scale, &blk, &null);
                     // SAFETY: argument types and order match the kernel; x holds n·in values,
                     // a (E·)r·in, h n·r, rows n block indices below E; 8 warps per 4 rows.
                     unsafe { b.launch(cfg(n.div_ceil(4), 256)) }.w()?;
@@ -489,7 +503,7 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
             candle_core::bail!("lora_down_dx: g and a must be f32");
         };
         let (gv, av) = (gw.slice(g0..g1), aw.slice(a0..a1));
-        let (ni, ii, ri) = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
+        let dims = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
         // one thread per 4 outputs of 4 rows
         let quads = n.div_ceil(4) * (in_dim / 4);
         let guard = group.map(|g| g.rows.storage_and_layout());
@@ -508,14 +522,7 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
                     b.arg(&gv);
                     b.arg(&av);
                     b.arg(&mut o);
-                    b.arg(&ni);
-                    b.arg(&ii);
-                    b.arg(&ri);
-                    b.arg(&scale);
-                    match &blk {
-                        Some(v) => b.arg(v),
-                        None => b.arg(&null),
-                    };
+                    push_tail(&mut b, &dims, &scale, &blk, &null);
                     // SAFETY: argument types and order match the kernel; one thread per 4
                     // outputs of 4 rows; rows holds n block indices below E.
                     unsafe { b.launch(cfg(quads.div_ceil(256), 256)) }.w()?;

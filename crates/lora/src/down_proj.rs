@@ -21,7 +21,11 @@ pub const MAX_RANK: usize = 16;
 pub fn down_proj(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda::takes(x, a)? {
-        return x.contiguous()?.apply_op2(&a.contiguous()?, cuda::DownFwd);
+        let op = cuda::FwdOp {
+            group: None,
+            scale: 1.0,
+        };
+        return x.contiguous()?.apply_op2(&a.contiguous()?, op);
     }
     x.to_dtype(DType::F32)?.matmul(&a.t()?)
 }
@@ -57,21 +61,29 @@ pub fn expert_delta(
             && out % 4 == 0
             && (1..=MAX_RANK).contains(&r);
         if fits {
-            let group = std::sync::Arc::new(cuda::Group::new(spans, m, experts, x.device())?);
-            // Bt_e = B's columns j·E + e, `[E, r, out]`
+            let group = Some(std::sync::Arc::new(cuda::Group::new(
+                spans,
+                m,
+                experts,
+                x.device(),
+            )?));
+            // Bt_e = B's columns j·E + e: `[E·r, out]`, expert-major like A
             let bt = b
                 .reshape((out, r, experts))?
                 .permute((2, 1, 0))?
-                .contiguous()?;
-            let op = cuda::ExpertOp {
-                group,
-                scaling: scaling as f32,
+                .contiguous()?
+                .reshape((experts * r, out))?;
+            let down = cuda::FwdOp {
+                group: group.clone(),
+                scale: 1.0,
             };
-            return Ok(Some(x.contiguous()?.apply_op3(
-                &a.contiguous()?,
-                &bt,
-                op,
-            )?));
+            let h = x.contiguous()?.apply_op2(&a.contiguous()?, down)?;
+            let up = cuda::DxOp {
+                dtype: x.dtype(),
+                group,
+                scale: scaling as f32,
+            };
+            return Ok(Some(h.apply_op2(&bt, up)?));
         }
     }
     let _ = (x, a, b, spans, experts, scaling);
@@ -87,9 +99,7 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use std::sync::Arc;
 
-    use candle_core::{
-        CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    };
+    use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
     use gptoss_model::nvrtc::{contiguous_range, Kernels};
 
     use super::MAX_RANK;
@@ -337,8 +347,6 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
         splits: Tensor,
         /// Block e's splits are `seg[e] .. seg[e + 1]`, `[E + 1]` u32.
         seg: Tensor,
-        n_splits: usize,
-        blocks: usize,
     }
 
     /// Rows per split of the grouped reductions.
@@ -382,7 +390,6 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
                 splits.extend_from_slice(b);
             }
             seg.push((splits.len() / 2) as u32);
-            let n_splits = splits.len() / 2;
             let (nr, ns) = (rows.len(), splits.len());
             let mut all = rows;
             all.extend(splits);
@@ -392,9 +399,17 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
                 rows: all.narrow(0, 0, nr)?,
                 splits: all.narrow(0, nr, ns)?,
                 seg: all.narrow(0, nr + ns, blocks + 1)?,
-                n_splits,
-                blocks,
             })
+        }
+
+        /// Number of weight blocks E.
+        fn blocks(&self) -> usize {
+            self.seg.elem_count() - 1
+        }
+
+        /// Number of row splits S.
+        fn n_splits(&self) -> usize {
+            self.splits.elem_count() / 2
         }
     }
 
@@ -441,7 +456,7 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
     ) -> Result<(CudaStorage, Shape)> {
         let (n, in_dim) = xl.shape().dims2()?;
         let (a_rows, _) = wl.shape().dims2()?;
-        let r = a_rows / group.map_or(1, |g| g.blocks).max(1);
+        let r = a_rows / group.map_or(1, Group::blocks).max(1);
         let (x0, x1) = start4(xl, "x")?;
         let (a0, a1) = start4(wl, "a")?;
         let dev = xs.device().clone();
@@ -558,9 +573,9 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
         };
         let gv = gw.slice(g0..g1);
         let cols = in_dim.div_ceil(256);
-        let blocks = group.map_or(1, |g| g.blocks);
+        let blocks = group.map_or(1, Group::blocks);
         let (splits, per) = match group {
-            Some(g) => (g.n_splits, 0),
+            Some(g) => (g.n_splits(), 0),
             None => {
                 // about four blocks per SM of an H100/H200, at least 32 rows each
                 let s = (528 / cols.max(1)).clamp(1, n.div_ceil(32).max(1));
@@ -656,9 +671,12 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
         ))
     }
 
-    /// Implements `CustomOp2` for a launcher whose backward is not needed: `$op` with `$name`.
-    macro_rules! no_bwd_op2 {
-        ($op:ty, $name:literal, |$s:ident, $a:ident, $al:ident, $b:ident, $bl:ident| $body:expr) => {
+    /// Implements `CustomOp2` for a launcher (`$name`, CUDA only), with an optional backward.
+    macro_rules! cuda_op2 {
+        (
+            $op:ty, $name:literal, |$s:ident, $a:ident, $al:ident, $b:ident, $bl:ident| $body:expr
+            $(, bwd |$bs:ident, $x:ident, $y:ident, $g:ident| $bwd:expr)?
+        ) => {
             impl CustomOp2 for $op {
                 fn name(&self) -> &'static str {
                     $name
@@ -671,7 +689,7 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
                     _: &CpuStorage,
                     _: &Layout,
                 ) -> Result<(CpuStorage, Shape)> {
-                    candle_core::bail!(concat!($name, ": CUDA only"))
+                    candle_core::bail!(concat!($name, ": CUDA only (the CPU uses the candle ops)"))
                 }
 
                 fn cuda_fwd(
@@ -683,46 +701,87 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
                 ) -> Result<(CudaStorage, Shape)> {
                     $body
                 }
+
+                $(
+                    fn bwd(
+                        &$bs,
+                        $x: &Tensor,
+                        $y: &Tensor,
+                        _res: &Tensor,
+                        $g: &Tensor,
+                    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+                        $bwd
+                    }
+                )?
             }
         };
     }
 
-    /// `(x·scale)·a_rowᵀ`: args `(x [N, in], a [(E·)r, in] f32)`.
-    struct FwdOp {
-        group: Option<Arc<Group>>,
-        scale: f32,
+    /// `h = (x·scale)·a_rowᵀ` `[N, r]` f32: args `(x [N, in], a [(E·)r, in] f32)`. Backward:
+    /// `∂x = (∂h·a_row)·scale` in x's dtype, `∂a = ∂hᵀ·(x·scale)` (per block when grouped).
+    pub(super) struct FwdOp {
+        pub(super) group: Option<Arc<Group>>,
+        pub(super) scale: f32,
     }
-    no_bwd_op2!(FwdOp, "lora_down_fwd", |self, x, xl, a, al| launch_fwd(
+    cuda_op2!(
+        FwdOp,
+        "lora_down_fwd",
+        |self, x, xl, a, al| launch_fwd(x, xl, a, al, self.group.as_deref(), self.scale),
+        bwd | self,
         x,
-        xl,
         a,
-        al,
-        self.group.as_deref(),
-        self.scale
-    ));
+        g | {
+            let g = g.contiguous()?;
+            let (group, scale) = (self.group.clone(), self.scale);
+            let dx = g.apply_op2_no_bwd(
+                a,
+                &DxOp {
+                    dtype: x.dtype(),
+                    group: group.clone(),
+                    scale,
+                },
+            )?;
+            let da = g.apply_op2_no_bwd(x, &DaOp { group, scale })?;
+            Ok((Some(dx), Some(da)))
+        }
+    );
 
-    /// `(g·a_row)·scale` in `dtype`: args `(g [N, r] f32, a [(E·)r, in] f32)`.
-    struct DxOp {
-        dtype: DType,
-        group: Option<Arc<Group>>,
-        scale: f32,
+    /// `y = (h·a_row)·scale` `[N, in]` in `dtype`: args `(h [N, r] f32, a [(E·)r, in] f32)` — the
+    /// `∂x` of [`FwdOp`], and the expert LoRA's up projection `h·B_eᵀ`. Backward:
+    /// `∂h = (∂y·scale)·a_rowᵀ` ([`FwdOp`]), `∂a = hᵀ·(∂y·scale)` (per block when grouped).
+    pub(super) struct DxOp {
+        pub(super) dtype: DType,
+        pub(super) group: Option<Arc<Group>>,
+        pub(super) scale: f32,
     }
-    no_bwd_op2!(DxOp, "lora_down_dx", |self, g, gl, a, al| launch_dx(
-        g,
-        gl,
+    cuda_op2!(
+        DxOp,
+        "lora_down_dx",
+        |self, g, gl, a, al| launch_dx(g, gl, a, al, self.dtype, self.group.as_deref(), self.scale),
+        bwd | self,
+        h,
         a,
-        al,
-        self.dtype,
-        self.group.as_deref(),
-        self.scale
-    ));
+        dy | {
+            let dy = dy.contiguous()?;
+            let (group, scale) = (self.group.clone(), self.scale);
+            let dh = dy.apply_op2_no_bwd(
+                a,
+                &FwdOp {
+                    group: group.clone(),
+                    scale,
+                },
+            )?;
+            let da = h.apply_op2_no_bwd(&dy, &DaOp { group, scale })?;
+            Ok((Some(dh), Some(da)))
+        }
+    );
 
     /// `gᵀ·(x·scale)` f32 (per block when grouped): args `(g [N, r] f32, x [N, in])`.
     struct DaOp {
         group: Option<Arc<Group>>,
         scale: f32,
     }
-    no_bwd_op2!(DaOp, "lora_down_da", |self, g, gl, x, xl| launch_da(
+    cuda_op2!(DaOp, "lora_down_da", |self, g, gl, x, xl| launch_da(
         g,
         gl,
         x,
@@ -730,161 +789,4 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
         self.group.as_deref(),
         self.scale
     ));
-
-    /// The forward, differentiable in both inputs.
-    pub(super) struct DownFwd;
-
-    impl CustomOp2 for DownFwd {
-        fn name(&self) -> &'static str {
-            "lora_down_fwd"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("lora_down_fwd: CUDA only (down_proj uses the candle ops elsewhere)")
-        }
-
-        fn cuda_fwd(
-            &self,
-            xs: &CudaStorage,
-            xl: &Layout,
-            ws: &CudaStorage,
-            wl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            launch_fwd(xs, xl, ws, wl, None, 1.0)
-        }
-
-        fn bwd(
-            &self,
-            x: &Tensor,
-            a: &Tensor,
-            _res: &Tensor,
-            g: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let g = g.contiguous()?;
-            let dx = g.apply_op2_no_bwd(
-                a,
-                &DxOp {
-                    dtype: x.dtype(),
-                    group: None,
-                    scale: 1.0,
-                },
-            )?;
-            let da = g.apply_op2_no_bwd(
-                x,
-                &DaOp {
-                    group: None,
-                    scale: 1.0,
-                },
-            )?;
-            Ok((Some(dx), Some(da)))
-        }
-    }
-
-    /// PEFT's expert LoRA delta on grouped rows: args `(x [M, in], a [E·r, in] f32,
-    /// bt [E, r, out] f32)` → `((x·A_eᵀ)·Bt_e)·scaling` `[M, out]` in x's dtype.
-    pub(crate) struct ExpertOp {
-        pub(crate) group: Arc<Group>,
-        pub(crate) scaling: f32,
-    }
-
-    impl CustomOp3 for ExpertOp {
-        fn name(&self) -> &'static str {
-            "lora_expert_delta"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("lora_expert_delta: CUDA only (the CPU runs expert by expert)")
-        }
-
-        fn cuda_fwd(
-            &self,
-            xs: &CudaStorage,
-            xl: &Layout,
-            a: &CudaStorage,
-            al: &Layout,
-            bt: &CudaStorage,
-            btl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let g = Some(&*self.group);
-            let (h, hs) = launch_fwd(xs, xl, a, al, g, 1.0)?;
-            let (e, r, out) = btl.shape().dims3()?;
-            let bt2 = Layout::contiguous_with_offset((e * r, out), btl.start_offset());
-            launch_dx(
-                &h,
-                &Layout::contiguous(hs),
-                bt,
-                &bt2,
-                xs.dtype(),
-                g,
-                self.scaling,
-            )
-        }
-
-        fn bwd(
-            &self,
-            x: &Tensor,
-            a: &Tensor,
-            bt: &Tensor,
-            _res: &Tensor,
-            dy: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let (e, r, out) = bt.dims3()?;
-            let group = Some(self.group.clone());
-            let dy = dy.contiguous()?;
-            let bt2 = bt.reshape((e * r, out))?;
-            let h = x.apply_op2_no_bwd(
-                a,
-                &FwdOp {
-                    group: group.clone(),
-                    scale: 1.0,
-                },
-            )?;
-            // ∂h = (∂y·scaling)·Bt_e, ∂Bt_e = hᵀ·(∂y·scaling) over expert e's rows
-            let dh = dy.apply_op2_no_bwd(
-                &bt2,
-                &FwdOp {
-                    group: group.clone(),
-                    scale: self.scaling,
-                },
-            )?;
-            let dbt = h.apply_op2_no_bwd(
-                &dy,
-                &DaOp {
-                    group: group.clone(),
-                    scale: self.scaling,
-                },
-            )?;
-            // ∂A_e = ∂hᵀ·x over expert e's rows, ∂x = ∂h·A_e (rounded once to x's dtype)
-            let da = dh.apply_op2_no_bwd(
-                x,
-                &DaOp {
-                    group: group.clone(),
-                    scale: 1.0,
-                },
-            )?;
-            let dx = dh.apply_op2_no_bwd(
-                a,
-                &DxOp {
-                    dtype: x.dtype(),
-                    group,
-                    scale: 1.0,
-                },
-            )?;
-            Ok((Some(dx), Some(da), Some(dbt.reshape((e, r, out))?)))
-        }
-    }
 }

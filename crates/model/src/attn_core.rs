@@ -75,7 +75,7 @@ pub fn sink_attention_structural(
 /// `[B, T, nh, d]`, the layout the output projection reads. The CUDA kernel writes that layout, so
 /// no transpose enters the autograd graph (each transpose's gradient would be materialized).
 #[allow(clippy::too_many_arguments)]
-pub fn sink_attention_token_major(
+pub(crate) fn sink_attention_token_major(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -56,9 +56,7 @@ mod test_util;
 
 pub use adapter_sum::add_scaled_delta;
 pub use attention::{Attention, LayerCache};
-pub use attn_core::{
-    sink_attention, sink_attention_structural, sink_attention_token_major, CHUNK_ELEMS,
-};
+pub use attn_core::{sink_attention, sink_attention_structural, CHUNK_ELEMS};
 pub use checkpoint::{checkpoint_files, load, save, SaveOptions, INDEX_FILE, SINGLE_FILE};
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
 pub use device::{cuda_device, cuda_if_available};

@@ -548,26 +548,36 @@ mod timings {
         Ok(t.elapsed().as_secs_f64() * 1e3 / n as f64)
     }
 
+    /// Random MXFP4 weights `[e, rows, cols]` (decoded to bf16), E8M0 scales 117..=121.
+    fn random_packed(
+        dev: &Device,
+        e: usize,
+        rows: usize,
+        cols: usize,
+    ) -> candle_core::Result<GroupedWeight> {
+        let blocks = Tensor::rand(0f32, 256f32, (e, rows, cols / 32, 16), dev)?
+            .floor()?
+            .to_dtype(DType::U8)?;
+        let scales = Tensor::rand(117f32, 122f32, (e, rows, cols / 32), dev)?
+            .floor()?
+            .to_dtype(DType::U8)?;
+        Ok(GroupedWeight::Packed {
+            blocks,
+            scales,
+            dtype: DType::BF16,
+            transposed: false,
+        })
+    }
+
     #[test]
     #[ignore = "GPU figures; run by hand on the GPU machine"]
     fn gate_up_shape() -> candle_core::Result<()> {
         let dev = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (e, rows, cols, per) = (32usize, 5760usize, 2880usize, 256usize);
         let m = e * per;
-        let blocks = Tensor::rand(0f32, 256f32, (e, rows, cols / 32, 16), &dev)?
-            .floor()?
-            .to_dtype(DType::U8)?;
-        let scales = Tensor::rand(117f32, 122f32, (e, rows, cols / 32), &dev)?
-            .floor()?
-            .to_dtype(DType::U8)?;
         let x = Tensor::randn(0f32, 1.0, (m, cols), &dev)?.to_dtype(DType::BF16)?;
         let spans: Spans = Arc::new((0..e).map(|i| (i, i * per, per)).collect());
-        let packed = GroupedWeight::Packed {
-            blocks: blocks.clone(),
-            scales: scales.clone(),
-            dtype: DType::BF16,
-            transposed: false,
-        };
+        let packed = random_packed(&dev, e, rows, cols)?;
         let dense = GroupedWeight::Dense(packed.dense()?);
         let w0 = packed.dense()?.get(0)?; // [in, out] view
         let flops = 2.0 * (m * rows * cols) as f64;
@@ -641,19 +651,8 @@ mod timings {
     fn host_enqueue() -> candle_core::Result<()> {
         let dev = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (e, rows, cols, m) = (32usize, 5760usize, 2880usize, 8192usize);
-        let blocks = Tensor::rand(0f32, 256f32, (e, rows, cols / 32, 16), &dev)?
-            .floor()?
-            .to_dtype(DType::U8)?;
-        let scales = Tensor::rand(117f32, 122f32, (e, rows, cols / 32), &dev)?
-            .floor()?
-            .to_dtype(DType::U8)?;
         let x = Tensor::randn(0f32, 1.0, (m, cols), &dev)?.to_dtype(DType::BF16)?;
-        let packed = GroupedWeight::Packed {
-            blocks,
-            scales,
-            dtype: DType::BF16,
-            transposed: false,
-        };
+        let packed = random_packed(&dev, e, rows, cols)?;
         let dense = GroupedWeight::Dense(packed.dense()?);
         let fixed = uneven_spans(m, 0);
         let show = |name: &str, (h, w): (f64, f64)| {

@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! bench_train_step [--seq 1024,2048] [--steps 5] [--warmup 1] [--gc both|on|off]
-//!                  [--layers N] [--model DIR] [--dense-experts] [--cpu --tiny]
+//!                  [--layers N] [--model DIR] [--dense-experts] [--cpu --tiny] [--moe-chunk N]
 //! ```
 //! Build: `cargo build --release --features cuda --example bench_train_step` (see docs/cuda.md).
 
@@ -84,6 +84,10 @@ struct Args {
     /// `gptoss_model::cuda_device` (tracking off), to measure what the tracking costs.
     #[arg(long)]
     tracked_device: bool,
+    /// Experts decoded at once by the deferred MoE backward of the checkpointed recompute
+    /// (`Experts::set_backward_chunk`; default: the library's).
+    #[arg(long)]
+    moe_chunk: Option<usize>,
 }
 
 /// Device memory figures in bytes, from CUDA's default memory pool (what candle allocates from).
@@ -538,6 +542,11 @@ fn main() -> BoxResult<()> {
     }
     let t_build = Instant::now();
     let mut model = build_model(&args, &dev)?;
+    if let Some(n) = args.moe_chunk {
+        for layer in model.model.layers.iter_mut() {
+            layer.mlp.experts.set_backward_chunk(n);
+        }
+    }
     dev.synchronize()?;
     let n_layers = model.model.layers.len();
     let lora = LoraModel::new(&mut model, lora_config(n_layers), args.seed)?;

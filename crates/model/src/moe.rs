@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::deferred_experts::DeferredExperts;
 use crate::error::{ModelError, Result};
 use crate::frozen::frozen_matmul;
 use crate::grouped::{grouped_matmul, GroupedWeight, Spans};
@@ -20,6 +21,9 @@ use crate::moe_kernels::{combine, gather_rows, swiglu_bias};
 use crate::packed_experts::PackedExperts;
 use crate::profile::scope;
 use crate::route_replay;
+
+/// Default of [`Experts::set_backward_chunk`].
+const DEFAULT_BACKWARD_CHUNK: usize = 8;
 
 /// `model.layers.{i}.mlp.router`: `logits = x·Wᵀ + b` (not a [`crate::Linear`]: no adapter hook).
 #[derive(Debug, Clone)]
@@ -78,6 +82,7 @@ pub struct Experts {
     gate_up_adapter: Option<Arc<dyn ExpertAdapter>>,
     down_adapter: Option<Arc<dyn ExpertAdapter>>,
     packed: Option<Arc<PackedExperts>>,
+    backward_chunk: usize,
     /// SwiGLU clamp limit (7.0).
     pub limit: f64,
     /// SwiGLU sigmoid slope (1.702).
@@ -102,9 +107,27 @@ impl Experts {
             gate_up_adapter: None,
             down_adapter: None,
             packed: None,
+            backward_chunk: DEFAULT_BACKWARD_CHUNK,
             limit,
             alpha,
         }
+    }
+
+    /// How many consecutive experts the deferred backward of a gradient-only recompute
+    /// ([`crate::RouteReplay::replaying_for_gradients`]) decodes at once (default 8, at least 1):
+    /// more experts per chunk means fewer, larger grouped matmuls and more memory (a gpt-oss-20b
+    /// expert is 50 MB in bf16).
+    pub fn set_backward_chunk(&mut self, experts: usize) {
+        self.backward_chunk = experts.max(1);
+    }
+
+    /// Whether the forward may defer the experts to the backward: frozen weights (MXFP4-resident or
+    /// not taking part in autograd) and no adapters.
+    fn deferrable(&self) -> bool {
+        self.gate_up_adapter.is_none()
+            && self.down_adapter.is_none()
+            && (self.packed.is_some()
+                || !(self.gate_up_proj.track_op() || self.down_proj.track_op()))
     }
 
     /// Install (or remove) the adapter of one parameter.
@@ -250,7 +273,9 @@ impl Experts {
         let dev = x.device();
         // under gradient checkpointing the recompute reuses the forward pass's plan (no host wait)
         let key = self as *const Self as usize;
-        let planned = match route_replay::replayed::<Planned>(key, &routing.indices) {
+        let replayed = route_replay::replayed::<Planned>(key, &routing.indices);
+        let deferred = replayed.is_some() && route_replay::gradients_only() && self.deferrable();
+        let planned = match replayed {
             Some(p) => p,
             None => {
                 let plan = scope("moe.route", dev, || {
@@ -268,10 +293,27 @@ impl Experts {
         let (plan, Some(maps)) = (&planned.plan, &planned.maps) else {
             return x.zeros_like();
         };
+        let (gu_w, down_w) = self.weights();
+        if deferred {
+            let op = DeferredExperts {
+                gate_up: gu_w,
+                gate_up_bias: self.gate_up_proj_bias.clone(),
+                down: down_w,
+                down_bias: self.down_proj_bias.clone(),
+                limit: self.limit,
+                alpha: self.alpha,
+                spans: plan.spans.clone(),
+                tokens: maps.tokens.clone(),
+                pos: maps.pos.clone(),
+                row_expert: maps.row_expert.clone(),
+                slot_expert: routing.indices.clone(),
+                chunk: self.backward_chunk,
+            };
+            return op.apply(x, &routing.weights);
+        }
         let xs = scope("moe.gather", dev, || {
             gather_rows(x, &maps.tokens, &maps.pos)
         })?;
-        let (gu_w, down_w) = self.weights();
         let spans = plan.spans.clone();
         let gu = scope("moe.gate_up", dev, || {
             self.project_rows(ExpertParam::GateUp, &gu_w, &xs, &spans)

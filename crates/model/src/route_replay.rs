@@ -26,7 +26,10 @@ enum Mode {
     #[default]
     Off,
     Record,
-    Replay,
+    /// `gradients_only`: see [`RouteReplay::replaying_for_gradients`].
+    Replay {
+        gradients_only: bool,
+    },
 }
 
 /// What one MoE call recorded: its plan (opaque here) and its top-k indices `[N, k]` u32.
@@ -70,7 +73,26 @@ impl RouteReplay {
 
     /// From now on MoE calls reuse the recorded plans (calls without one build their own).
     pub fn replaying(&self) {
-        STATE.with(|s| s.borrow_mut().mode = Mode::Replay);
+        STATE.with(|s| {
+            s.borrow_mut().mode = Mode::Replay {
+                gradients_only: false,
+            }
+        });
+    }
+
+    /// As [`Self::replaying`], for a recompute whose outputs are only differentiated, never read
+    /// (the trainer's: each layer's output is the root of its backward through
+    /// [`crate::seed_gradient`]). A replayed MoE call with frozen experts and no expert adapters
+    /// then returns zeros of its output's shape and computes nothing; its backward recomputes the
+    /// experts from its input a few experts at a time, each expert decoded once for both its
+    /// forward and its backward products (see [`crate::Experts::set_backward_chunk`]). Values
+    /// computed downstream of such a call are therefore not the model's.
+    pub fn replaying_for_gradients(&self) {
+        STATE.with(|s| {
+            s.borrow_mut().mode = Mode::Replay {
+                gradients_only: true,
+            }
+        });
     }
 
     /// Checks that every replayed call's indices equal the recorded ones (one device→host copy),
@@ -121,7 +143,7 @@ impl Drop for RouteReplay {
 pub(crate) fn replayed<T: Any>(key: usize, indices: &Tensor) -> Option<Rc<T>> {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        if !matches!(s.mode, Mode::Replay) {
+        if !matches!(s.mode, Mode::Replay { .. }) {
             return None;
         }
         let rec = s.plans.get(&key)?;
@@ -132,6 +154,19 @@ pub(crate) fn replayed<T: Any>(key: usize, indices: &Tensor) -> Option<Rc<T>> {
         let recorded = rec.indices.clone();
         s.replayed.push((recorded, indices.clone()));
         Some(plan)
+    })
+}
+
+/// Whether replayed MoE calls may defer their experts to the backward
+/// ([`RouteReplay::replaying_for_gradients`]).
+pub(crate) fn gradients_only() -> bool {
+    STATE.with(|s| {
+        matches!(
+            s.borrow().mode,
+            Mode::Replay {
+                gradients_only: true
+            }
+        )
     })
 }
 

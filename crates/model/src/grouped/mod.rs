@@ -87,8 +87,15 @@ impl GroupedWeight {
 
     /// The whole weight as a dense `[E, in, out]` tensor (dequantized here when packed).
     pub(crate) fn dense(&self) -> candle_core::Result<Tensor> {
+        let (e, _, _) = self.dims()?;
+        self.dense_experts(0, e)
+    }
+
+    /// Experts `first..first + count` as a dense `[count, in, out]` tensor: a view of a dense
+    /// weight, or those experts dequantized here (one decode) when packed.
+    pub(crate) fn dense_experts(&self, first: usize, count: usize) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(w) => Ok(w.clone()),
+            Self::Dense(w) => w.narrow(0, first, count),
             Self::Packed {
                 blocks,
                 scales,
@@ -96,8 +103,8 @@ impl GroupedWeight {
                 transposed,
             } => {
                 let d = gptoss_mxfp4::dequantize(
-                    blocks,
-                    scales,
+                    &blocks.narrow(0, first, count)?,
+                    &scales.narrow(0, first, count)?,
                     *dtype,
                     gptoss_mxfp4::Layout::Checkpoint,
                 )

@@ -34,13 +34,42 @@ pub fn combine(
             ys.dims()
         );
     }
-    let ctx = Ctx {
-        pos: indices(pos, m, "combine: pos")?.reshape((n, k))?,
-        bias: float_operand(bias, ys.dtype())?,
-        expert: indices(expert, m, "combine: expert")?.reshape((n, k))?,
-    };
+    let ctx = Ctx::new(pos, bias, expert, (n, k), ys.dtype())?;
     let w = weights.to_dtype(ys.dtype())?.contiguous()?;
     ys.contiguous()?.apply_op2(&w, Combine(ctx))
+}
+
+/// [`combine`]'s gradient with respect to `ys` on its own (no forward needed): `dout` `[N, H]`,
+/// `weights` `[N, k]`, `pos`/`expert` `[N, k]` u32, `bias` `[E, H]` as in [`combine`] → `∂ys`
+/// `[N·k, H]` in dout's dtype, row `pos[t, s]` = `weights[t, s] · dout[t]`.
+pub(crate) fn combine_grad_rows(
+    dout: &Tensor,
+    weights: &Tensor,
+    pos: &Tensor,
+    bias: &Tensor,
+    expert: &Tensor,
+) -> candle_core::Result<Tensor> {
+    check_dtype(dout, "combine backward: grad")?;
+    let ctx = Ctx::new(pos, bias, expert, weights.dims2()?, dout.dtype())?;
+    let w = weights.to_dtype(dout.dtype())?.contiguous()?;
+    dout.contiguous()?
+        .apply_op2_no_bwd(&w, &CombineBwdRows(ctx))
+}
+
+/// [`combine`]'s gradient with respect to `weights` on its own: `dout` `[N, H]`, the routed rows
+/// `ys` `[N·k, H]` (before the bias, dout's dtype), maps and bias as in [`combine`] → `∂weights`
+/// `[N, k]` in dout's dtype, `dout[t] · (ys[pos[t, s]] + bias[expert[t, s]])`.
+pub(crate) fn combine_grad_weights(
+    dout: &Tensor,
+    ys: &Tensor,
+    pos: &Tensor,
+    bias: &Tensor,
+    expert: &Tensor,
+) -> candle_core::Result<Tensor> {
+    check_dtype(dout, "combine backward: grad")?;
+    let ctx = Ctx::new(pos, bias, expert, pos.dims2()?, dout.dtype())?;
+    dout.contiguous()?
+        .apply_op2_no_bwd(&ys.contiguous()?, &CombineBwdWeights(ctx))
 }
 
 /// The index maps and the frozen bias.
@@ -60,6 +89,21 @@ struct CpuCtx<'a> {
 }
 
 impl Ctx {
+    /// The maps `[n, k]` and the bias in `dtype`, checked.
+    fn new(
+        pos: &Tensor,
+        bias: &Tensor,
+        expert: &Tensor,
+        (n, k): (usize, usize),
+        dtype: candle_core::DType,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            pos: indices(pos, n * k, "combine: pos")?.reshape((n, k))?,
+            bias: float_operand(bias, dtype)?,
+            expert: indices(expert, n * k, "combine: expert")?.reshape((n, k))?,
+        })
+    }
+
     /// Runs `f` with the CPU view (indices not yet checked).
     fn with_cpu<R>(
         &self,

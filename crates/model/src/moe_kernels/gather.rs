@@ -74,12 +74,17 @@ impl CustomOp1 for GatherRows {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         crate::profile::scope("moe.gather.bwd", grad.device(), || {
-            let g = grad.detach().contiguous()?;
-            Ok(Some(g.apply_op1_no_bwd(&SumRows {
-                pos: self.pos.clone(),
-            })?))
+            Ok(Some(sum_rows(&grad.detach(), &self.pos)?))
         })
     }
+}
+
+/// [`gather_rows`]'s backward: `g` `[M, H]` → `[N, H]` with row `t` = `Σ_s g[pos[t, s]]`
+/// (`pos` `[N, k]` u32; f32 accumulation, g's dtype).
+pub(crate) fn sum_rows(g: &Tensor, pos: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, k) = pos.dims2()?;
+    let pos = indices(pos, n * k, "gather_rows: pos")?.reshape((n, k))?;
+    g.contiguous()?.apply_op1_no_bwd(&SumRows { pos })
 }
 
 /// `g` `[M, H]` → `[N, H]`: row `t` = `Σ_s g[pos[t, s]]` (f32 accumulation, g's dtype).

@@ -27,7 +27,9 @@ use crate::storage::cuda_of;
 use crate::storage::{cpu_f32, cpu_of, cpu_out, cpu_u32};
 
 pub use combine::combine;
+pub(crate) use combine::{combine_grad_rows, combine_grad_weights};
 pub use gather::gather_rows;
+pub(crate) use gather::sum_rows;
 pub use swiglu::swiglu_bias;
 
 /// An index that must be below `bound`, as usize, or an error naming the index tensor and entry.

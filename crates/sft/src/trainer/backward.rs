@@ -11,9 +11,9 @@
 
 use super::aux_loss::AuxLossPlan;
 use super::lm_loss::fused_lm_head_loss;
-use super::seed_grad::seed_gradient;
 use candle_core::{Result, Tensor, Var};
 use gptoss_model::profile::scope;
+use gptoss_model::seed_gradient;
 
 /// The per-layer view of a causal LM that training needs (implemented for
 /// [`gptoss_model::GptOssForCausalLM`] in [`super::model_adapter`]).
@@ -244,7 +244,8 @@ fn checkpointed<M: LayeredCausalLm>(
     inputs.push(model.embed(&batch.input_ids)?.detach());
     let mut router = Vec::with_capacity(n_layers);
     let dev = batch.input_ids.device().clone();
-    // the recompute reuses the routing plans of this pass (checked at the end)
+    // the recompute reuses the routing plans of this pass (checked at the end); its layer outputs
+    // are only differentiated (seed_gradient), so the MoE defers its experts to the backward
     let replay = gptoss_model::RouteReplay::record();
     for i in 0..n_layers {
         let (out, r) = scope("layer.forward", &dev, || model.layer(i, &inputs[i], &ctx))?;
@@ -279,7 +280,7 @@ fn checkpointed<M: LayeredCausalLm>(
     drop(h_last);
     inputs.pop();
     // Backward through the layers, recomputing each from its input.
-    replay.replaying();
+    replay.replaying_for_gradients();
     for i in (0..n_layers).rev() {
         let Some(input) = inputs.pop() else { break };
         let x = Var::from_tensor(&input)?;

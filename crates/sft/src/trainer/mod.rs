@@ -25,7 +25,6 @@ pub mod model_adapter;
 pub mod pipeline;
 pub mod report;
 pub mod run;
-pub mod seed_grad;
 
 pub use adapters::{load_adapter_weights, TrainableAdapters};
 pub use backward::{

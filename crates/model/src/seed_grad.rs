@@ -1,12 +1,13 @@
-//! A scalar that hands a given gradient to a tensor in `backward()`: the checkpointed recompute's
-//! way of continuing the chain rule from the gradient of a layer's output.
+//! A scalar that hands a given gradient to a tensor in `backward()`: the way a checkpointed
+//! recompute (the trainer's per layer, the MoE backward's per expert chunk) continues the chain
+//! rule from the gradient of an output.
 //!
 //! `sum(out · g)` has `∂/∂out = g`, but costs a product, two reductions and their backward
 //! (a broadcast copy and two more products) over the whole `[B, T, H]` activation per layer.
 //! [`seed_gradient`] gives the same `∂/∂out = g` directly: its backward returns `g` as is. Its
 //! value (0) is not `sum(out · g)`, and its backward ignores the gradient flowing into it, which is
-//! exactly 1 when it is the root of `backward()` or a summand of the root — the only ways the
-//! trainer uses it.
+//! exactly 1 when it is the root of `backward()` or a summand of the root — the only ways it is
+//! meant to be used.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};

@@ -1,0 +1,283 @@
+//! The experts of a replayed MoE call under [`crate::RouteReplay::replaying_for_gradients`]: nothing
+//! in the forward, everything in the backward, a few experts at a time.
+//!
+//! A checkpointed recompute followed by its backward runs each frozen expert's weight through three
+//! products (`x·W` in the recompute, `∂y·Wᵀ` in the backward) per projection; with MXFP4-resident
+//! weights the autograd graph decodes it once for the recompute and again for the backward. Here
+//! the recompute's forward returns zeros (its value is not read), and the backward decodes
+//! `chunk` consecutive experts at once and runs, for their rows only, the forward products and
+//! their backward on the same decoded weights: one decode per expert and projection instead of two.
+//! The chunk's products are an ordinary autograd graph (the grouped matmul, the SwiGLU op) whose
+//! backward starts from the given row gradients through [`crate::seed_gradient`], so the gradient
+//! code is that of the plain path.
+
+use std::sync::Arc;
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, Var};
+
+use crate::grouped::{grouped_matmul, GroupedWeight, Spans};
+use crate::moe_kernels::{
+    combine_grad_rows, combine_grad_weights, gather_rows, sum_rows, swiglu_bias,
+};
+use crate::seed_gradient;
+
+/// Everything the backward needs besides the op's inputs (the frozen weights, the routing plan).
+#[derive(Clone)]
+pub(crate) struct DeferredExperts {
+    /// `gate_up_proj` `[E, H, 2I]` as the grouped matmul takes it.
+    pub gate_up: GroupedWeight,
+    /// `gate_up_proj_bias` `[E, 2I]`.
+    pub gate_up_bias: Tensor,
+    /// `down_proj` `[E, I, H]`.
+    pub down: GroupedWeight,
+    /// `down_proj_bias` `[E, H]`.
+    pub down_bias: Tensor,
+    /// SwiGLU clamp limit and sigmoid slope.
+    pub limit: f64,
+    pub alpha: f64,
+    /// `(expert, first row, rows)` of the experts with rows, tiling `0..N·k` in expert order.
+    pub spans: Spans,
+    /// Token of each routed row `[N·k]`, row of each (token, slot) `[N, k]`, expert of each row
+    /// `[N·k]` and of each slot `[N, k]` (all u32).
+    pub tokens: Tensor,
+    pub pos: Tensor,
+    pub row_expert: Tensor,
+    pub slot_expert: Tensor,
+    /// Experts decoded at once in the backward (at least 1).
+    pub chunk: usize,
+}
+
+impl DeferredExperts {
+    /// Zeros `[N, H]` (x's dtype) whose backward gives the experts' gradients with respect to `x`
+    /// `[N, H]` and the routing `weights` `[N, k]`.
+    pub(crate) fn apply(self, x: &Tensor, weights: &Tensor) -> candle_core::Result<Tensor> {
+        x.apply_op2(weights, self)
+    }
+}
+
+/// Consecutive spans whose experts lie within `chunk` consecutive experts.
+#[derive(Debug, PartialEq)]
+struct Chunk {
+    /// First expert and number of experts to decode.
+    first: usize,
+    count: usize,
+    /// First row and number of rows.
+    row: usize,
+    rows: usize,
+    /// The spans relative to `first` and `row`.
+    spans: Vec<(usize, usize, usize)>,
+}
+
+/// Splits `spans` (in expert order, tiling their rows) into chunks of at most `chunk` experts.
+fn chunks(spans: &[(usize, usize, usize)], chunk: usize) -> Vec<Chunk> {
+    let chunk = chunk.max(1);
+    let mut out: Vec<Chunk> = Vec::new();
+    for &(e, off, len) in spans.iter().filter(|s| s.2 > 0) {
+        match out.last_mut() {
+            Some(c) if e < c.first + chunk && off == c.row + c.rows => {
+                c.count = e + 1 - c.first;
+                c.spans.push((e - c.first, off - c.row, len));
+                c.rows += len;
+            }
+            _ => out.push(Chunk {
+                first: e,
+                count: 1,
+                row: off,
+                rows: len,
+                spans: vec![(0, 0, len)],
+            }),
+        }
+    }
+    out
+}
+
+impl DeferredExperts {
+    /// From `x` `[N, H]` and the gradient of the routed rows' outputs `dys` `[N·k, H]` (x's dtype):
+    /// the gradient of the routed rows' inputs `[N·k, H]` and their outputs before the bias
+    /// `[N·k, H]` (the forward products, for the routing weights' gradient).
+    fn rows_backward(&self, x: &Tensor, dys: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let xs = gather_rows(x, &self.tokens, &self.pos)?;
+        let mut ys = Vec::new();
+        let mut dxs = Vec::new();
+        for c in chunks(&self.spans, self.chunk) {
+            let gate_up = GroupedWeight::Dense(self.gate_up.dense_experts(c.first, c.count)?);
+            let down = GroupedWeight::Dense(self.down.dense_experts(c.first, c.count)?);
+            let spans: Spans = Arc::new(c.spans);
+            let xc = Var::from_tensor(&xs.narrow(0, c.row, c.rows)?)?;
+            let gu = grouped_matmul(xc.as_tensor(), &gate_up, &spans)?;
+            let act = swiglu_bias(
+                &gu,
+                &self.gate_up_bias,
+                &self.row_expert.narrow(0, c.row, c.rows)?,
+                self.limit,
+                self.alpha,
+            )?;
+            let y = grouped_matmul(&act, &down, &spans)?;
+            let grads = seed_gradient(&y, &dys.narrow(0, c.row, c.rows)?)?.backward()?;
+            let Some(dx) = grads.get(xc.as_tensor()) else {
+                candle_core::bail!(
+                    "deferred experts: no gradient for the rows of experts {}..{}",
+                    c.first,
+                    c.first + c.count
+                );
+            };
+            dxs.push(dx.clone());
+            ys.push(y.detach());
+        }
+        Ok((Tensor::cat(&dxs, 0)?, Tensor::cat(&ys, 0)?))
+    }
+}
+
+impl CustomOp2 for DeferredExperts {
+    fn name(&self) -> &'static str {
+        "moe-deferred-experts"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((
+            s.device().zeros_impl(l.shape(), s.dtype())?,
+            l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            s.device().zeros_impl(l.shape(), s.dtype())?,
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        crate::profile::scope("moe.deferred.bwd", grad.device(), || {
+            let g = grad.detach().to_dtype(x.dtype())?.contiguous()?;
+            let dys = combine_grad_rows(
+                &g,
+                &w.detach(),
+                &self.pos,
+                &self.down_bias,
+                &self.slot_expert,
+            )?;
+            let (dxs, ys) = self.rows_backward(&x.detach(), &dys)?;
+            let dx = match x.track_op() {
+                true => Some(sum_rows(&dxs, &self.pos)?),
+                false => None,
+            };
+            let dw = match w.track_op() {
+                true => Some(
+                    combine_grad_weights(&g, &ys, &self.pos, &self.down_bias, &self.slot_expert)?
+                        .to_dtype(w.dtype())?,
+                ),
+                false => None,
+            };
+            Ok((dx, dw))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::rel_diff;
+    use crate::{init_random, init_random_packed, Config, RouteReplay};
+    use candle_core::{DType, Device};
+
+    /// `[1, n, h]` values with a fixed pattern (`shift` changes every value).
+    fn pattern(n: usize, h: usize, shift: f32) -> candle_core::Result<Tensor> {
+        let v: Vec<f32> = (0..n * h)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * (1.0 + shift) + shift)
+            .collect();
+        Tensor::from_vec(v, (1, n, h), &Device::Cpu)
+    }
+
+    #[test]
+    fn deferred_gradient_equals_the_plain_graph_for_every_chunk_size() -> crate::Result<()> {
+        let cfg = Config::tiny();
+        let (n, h) = (13, cfg.hidden_size);
+        let x0 = pattern(n, h, 0.1)?;
+        let g = pattern(n, h, -0.3)?;
+        for packed in [false, true] {
+            let model = match packed {
+                true => init_random_packed(&cfg, DType::F32, &Device::Cpu, Some(5))?,
+                false => init_random(&cfg, DType::F32, &Device::Cpu, Some(5))?,
+            };
+            let mut mlp = model.model.layers[0].mlp.clone();
+            // the plain graph: recompute with autograd through every op
+            let x = Var::from_tensor(&x0)?;
+            let (y, _) = mlp.forward(x.as_tensor())?;
+            let grads = seed_gradient(&y, &g)?.backward()?;
+            let Some(reference) = grads.get(x.as_tensor()).cloned() else {
+                panic!("no plain gradient");
+            };
+            for chunk in [1, 2, 3, cfg.num_local_experts] {
+                mlp.experts.set_backward_chunk(chunk);
+                let replay = RouteReplay::record();
+                mlp.forward(&x0)?;
+                replay.replaying_for_gradients();
+                let x = Var::from_tensor(&x0)?;
+                let (y, _) = mlp.forward(x.as_tensor())?;
+                // the deferred forward computes nothing
+                assert_eq!(y.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+                let grads = seed_gradient(&y, &g)?.backward()?;
+                replay.verify()?;
+                let Some(got) = grads.get(x.as_tensor()) else {
+                    panic!("no deferred gradient (chunk {chunk})");
+                };
+                let d = rel_diff(got, &reference)?;
+                assert!(
+                    d < 1e-5,
+                    "packed {packed}, chunk {chunk}: input gradient differs by {d}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn chunks_group_consecutive_experts() {
+        let spans = [(0, 0, 3), (1, 3, 0), (2, 3, 2), (5, 5, 4), (6, 9, 1)];
+        let c = chunks(&spans, 3);
+        assert_eq!(
+            c,
+            vec![
+                Chunk {
+                    first: 0,
+                    count: 3,
+                    row: 0,
+                    rows: 5,
+                    spans: vec![(0, 0, 3), (2, 3, 2)],
+                },
+                Chunk {
+                    first: 5,
+                    count: 2,
+                    row: 5,
+                    rows: 5,
+                    spans: vec![(0, 0, 4), (1, 4, 1)],
+                },
+            ]
+        );
+        let one = chunks(&spans, 1);
+        assert_eq!(one.len(), 4);
+        assert_eq!(one[2].spans, vec![(0, 0, 4)]);
+        assert_eq!(chunks(&spans, 64).len(), 1);
+    }
+}

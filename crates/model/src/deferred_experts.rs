@@ -75,7 +75,7 @@ fn chunks(spans: &[(usize, usize, usize)], chunk: usize) -> Vec<Chunk> {
     let mut out: Vec<Chunk> = Vec::new();
     for &(e, off, len) in spans.iter().filter(|s| s.2 > 0) {
         match out.last_mut() {
-            Some(c) if e < c.first + chunk && off == c.row + c.rows => {
+            Some(c) if e - c.first < chunk && off == c.row + c.rows => {
                 c.count = e + 1 - c.first;
                 c.spans.push((e - c.first, off - c.row, len));
                 c.rows += len;
@@ -100,9 +100,19 @@ impl DeferredExperts {
         let xs = gather_rows(x, &self.tokens, &self.pos)?;
         let mut ys = Vec::new();
         let mut dxs = Vec::new();
-        for c in chunks(&self.spans, self.chunk) {
-            let gate_up = GroupedWeight::Dense(self.gate_up.dense_experts(c.first, c.count)?);
-            let down = GroupedWeight::Dense(self.down.dense_experts(c.first, c.count)?);
+        // a fused MXFP4 GEMM decodes tiles as it goes: all experts at once, nothing decoded here
+        let in_kernel = self.gate_up.decoded_in_kernel(&xs, &self.spans)
+            && self.down.decoded_in_kernel(&xs, &self.spans);
+        let chunk = if in_kernel { usize::MAX } else { self.chunk };
+        let weight = |w: &GroupedWeight, c: &Chunk| -> candle_core::Result<GroupedWeight> {
+            match in_kernel {
+                true => w.experts(c.first, c.count),
+                false => Ok(GroupedWeight::Dense(w.dense_experts(c.first, c.count)?)),
+            }
+        };
+        for c in chunks(&self.spans, chunk) {
+            let gate_up = weight(&self.gate_up, &c)?;
+            let down = weight(&self.down, &c)?;
             let spans: Spans = Arc::new(c.spans);
             let xc = Var::from_tensor(&xs.narrow(0, c.row, c.rows)?)?;
             let gu = grouped_matmul(xc.as_tensor(), &gate_up, &spans)?;

@@ -55,6 +55,7 @@ __device__ float block_red(float v, bool mx, float* sh) {
 /// One NVRTC module: a name (unique per process) and its source after [`PRELUDE`].
 pub struct Kernels {
     module: &'static str,
+    deps: &'static [&'static str],
     src: &'static str,
     ptx: OnceLock<Result<String, String>>,
 }
@@ -62,8 +63,19 @@ pub struct Kernels {
 impl Kernels {
     /// A module named `module` with device code `src` (compiled on first use).
     pub const fn new(module: &'static str, src: &'static str) -> Self {
+        Self::with_deps(module, &[], src)
+    }
+
+    /// As [`Self::new`], with device code of other crates (`deps`, in order) between the
+    /// [`PRELUDE`] and `src`.
+    pub const fn with_deps(
+        module: &'static str,
+        deps: &'static [&'static str],
+        src: &'static str,
+    ) -> Self {
         Self {
             module,
+            deps,
             src,
             ptx: OnceLock::new(),
         }
@@ -76,7 +88,8 @@ impl Kernels {
                     arch: Some("sm_90"),
                     ..Default::default()
                 };
-                compile_ptx_with_opts(format!("{PRELUDE}{}", self.src), opts)
+                let deps = self.deps.concat();
+                compile_ptx_with_opts(format!("{PRELUDE}{deps}{}", self.src), opts)
                     .map(|p| p.to_src())
                     .map_err(|e| format!("{}: NVRTC compilation failed: {e:?}", self.module))
             })

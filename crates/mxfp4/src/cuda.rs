@@ -29,7 +29,12 @@ const MODULE: &str = "gptoss_mxfp4";
 /// Input rows per thread block in the transposed kernel.
 const TILE_ROWS: u32 = 64;
 
-const SRC: &str = r#"
+/// CUDA device helpers that decode one E2M1 nibble with its E8M0 exponent `e = scale − 127`, for
+/// other crates' kernels that read MXFP4 blocks themselves (e.g. a fused GEMM): `decode` gives the
+/// exact f32 value (`ldexpf`, any exponent), `fast_bf16` the bf16 bits directly (valid for
+/// `−125 ≤ e ≤ 125`). Both are what this crate's own CUDA kernels use. Defines the `u8`/`u16`/`u32`/
+/// `u64` typedefs.
+pub const DEVICE_DECODE: &str = r#"
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -42,6 +47,18 @@ __device__ __forceinline__ float decode(u32 nib, int e) {
     return ldexpf(__uint_as_float(bits), e);
 }
 
+// bf16 bits of an E2M1 value times 2^e, for |e| <= 125: the value has at most two significant bits
+// and its exponent lies in [-1, 2], so the product is a normal number whose bits are the value's
+// bits with e added to the exponent field (exact; zero stays signed zero). f32 bits are these << 16.
+__device__ __forceinline__ u32 fast_bf16(u32 nib, int e) {
+    u32 mag = nib & 7u, ex = mag >> 1, m = mag & 1u;
+    u32 bits = mag == 0u ? 0u
+             : (ex == 0u ? 0x3F00u : (((ex + 126u) << 7) | (m << 6))) + (u32)(e << 7);
+    return bits | ((nib & 8u) << 12);
+}
+"#;
+
+const SRC: &str = r#"
 template <int K> struct Out;
 template <> struct Out<0> { typedef u32 T; static __device__ __forceinline__ u32 conv(float f) { return __float_as_uint(f); } };
 template <> struct Out<1> { typedef u16 T; static __device__ __forceinline__ u16 conv(float f) { return (u16)(__float_as_uint(f) >> 16); } };
@@ -56,16 +73,6 @@ __device__ __forceinline__ void store8(u16* dst, const u16* v) {
 __device__ __forceinline__ void store8(u32* dst, const u32* v) {
     reinterpret_cast<uint4*>(dst)[0] = make_uint4(v[0], v[1], v[2], v[3]);
     reinterpret_cast<uint4*>(dst)[1] = make_uint4(v[4], v[5], v[6], v[7]);
-}
-
-// bf16 bits of an E2M1 value times 2^e, for |e| <= 125: the value has at most two significant bits
-// and its exponent lies in [-1, 2], so the product is a normal number whose bits are the value's
-// bits with e added to the exponent field (exact; zero stays signed zero). f32 bits are these << 16.
-__device__ __forceinline__ u32 fast_bf16(u32 nib, int e) {
-    u32 mag = nib & 7u, ex = mag >> 1, m = mag & 1u;
-    u32 bits = mag == 0u ? 0u
-             : (ex == 0u ? 0x3F00u : (((ex + 126u) << 7) | (m << 6))) + (u32)(e << 7);
-    return bits | ((nib & 8u) << 12);
 }
 
 template <int K> struct Fast;
@@ -166,7 +173,7 @@ fn ptx() -> Result<&'static str> {
             arch: Some("sm_90"),
             ..Default::default()
         };
-        compile_ptx_with_opts(SRC, opts)
+        compile_ptx_with_opts(format!("{DEVICE_DECODE}{SRC}"), opts)
             .map(|p| p.to_src())
             .map_err(|e| format!("mxfp4: NVRTC compilation failed: {e:?}"))
     });

@@ -73,7 +73,7 @@ mod views;
 
 pub use cpu::{dequantize_into, dequantize_to_vec};
 #[cfg(feature = "cuda")]
-pub use cuda::dequantize_checkpoint_into;
+pub use cuda::{dequantize_checkpoint_into, DEVICE_DECODE};
 pub use element::OutputElement;
 pub use error::{Mxfp4Error, Result};
 pub use lut::PairRow;

@@ -29,6 +29,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
 
 use super::lt::{Call, Lt};
+use super::mxfp4_gemm;
 use super::{check_spans, GroupedWeight, Spans};
 use crate::storage::cuda_of;
 
@@ -389,6 +390,21 @@ pub(super) fn grouped(
                     "grouped_matmul: MXFP4 blocks at byte {b0} do not match scales at {s0}"
                 );
             }
+            if mxfp4_gemm::supports(dtype, (k, n), x0, spans, m) {
+                drop((gx, go));
+                let mut out = out;
+                mxfp4_gemm::launch(
+                    s,
+                    x0,
+                    (cuda_of(bs, "grouped_matmul blocks")?, b0),
+                    (cuda_of(ss, "grouped_matmul scales")?, s0),
+                    (rows, groups, *transposed),
+                    spans,
+                    &mut out,
+                    (k, n),
+                )?;
+                return Ok((out, shape));
+            }
             Source::Packed {
                 blocks: cuda_of(bs, "grouped_matmul blocks")?,
                 scales: cuda_of(ss, "grouped_matmul scales")?,
@@ -462,6 +478,42 @@ mod tests {
             crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         for gpu in [tracked, untracked] {
             check_on(&gpu)?;
+        }
+        Ok(())
+    }
+
+    /// The fused MXFP4 GEMM (bf16 packed weights) against cuBLAS on the decoded weight, forward and
+    /// transposed (input gradient), at gpt-oss-20b's gate/up and down shapes: a span of two 128-row
+    /// tiles (the second partial), single rows, an empty span, experts out of order.
+    #[test]
+    fn fused_mxfp4_matches_the_decoded_weight_at_gpt_oss_shapes() -> candle_core::Result<()> {
+        let dev = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let order = [4usize, 0, 1, 5, 2, 3];
+        let lens = [130usize, 1, 0, 64, 77, 5];
+        let mut v = Vec::new();
+        let mut off = 0;
+        for (&e, &len) in order.iter().zip(&lens) {
+            v.push((e, off, len));
+            off += len;
+        }
+        let (spans, m): (Spans, usize) = (Arc::new(v), off);
+        for (rows, cols) in [(5760usize, 2880usize), (2880, 2880)] {
+            let packed = super::timings::random_packed(&dev, order.len(), rows, cols)?;
+            let dense = GroupedWeight::Dense(packed.dense()?);
+            let x = Tensor::randn(0f32, 1.0, (m, cols), &dev)?.to_dtype(DType::BF16)?;
+            let g = Tensor::randn(0f32, 1.0, (m, rows), &dev)?;
+            assert!(
+                packed.decoded_in_kernel(&x, &spans),
+                "the fused kernel must be chosen for these row counts"
+            );
+            let (y, dx) = run(&x, &packed, &spans, &g)?;
+            let (y_ref, dx_ref) = run(&x, &dense, &spans, &g)?;
+            let (dy, ddx) = (rel_diff(&y, &y_ref)?, rel_diff(&dx, &dx_ref)?);
+            assert!(dy < 1e-2, "[{rows}, {cols}]: output differs by {dy}");
+            assert!(
+                ddx < 1e-2,
+                "[{rows}, {cols}]: input gradient differs by {ddx}"
+            );
         }
         Ok(())
     }
@@ -549,7 +601,7 @@ mod timings {
     }
 
     /// Random MXFP4 weights `[e, rows, cols]` (decoded to bf16), E8M0 scales 117..=121.
-    fn random_packed(
+    pub(super) fn random_packed(
         dev: &Device,
         e: usize,
         rows: usize,

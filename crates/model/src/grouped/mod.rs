@@ -22,6 +22,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 mod cuda;
 #[cfg(feature = "cuda")]
 mod lt;
+#[cfg(feature = "cuda")]
+mod mxfp4_gemm;
 
 /// `(expert, first row, rows)` of each group; the groups tile `0..M` in order.
 pub(crate) type Spans = Arc<Vec<(usize, usize, usize)>>;
@@ -89,6 +91,42 @@ impl GroupedWeight {
     pub(crate) fn dense(&self) -> candle_core::Result<Tensor> {
         let (e, _, _) = self.dims()?;
         self.dense_experts(0, e)
+    }
+
+    /// Experts `first..first + count` of this weight (views, nothing decoded).
+    pub(crate) fn experts(&self, first: usize, count: usize) -> candle_core::Result<Self> {
+        Ok(match self {
+            Self::Dense(w) => Self::Dense(w.narrow(0, first, count)?),
+            Self::Packed {
+                blocks,
+                scales,
+                dtype,
+                transposed,
+            } => Self::Packed {
+                blocks: blocks.narrow(0, first, count)?,
+                scales: scales.narrow(0, first, count)?,
+                dtype: *dtype,
+                transposed: *transposed,
+            },
+        })
+    }
+
+    /// Whether a grouped matmul of `x` (`[M, in]`, rows grouped by `spans`) on this weight would
+    /// decode it inside one fused GEMM kernel (MXFP4 weight, bf16 activations on CUDA, row counts
+    /// the kernel is chosen for) rather than into bf16 copies of the experts.
+    pub(crate) fn decoded_in_kernel(&self, x: &Tensor, spans: &[(usize, usize, usize)]) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            let busy = spans.iter().filter(|s| s.2 > 0).count();
+            matches!(self, Self::Packed { .. })
+                && x.device().is_cuda()
+                && mxfp4_gemm::chosen(x.dtype(), x.dim(0).unwrap_or(usize::MAX), busy)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (x, spans);
+            false
+        }
     }
 
     /// Experts `first..first + count` as a dense `[count, in, out]` tensor: a view of a dense

@@ -273,9 +273,7 @@ fn step(
     }
     scope("step.clip+adamw", dev, || -> BoxResult<()> {
         // as the trainer: the norm is read after the optimizer step is enqueued
-        let norm = grads.clip_grad_norm_on_device(1.0)?;
-        opt.step(&grads, lr)?;
-        if let Some(n) = norm {
+        if let Some(n) = opt.clip_and_step(&mut grads, lr, Some(1.0))? {
             n.to_scalar::<f32>()?;
         }
         Ok(())

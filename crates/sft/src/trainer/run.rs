@@ -283,18 +283,12 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
                 return Err(err);
             }
             // the norm stays on the device until the optimizer step is enqueued
-            let grad_norm = if cfg.max_grad_norm > 0.0 {
-                grads.clip_grad_norm_on_device(cfg.max_grad_norm)?
-            } else {
-                grads.total_norm_tensor()?
-            };
             let lr = schedule.lr(global_step);
-            optimizer.step(&grads, lr)?;
-            let grad_norm = match grad_norm {
+            let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm);
+            let grad_norm = match optimizer.clip_and_step(&mut grads, lr, max_norm)? {
                 Some(t) => t.to_scalar::<f32>()? as f64,
                 None => 0.0,
             };
-            grads.clear();
             global_step = step_no;
             step_losses.push(loss);
             window.loss_sum += loss;

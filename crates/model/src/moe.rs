@@ -23,7 +23,7 @@ use crate::profile::scope;
 use crate::route_replay;
 
 /// Default of [`Experts::set_backward_chunk`].
-const DEFAULT_BACKWARD_CHUNK: usize = 8;
+const DEFAULT_BACKWARD_CHUNK: usize = 16;
 
 /// `model.layers.{i}.mlp.router`: `logits = x·Wᵀ + b` (not a [`crate::Linear`]: no adapter hook).
 #[derive(Debug, Clone)]
@@ -114,9 +114,10 @@ impl Experts {
     }
 
     /// How many consecutive experts the deferred backward of a gradient-only recompute
-    /// ([`crate::RouteReplay::replaying_for_gradients`]) decodes at once (default 8, at least 1):
+    /// ([`crate::RouteReplay::replaying_for_gradients`]) decodes at once (default 16, at least 1):
     /// more experts per chunk means fewer, larger grouped matmuls and more memory (a gpt-oss-20b
-    /// expert is 50 MB in bf16).
+    /// expert is 50 MB in bf16; on an H200 at 2048 tokens 16 was ≈ 2 % faster than 8 for
+    /// +0.26 GiB of peak memory). Unused where the fused MXFP4 kernel decodes in place.
     pub fn set_backward_chunk(&mut self, experts: usize) {
         self.backward_chunk = experts.max(1);
     }

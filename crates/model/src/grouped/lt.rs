@@ -7,7 +7,8 @@
 //! (dtype, transpose, n, k, lda, rows rounded up to a bucket, pointer alignments), and every later
 //! GEMM of that class reuses the algorithm through `cublasLtMatmul` (an algorithm valid for the
 //! bucket's row count is valid for fewer rows; a call it does not support reports so and the caller
-//! falls back to `cublasGemmEx`).
+//! falls back to `cublasGemmEx`). The B and C layout descriptors are cached too, by shape: a step
+//! runs thousands of expert GEMMs, and the host time is what bounds it.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -52,11 +53,21 @@ struct Choice {
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
-/// One cuBLASLt handle and its algorithm cache (`None`: the heuristic found nothing; use the fallback).
+/// A `rows × cols` column-major layout with leading dimension `ld`, as a cache key.
+type LayoutKey = (DType, usize, usize, usize);
+
+/// One cuBLASLt handle, its algorithm cache (`None`: the heuristic found nothing; use the
+/// fallback) and the B/C matrix layouts made so far (descriptors are immutable once made; a
+/// routing produces a few hundred distinct row counts, so the cache stays small).
 pub(super) struct Lt {
     handle: sys::cublasLtHandle_t,
     choices: Mutex<HashMap<Key, Option<Choice>>>,
+    layouts: Mutex<HashMap<LayoutKey, LayoutPtr>>,
 }
+
+/// A cached layout descriptor (never destroyed: the cache lives as long as the process).
+#[derive(Clone, Copy)]
+struct LayoutPtr(sys::cublasLtMatrixLayout_t);
 
 // SAFETY: the handle and the descriptors are only used under the cache's mutex or read-only after
 // creation (cuBLASLt handles and descriptors may be used from any thread, not concurrently mutated).
@@ -121,6 +132,24 @@ impl Lt {
         Ok(Self {
             handle: result::create_handle().map_err(lt_err)?,
             choices: Mutex::new(HashMap::new()),
+            layouts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The cached layout of a `rows × cols` matrix with leading dimension `ld` (made on first use).
+    fn cached_layout(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> candle_core::Result<sys::cublasLtMatrixLayout_t> {
+        let mut map = self.layouts.lock().map_err(|_| {
+            candle_core::Error::Msg("grouped_matmul: cuBLASLt layout cache poisoned".into())
+        })?;
+        Ok(match map.entry((dtype, rows, cols, ld)) {
+            Entry::Occupied(e) => e.get().0,
+            Entry::Vacant(e) => e.insert(LayoutPtr(layout(dtype, rows, cols, ld)?)).0,
         })
     }
 
@@ -153,14 +182,8 @@ impl Lt {
         let Some(choice) = choice else {
             return Ok(false);
         };
-        let b = layout(call.dtype, call.k, call.len, call.k)?;
-        let c = match layout(call.dtype, call.n, call.len, call.n) {
-            Ok(c) => c,
-            Err(e) => {
-                drop_layouts(&[b]);
-                return Err(e);
-            }
-        };
+        let b = self.cached_layout(call.dtype, call.k, call.len, call.k)?;
+        let c = self.cached_layout(call.dtype, call.n, call.len, call.n)?;
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: A, B and C are the caller's device buffers for these shapes (checked by the
         // caller as for `cublasGemmEx`); the descriptors and layouts are live; `workspace` holds
@@ -185,7 +208,6 @@ impl Lt {
                 stream,
             )
         };
-        drop_layouts(&[b, c]);
         match status {
             Ok(()) => Ok(true),
             Err(e) if e.0 == sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => Ok(false),

@@ -312,10 +312,26 @@ impl Experts {
             };
             return op.apply(x, &routing.weights);
         }
+        // a pass that is not differentiated runs without autograd; there a layer's experts are
+        // decoded at once (nothing keeps the copies for a backward)
+        let detached = route_replay::detached_pass();
+        let x = match detached {
+            true => x.detach(),
+            false => x.clone(),
+        };
         let xs = scope("moe.gather", dev, || {
-            gather_rows(x, &maps.tokens, &maps.pos)
+            gather_rows(&x, &maps.tokens, &maps.pos)
         })?;
         let spans = plan.spans.clone();
+        let whole = |w: GroupedWeight| -> candle_core::Result<GroupedWeight> {
+            Ok(match w {
+                GroupedWeight::Packed { .. } if detached && !w.decoded_in_kernel(&xs, &spans) => {
+                    GroupedWeight::Dense(w.dense()?)
+                }
+                w => w,
+            })
+        };
+        let gu_w = whole(gu_w)?;
         let gu = scope("moe.gate_up", dev, || {
             self.project_rows(ExpertParam::GateUp, &gu_w, &xs, &spans)
         })?;
@@ -328,13 +344,19 @@ impl Experts {
                 self.alpha,
             )
         })?;
+        drop(gu_w);
+        let down_w = whole(down_w)?;
         let ys = scope("moe.down", dev, || {
             self.project_rows(ExpertParam::Down, &down_w, &act, &spans)
         })?;
+        let weights = match detached {
+            true => routing.weights.detach(),
+            false => routing.weights.clone(),
+        };
         scope("moe.combine", dev, || {
             combine(
                 &ys,
-                &routing.weights,
+                &weights,
                 &maps.pos,
                 &self.down_proj_bias,
                 &routing.indices,

@@ -25,11 +25,10 @@ use candle_core::{DType, Tensor};
 enum Mode {
     #[default]
     Off,
-    Record,
+    /// `detached`: see [`RouteReplay::record_detached`].
+    Record { detached: bool },
     /// `gradients_only`: see [`RouteReplay::replaying_for_gradients`].
-    Replay {
-        gradients_only: bool,
-    },
+    Replay { gradients_only: bool },
 }
 
 /// What one MoE call recorded: its plan (opaque here) and its top-k indices `[N, k]` u32.
@@ -60,9 +59,22 @@ pub struct RouteReplay {
 impl RouteReplay {
     /// Starts recording (any earlier state of this thread is dropped).
     pub fn record() -> Self {
+        Self::start(false)
+    }
+
+    /// As [`Self::record`], for a forward pass that is not differentiated (the first pass of
+    /// gradient checkpointing, whose layer outputs are detached): the MoE then runs without
+    /// autograd, and with MXFP4-resident experts on the per-expert path it decodes all of a
+    /// layer's experts in one launch per projection instead of one per expert (the bf16 copy is
+    /// freed right after its matmul, as nothing keeps it for a backward).
+    pub fn record_detached() -> Self {
+        Self::start(true)
+    }
+
+    fn start(detached: bool) -> Self {
         STATE.with(|s| {
             *s.borrow_mut() = State {
-                mode: Mode::Record,
+                mode: Mode::Record { detached },
                 ..State::default()
             }
         });
@@ -170,11 +182,16 @@ pub(crate) fn gradients_only() -> bool {
     })
 }
 
+/// Whether MoE calls run in a pass that is not differentiated ([`RouteReplay::record_detached`]).
+pub(crate) fn detached_pass() -> bool {
+    STATE.with(|s| matches!(s.borrow().mode, Mode::Record { detached: true }))
+}
+
 /// Keeps `plan` for `key` when recording.
 pub(crate) fn record<T: Any>(key: usize, indices: &Tensor, plan: Rc<T>) {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        if matches!(s.mode, Mode::Record) {
+        if matches!(s.mode, Mode::Record { .. }) {
             s.plans.insert(
                 key,
                 Recorded {
@@ -231,6 +248,24 @@ mod tests {
 
         // outside a RouteReplay nothing is recorded or replayed
         assert!(super::replayed::<()>(0, &x).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn detached_recording_gives_the_same_output_without_autograd() -> crate::Result<()> {
+        let cfg = Config::tiny();
+        let model = init_random_packed(&cfg, DType::F32, &Device::Cpu, Some(4))?;
+        let mlp = &model.model.layers[1].mlp;
+        let x = candle_core::Var::from_tensor(&rows(11, cfg.hidden_size, 0.3)?)?;
+        let x3 = x.as_tensor().reshape((1, 11, cfg.hidden_size))?;
+        let fresh = mlp.forward(&x3)?.0;
+        assert!(fresh.track_op(), "the plain forward is differentiable");
+        let replay = RouteReplay::record_detached();
+        let detached = mlp.forward(&x3)?.0;
+        drop(replay);
+        assert!(!detached.track_op(), "a detached pass builds no graph");
+        let d = (fresh - detached)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "the detached pass changed the output by {d}");
         Ok(())
     }
 }

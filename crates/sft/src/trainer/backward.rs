@@ -246,7 +246,7 @@ fn checkpointed<M: LayeredCausalLm>(
     let dev = batch.input_ids.device().clone();
     // the recompute reuses the routing plans of this pass (checked at the end); its layer outputs
     // are only differentiated (seed_gradient), so the MoE defers its experts to the backward
-    let replay = gptoss_model::RouteReplay::record();
+    let replay = gptoss_model::RouteReplay::record_detached();
     for i in 0..n_layers {
         let (out, r) = scope("layer.forward", &dev, || model.layer(i, &inputs[i], &ctx))?;
         inputs.push(out.detach());

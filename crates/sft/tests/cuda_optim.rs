@@ -153,19 +153,10 @@ fn cuda_adamw_matches_cpu_bit_for_bit() -> Result<()> {
         let cpu = run(&Device::Cpu, config, 4, Update::Step)?;
         let cuda = run(&gpu, config, 4, Update::Step)?;
         for (k, (a, b)) in cpu.iter().zip(&cuda).enumerate().take(cpu.len() - 1) {
-            let differ = a
-                .iter()
-                .zip(b)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count();
-            let max = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let (differ, rel) = compare(a, b);
             assert_eq!(
                 differ, 0,
-                "wd {wd}: tensor {k} ({} of param {}): {differ} of {} values differ, max |diff| {max:e}",
+                "wd {wd}: tensor {k} ({} of param {}): {differ} of {} values differ, max relative diff {rel:e}",
                 ["param", "exp_avg", "exp_avg_sq"][k % 3],
                 k / 3,
                 a.len()

@@ -71,18 +71,29 @@ impl GroupedWeight {
 
     /// The weight used as `[E, out, in]`.
     fn transpose(&self) -> candle_core::Result<Self> {
+        self.map(|w| w.transpose(1, 2), |t| Ok(t.clone()), true)
+    }
+
+    /// This weight with `dense` applied to a dense tensor, or `packed` to both the blocks and the
+    /// scales (the orientation flipped when `flip`).
+    fn map(
+        &self,
+        dense: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+        packed: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+        flip: bool,
+    ) -> candle_core::Result<Self> {
         Ok(match self {
-            Self::Dense(w) => Self::Dense(w.transpose(1, 2)?),
+            Self::Dense(w) => Self::Dense(dense(w)?),
             Self::Packed {
                 blocks,
                 scales,
                 dtype,
                 transposed,
             } => Self::Packed {
-                blocks: blocks.clone(),
-                scales: scales.clone(),
+                blocks: packed(blocks)?,
+                scales: packed(scales)?,
                 dtype: *dtype,
-                transposed: !transposed,
+                transposed: *transposed != flip,
             },
         })
     }
@@ -95,20 +106,8 @@ impl GroupedWeight {
 
     /// Experts `first..first + count` of this weight (views, nothing decoded).
     pub(crate) fn experts(&self, first: usize, count: usize) -> candle_core::Result<Self> {
-        Ok(match self {
-            Self::Dense(w) => Self::Dense(w.narrow(0, first, count)?),
-            Self::Packed {
-                blocks,
-                scales,
-                dtype,
-                transposed,
-            } => Self::Packed {
-                blocks: blocks.narrow(0, first, count)?,
-                scales: scales.narrow(0, first, count)?,
-                dtype: *dtype,
-                transposed: *transposed,
-            },
-        })
+        let narrow = |t: &Tensor| t.narrow(0, first, count);
+        self.map(narrow, narrow, false)
     }
 
     /// Whether a grouped matmul of `x` (`[M, in]`, rows grouped by `spans`) on this weight would

@@ -3,6 +3,7 @@
 //! device (run on the GPU machine).
 #![cfg(feature = "cuda")]
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use gptoss_lora::down_proj::down_proj;
 
@@ -13,23 +14,26 @@ fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok(d / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6))
 }
 
+/// The gradient of each var in `store`, on the CPU.
+fn grads_on_cpu(store: &GradStore, vars: &[&Var]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|v| match store.get(v.as_tensor()) {
+            Some(g) => g.to_device(&Device::Cpu),
+            None => Err(candle_core::Error::Msg("no gradient".into())),
+        })
+        .collect()
+}
+
 /// (output, ∂x, ∂A) of `sum(down_proj(x, A) · w)` on `dev`.
 fn run(x: &Tensor, a: &Tensor, w: &Tensor, dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
     let x = Var::from_tensor(&x.to_device(dev)?)?;
     let a = Var::from_tensor(&a.to_device(dev)?)?;
     let h = down_proj(x.as_tensor(), a.as_tensor())?;
     let g = (&h * w.to_device(dev)?)?.sum_all()?.backward()?;
-    let get = |v: &Var| {
-        g.get(v.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
-    };
-    let cpu = Device::Cpu;
-    Ok((
-        h.to_device(&cpu)?,
-        get(&x)?.to_device(&cpu)?,
-        get(&a)?.to_device(&cpu)?,
-    ))
+    let [dx, da]: [Tensor; 2] = grads_on_cpu(&g, &[&x, &a])?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("two gradients".into()))?;
+    Ok((h.to_device(&Device::Cpu)?, dx, da))
 }
 
 #[test]
@@ -85,18 +89,10 @@ fn run_experts(
     let g = (y.to_dtype(DType::F32)? * w.to_device(dev)?)?
         .sum_all()?
         .backward()?;
-    let get = |v: &Var| {
-        g.get(v.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
-    };
-    let cpu = Device::Cpu;
-    Ok((
-        y.to_device(&cpu)?,
-        get(&x)?.to_device(&cpu)?,
-        get(&av)?.to_device(&cpu)?,
-        get(&bv)?.to_device(&cpu)?,
-    ))
+    let [dx, da, db]: [Tensor; 3] = grads_on_cpu(&g, &[&x, &av, &bv])?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("three gradients".into()))?;
+    Ok((y.to_device(&Device::Cpu)?, dx, da, db))
 }
 
 #[test]

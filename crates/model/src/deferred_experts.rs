@@ -107,7 +107,7 @@ impl DeferredExperts {
         let weight = |w: &GroupedWeight, c: &Chunk| -> candle_core::Result<GroupedWeight> {
             match in_kernel {
                 true => w.experts(c.first, c.count),
-                false => Ok(GroupedWeight::Dense(w.dense_experts(c.first, c.count)?)),
+                false => Ok(GroupedWeight::Dense(w.experts(c.first, c.count)?.dense()?)),
             }
         };
         for c in chunks(&self.spans, chunk) {

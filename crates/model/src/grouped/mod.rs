@@ -100,11 +100,32 @@ impl GroupedWeight {
 
     /// The whole weight as a dense `[E, in, out]` tensor (dequantized here when packed).
     pub(crate) fn dense(&self) -> candle_core::Result<Tensor> {
-        let (e, _, _) = self.dims()?;
-        self.dense_experts(0, e)
+        match self {
+            Self::Dense(w) => Ok(w.clone()),
+            Self::Packed {
+                blocks,
+                scales,
+                dtype,
+                transposed,
+            } => {
+                let d = gptoss_mxfp4::dequantize(
+                    blocks,
+                    scales,
+                    *dtype,
+                    gptoss_mxfp4::Layout::Checkpoint,
+                )
+                .map_err(|e| candle_core::Error::Msg(format!("grouped_matmul: {e}")))?;
+                if *transposed {
+                    Ok(d)
+                } else {
+                    d.transpose(1, 2)
+                }
+            }
+        }
     }
 
-    /// Experts `first..first + count` of this weight (views, nothing decoded).
+    /// Experts `first..first + count` of this weight (views, nothing decoded; [`Self::dense`] of
+    /// the result decodes just those).
     pub(crate) fn experts(&self, first: usize, count: usize) -> candle_core::Result<Self> {
         let narrow = |t: &Tensor| t.narrow(0, first, count);
         self.map(narrow, narrow, false)
@@ -125,33 +146,6 @@ impl GroupedWeight {
         {
             let _ = (x, spans);
             false
-        }
-    }
-
-    /// Experts `first..first + count` as a dense `[count, in, out]` tensor: a view of a dense
-    /// weight, or those experts dequantized here (one decode) when packed.
-    pub(crate) fn dense_experts(&self, first: usize, count: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Dense(w) => w.narrow(0, first, count),
-            Self::Packed {
-                blocks,
-                scales,
-                dtype,
-                transposed,
-            } => {
-                let d = gptoss_mxfp4::dequantize(
-                    &blocks.narrow(0, first, count)?,
-                    &scales.narrow(0, first, count)?,
-                    *dtype,
-                    gptoss_mxfp4::Layout::Checkpoint,
-                )
-                .map_err(|e| candle_core::Error::Msg(format!("grouped_matmul: {e}")))?;
-                if *transposed {
-                    Ok(d)
-                } else {
-                    d.transpose(1, 2)
-                }
-            }
         }
     }
 }

@@ -34,7 +34,7 @@ const BM: usize = 128;
 const BN: usize = 128;
 const BK: usize = 32;
 /// Experts one call can take (the schedule is a kernel parameter: 2 KB at 128).
-pub(super) const MAX_EXPERTS: usize = 128;
+const MAX_EXPERTS: usize = 128;
 
 const SRC: &str = r#"
 #define GBM 128
@@ -333,7 +333,7 @@ fn mode() -> Mode {
 /// per expert) and by its two launches per expert; at gpt-oss-20b training sizes (≈ 256 rows per
 /// expert at 2048 tokens) cuBLAS's GEMMs on decoded copies are faster on the device (measured on an
 /// H200: docs/performance.md).
-pub(super) const AUTO_ROWS: usize = 64;
+const AUTO_ROWS: usize = 64;
 
 /// Whether a grouped matmul of `m` bf16 rows over `busy` experts with rows goes through the fused
 /// kernel (given that its shapes are supported).

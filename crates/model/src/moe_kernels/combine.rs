@@ -49,8 +49,7 @@ pub(crate) fn combine_grad_rows(
     bias: &Tensor,
     expert: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    check_dtype(dout, "combine backward: grad")?;
-    let ctx = Ctx::new(pos, bias, expert, weights.dims2()?, dout.dtype())?;
+    let ctx = Ctx::for_grad(dout, pos, bias, expert)?;
     let w = weights.to_dtype(dout.dtype())?.contiguous()?;
     dout.contiguous()?
         .apply_op2_no_bwd(&w, &CombineBwdRows(ctx))
@@ -66,8 +65,7 @@ pub(crate) fn combine_grad_weights(
     bias: &Tensor,
     expert: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    check_dtype(dout, "combine backward: grad")?;
-    let ctx = Ctx::new(pos, bias, expert, pos.dims2()?, dout.dtype())?;
+    let ctx = Ctx::for_grad(dout, pos, bias, expert)?;
     dout.contiguous()?
         .apply_op2_no_bwd(&ys.contiguous()?, &CombineBwdWeights(ctx))
 }
@@ -102,6 +100,17 @@ impl Ctx {
             bias: float_operand(bias, dtype)?,
             expert: indices(expert, n * k, "combine: expert")?.reshape((n, k))?,
         })
+    }
+
+    /// The context of a backward op on `dout` (checked f32/bf16; maps `[N, k]` from `pos`).
+    fn for_grad(
+        dout: &Tensor,
+        pos: &Tensor,
+        bias: &Tensor,
+        expert: &Tensor,
+    ) -> candle_core::Result<Self> {
+        check_dtype(dout, "combine backward: grad")?;
+        Self::new(pos, bias, expert, pos.dims2()?, dout.dtype())
     }
 
     /// Runs `f` with the CPU view (indices not yet checked).
@@ -210,13 +219,14 @@ impl CustomOp2 for Combine {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         crate::profile::scope("moe.combine.bwd", grad.device(), || {
-            let g = grad.detach().to_dtype(ys.dtype())?.contiguous()?;
+            let g = grad.detach().to_dtype(ys.dtype())?;
+            let Ctx { pos, bias, expert } = &self.0;
             let dys = match ys.track_op() {
-                true => Some(g.apply_op2_no_bwd(&w.detach(), &CombineBwdRows(self.0.clone()))?),
+                true => Some(combine_grad_rows(&g, &w.detach(), pos, bias, expert)?),
                 false => None,
             };
             let dw = match w.track_op() {
-                true => Some(g.apply_op2_no_bwd(&ys.detach(), &CombineBwdWeights(self.0.clone()))?),
+                true => Some(combine_grad_weights(&g, &ys.detach(), pos, bias, expert)?),
                 false => None,
             };
             Ok((dys, dw))

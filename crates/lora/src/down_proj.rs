@@ -30,6 +30,41 @@ pub fn down_proj(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     x.to_dtype(DType::F32)?.matmul(&a.t()?)
 }
 
+/// PEFT's `lora.Linear` output from its parts: the base layer's `x·Wᵀ` `base` `[.., out]` (f32 or
+/// bf16), its frozen `bias` `[out]`, the down projection `h` `[N, r]` f32 (N the rows of `base`) and
+/// lora_B `b` `[out, r]` f32 → `round(f32(round(base + bias)) + (h·bᵀ)·scaling)` `[.., out]` in
+/// base's dtype ([`gptoss_model::add_scaled_delta`] of `h·bᵀ`), differentiable in `base`, `h` and
+/// `b`. On CUDA one kernel forms `h·bᵀ` and the sum without the `[N, out]` f32 product in memory
+/// (and no matmul or transpose nodes in the autograd graph); the backward forms `f32(∂out)·scaling`
+/// in one kernel and runs the two f32 matmuls of `∂h` and `∂b`. Elsewhere, or for shapes the kernel does not take (`out` not a multiple of 4, a bias in
+/// autograd), it is the f32 matmul and `add_scaled_delta`.
+pub fn up_add(
+    base: &Tensor,
+    bias: Option<&Tensor>,
+    h: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda::takes_up(base, bias, h, b)? {
+        let dims = base.dims().to_vec();
+        let cols = b.dim(0)?;
+        let rows = base.elem_count() / cols.max(1);
+        let op = cuda::UpAddOp {
+            bias: bias
+                .map(|t| t.to_dtype(base.dtype())?.contiguous())
+                .transpose()?,
+            scale: scaling as f32,
+        };
+        let base2 = base.reshape((rows, cols))?.contiguous()?;
+        return base2
+            .apply_op3(&h.contiguous()?, &b.contiguous()?, op)?
+            .reshape(dims);
+    }
+    let delta = h.matmul(&b.t()?)?.reshape(base.dims())?;
+    gptoss_model::add_scaled_delta(base, bias, &delta, scaling)
+}
+
 /// PEFT's expert LoRA on rows grouped by expert: `x` `[M, in]` (f32 or bf16) whose rows
 /// `off..off + len` go to expert `e` for each `(e, off, len)` of `spans` (tiling `0..M` in order), `a`
 /// `[E·r, in]` and `b` `[out, r·E]` f32 in PEFT's layouts → `((x·A_eᵀ)·B_eᵀ)·scaling` `[M, out]` in
@@ -99,7 +134,10 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use std::sync::Arc;
 
-    use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+        Tensor,
+    };
     use gptoss_model::nvrtc::{contiguous_range, Kernels};
 
     use super::MAX_RANK;
@@ -283,6 +321,63 @@ __device__ void da_sum_seg(const float* __restrict__ part, float* __restrict__ d
     da[t] = v;
 }
 
+// PEFT's LoRA output for the ungrouped up projection, bt = lora_Bᵀ [r, cols]:
+// out[row, o] = rnd(rnd(base[row, o] + bias[o]) + ((sum_j h[row, j] bt[j, o]) scale + 0)), rnd to T
+// (the bias term only with BIAS); one thread per four outputs of UPW rows.
+#define UPW 8
+template <typename T, bool BIAS>
+__device__ void up_add(const T* __restrict__ base, const T* __restrict__ bias, const float* __restrict__ h,
+                       const float* __restrict__ bt, T* __restrict__ out, int n, int cols, int r, float scale) {
+    const u64 quads = cols / 4;
+    const u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 groups = ((u64)n + UPW - 1) / UPW;
+    if (q >= groups * quads) return;
+    const u64 row0 = q / quads * UPW;
+    const int o = (int)(q % quads) * 4;
+    float s[UPW][4];
+#pragma unroll
+    for (int p = 0; p < UPW; ++p) s[p][0] = s[p][1] = s[p][2] = s[p][3] = 0.f;
+    for (int j = 0; j < r; ++j) {
+        const float4 w = *reinterpret_cast<const float4*>(bt + (u64)j * cols + o);
+#pragma unroll
+        for (int p = 0; p < UPW; ++p) {
+            const float gj = row0 + p < (u64)n ? h[(row0 + p) * r + j] : 0.f;
+            s[p][0] = fmaf(gj, w.x, s[p][0]); s[p][1] = fmaf(gj, w.y, s[p][1]);
+            s[p][2] = fmaf(gj, w.z, s[p][2]); s[p][3] = fmaf(gj, w.w, s[p][3]);
+        }
+    }
+#pragma unroll
+    for (int p = 0; p < UPW; ++p) {
+        if (row0 + p < (u64)n) {
+            const u64 at = (row0 + p) * cols + o;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                float v = ld(base, at + c);
+                if (BIAS) {
+                    v += ld(bias, o + c);
+                    if (sizeof(T) == 2) v = bf16_round(v);
+                }
+                st(out, at + c, v + (__fmul_rn(s[p][c], scale) + 0.f));
+            }
+        }
+    }
+}
+
+// bt[j, o] = b[o, j] for b [rows, cols].
+__device__ void transpose(const float* __restrict__ b, float* __restrict__ bt, int rows, int cols) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * cols) return;
+    const u64 o = i / cols, j = i % cols;
+    bt[j * rows + o] = b[i];
+}
+
+// o[i] = f32(g[i]) scale + 0.
+template <typename T>
+__device__ void scale_to_f32(const T* __restrict__ g, float* __restrict__ o, u64 len, float scale) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
+        o[i] = __fmul_rn(ld(g, i), scale) + 0.f;
+}
+
 extern "C" __global__ void lora_down_fwd_f32(const float* x, const float* a, float* h, int n, int in, int r, float sc, const u32* b) { fwd<float, false>(x, a, h, n, in, r, sc, b); }
 extern "C" __global__ void lora_down_fwd_bf16(const u16* x, const float* a, float* h, int n, int in, int r, float sc, const u32* b) { fwd<u16, false>(x, a, h, n, in, r, sc, b); }
 extern "C" __global__ void lora_down_fwd_g_f32(const float* x, const float* a, float* h, int n, int in, int r, float sc, const u32* b) { fwd<float, true>(x, a, h, n, in, r, sc, b); }
@@ -296,6 +391,13 @@ extern "C" __global__ void lora_down_da_part_bf16(const float* g, const u16* x, 
 extern "C" __global__ void lora_down_da_part_g_f32(const float* g, const float* x, float* p, int n, int in, int r, int per, float sc, const u32* sp) { da_part<float, true>(g, x, p, n, in, r, per, sc, sp); }
 extern "C" __global__ void lora_down_da_part_g_bf16(const float* g, const u16* x, float* p, int n, int in, int r, int per, float sc, const u32* sp) { da_part<u16, true>(g, x, p, n, in, r, per, sc, sp); }
 extern "C" __global__ void lora_down_da_sum(const float* p, float* da, int splits, u64 ri) { da_sum(p, da, splits, ri); }
+extern "C" __global__ void lora_transpose_f32(const float* b, float* bt, int rows, int cols) { transpose(b, bt, rows, cols); }
+extern "C" __global__ void lora_scale_f32(const float* g, float* o, u64 len, float sc) { scale_to_f32(g, o, len, sc); }
+extern "C" __global__ void lora_scale_bf16(const u16* g, float* o, u64 len, float sc) { scale_to_f32(g, o, len, sc); }
+extern "C" __global__ void lora_up_add_f32(const float* base, const float* bias, const float* h, const float* b, float* o, int n, int cols, int r, float sc) { up_add<float, false>(base, bias, h, b, o, n, cols, r, sc); }
+extern "C" __global__ void lora_up_add_bf16(const u16* base, const u16* bias, const float* h, const float* b, u16* o, int n, int cols, int r, float sc) { up_add<u16, false>(base, bias, h, b, o, n, cols, r, sc); }
+extern "C" __global__ void lora_up_add_bias_f32(const float* base, const float* bias, const float* h, const float* b, float* o, int n, int cols, int r, float sc) { up_add<float, true>(base, bias, h, b, o, n, cols, r, sc); }
+extern "C" __global__ void lora_up_add_bias_bf16(const u16* base, const u16* bias, const float* h, const float* b, u16* o, int n, int cols, int r, float sc) { up_add<u16, true>(base, bias, h, b, o, n, cols, r, sc); }
 extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const u32* seg, int blocks, u64 ri) { da_sum_seg(p, da, seg, blocks, ri); }
 "#;
 
@@ -314,6 +416,29 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
             && a_in == in_dim
             && in_dim % 4 == 0
             && (1..=MAX_RANK).contains(&r))
+    }
+
+    /// Whether [`super::up_add`]'s kernel takes these operands: CUDA, base f32/bf16 with `out`
+    /// (a multiple of 4) columns, h f32 `[N, r]` for base's N rows, b f32 `[out, r]`, a frozen bias.
+    pub(super) fn takes_up(
+        base: &Tensor,
+        bias: Option<&Tensor>,
+        h: &Tensor,
+        b: &Tensor,
+    ) -> Result<bool> {
+        if !base.device().is_cuda() || h.rank() != 2 || b.rank() != 2 {
+            return Ok(false);
+        }
+        let (out, r) = b.dims2()?;
+        let (n, hr) = h.dims2()?;
+        Ok(matches!(base.dtype(), DType::F32 | DType::BF16)
+            && h.dtype() == DType::F32
+            && b.dtype() == DType::F32
+            && hr == r
+            && base.dims().last() == Some(&out)
+            && base.elem_count() == n * out
+            && out % 4 == 0
+            && bias.is_none_or(|t| !t.track_op() && t.dims() == [out]))
     }
 
     fn int(v: usize, what: &str) -> Result<i32> {
@@ -669,6 +794,182 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
             CudaStorage::wrap_cuda_slice(da, dev),
             Shape::from((blocks * r, in_dim)),
         ))
+    }
+
+    /// `round(round(base + bias) + (h·bᵀ)·scale)` `[N, out]` in base's dtype: `base` `[N, out]`, `h`
+    /// `[N, r]` f32, `b` `[out, r]` f32, `bias` `[out]` in base's dtype.
+    fn launch_up_add(
+        base: (&CudaStorage, &Layout),
+        h: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+        bias: Option<&Tensor>,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        let (n, cols) = base.1.shape().dims2()?;
+        let (_, r) = b.1.shape().dims2()?;
+        let (b0, b1) = contiguous_range(base.1, "base")?;
+        let (h0, h1) = contiguous_range(h.1, "h")?;
+        let (w0, w1) = contiguous_range(b.1, "b")?;
+        let dev = base.0.device().clone();
+        let stream = dev.cuda_stream();
+        let (CudaStorageSlice::F32(hw), CudaStorageSlice::F32(bw)) = (&h.0.slice, &b.0.slice)
+        else {
+            candle_core::bail!("lora_up_add: h and b must be f32");
+        };
+        let (hv, bv) = (hw.slice(h0..h1), bw.slice(w0..w1));
+        let guard = bias.map(|t| t.storage_and_layout());
+        let dims = (int(n, "N")?, int(cols, "out")?, int(r, "r")?);
+        // lora_Bᵀ `[r, out]`, so that a warp's loads of one rank's weights are contiguous
+        // SAFETY: the transpose writes every one of the out·r values.
+        let mut bt = unsafe { dev.alloc::<f32>(cols * r)? };
+        if cols * r > 0 {
+            let func = KERNELS.func(&dev, "lora_transpose_f32")?;
+            let mut lb = stream.launch_builder(&func);
+            lb.arg(&bv).arg(&mut bt).arg(&dims.1).arg(&dims.2);
+            // SAFETY: b holds out·r values, bt as many.
+            unsafe { lb.launch(cfg((cols * r).div_ceil(256), 256)) }.w()?;
+        }
+        // one thread per 4 outputs of UPW = 8 rows
+        let quads = n.div_ceil(8) * (cols / 4);
+        let sfx = if guard.is_some() { "_bias" } else { "" };
+        macro_rules! run {
+            ($s:expr, $t:ty, $name:literal, $slice:path) => {{
+                let bias_view = match &guard {
+                    Some((st, l)) => {
+                        let candle_core::Storage::Cuda(c) = &**st else {
+                            candle_core::bail!("lora_up_add: the bias is not on the CUDA device");
+                        };
+                        let (a, e) = contiguous_range(l, "bias")?;
+                        let $slice(v) = &c.slice else {
+                            candle_core::bail!("lora_up_add: the bias dtype differs from base");
+                        };
+                        Some(v.slice(a..e))
+                    }
+                    None => None,
+                };
+                let bv0 = $s.slice(b0..b1);
+                // SAFETY: the kernel writes every one of the n·cols outputs.
+                let mut o = unsafe { dev.alloc::<$t>(n * cols)? };
+                if quads > 0 {
+                    let func = KERNELS.func(&dev, &format!("lora_up_add{sfx}_{}", $name))?;
+                    let mut lb = stream.launch_builder(&func);
+                    lb.arg(&bv0);
+                    match &bias_view {
+                        Some(v) => lb.arg(v),
+                        None => lb.arg(&bv0),
+                    };
+                    lb.arg(&hv).arg(&bt).arg(&mut o);
+                    lb.arg(&dims.0).arg(&dims.1).arg(&dims.2).arg(&scale);
+                    // SAFETY: argument types and order match the kernel; base and out hold n·cols,
+                    // h n·r, bt r·cols, bias cols values; one thread per 4 outputs of 8 rows.
+                    unsafe { lb.launch(cfg(quads.div_ceil(256), 256)) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(o, dev.clone())
+            }};
+        }
+        Ok(match &base.0.slice {
+            CudaStorageSlice::F32(s) => run!(s, f32, "f32", CudaStorageSlice::F32),
+            CudaStorageSlice::BF16(s) => run!(s, half::bf16, "bf16", CudaStorageSlice::BF16),
+            _ => candle_core::bail!("lora_up_add: base must be f32 or bf16"),
+        })
+    }
+
+    /// [`super::up_add`] on CUDA: args `(base [N, out], h [N, r] f32, b [out, r] f32)`. Backward:
+    /// `∂base = ∂out`; with `∂d = f32(∂out)·scale + 0` (one kernel), `∂h = ∂d·b` and `∂b = ∂dᵀ·h`
+    /// (f32 matmuls, as the composition's backward runs them).
+    pub(super) struct UpAddOp {
+        pub(super) bias: Option<Tensor>,
+        pub(super) scale: f32,
+    }
+
+    impl CustomOp3 for UpAddOp {
+        fn name(&self) -> &'static str {
+            "lora_up_add"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("lora_up_add: CUDA only (the CPU uses the candle ops)")
+        }
+
+        fn cuda_fwd(
+            &self,
+            base: &CudaStorage,
+            bl: &Layout,
+            h: &CudaStorage,
+            hl: &Layout,
+            b: &CudaStorage,
+            wl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let out = launch_up_add((base, bl), (h, hl), (b, wl), self.bias.as_ref(), self.scale)?;
+            Ok((out, bl.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            _base: &Tensor,
+            h: &Tensor,
+            b: &Tensor,
+            _res: &Tensor,
+            g: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            // ∂(h·bᵀ) = f32(∂out)·scale + 0, as add_scaled_delta's backward gives it, then the two
+            // f32 products of the matmul's backward
+            let g = g.contiguous()?;
+            let gd = g.apply_op1_no_bwd(&ScaleOp(self.scale))?;
+            let dh = gd.matmul(&b.detach())?;
+            let db = gd.t()?.matmul(&h.detach())?;
+            Ok((Some(g), Some(dh), Some(db)))
+        }
+    }
+
+    /// `f32(g)·scale + 0` (f32 or bf16 `g`, any shape) → f32.
+    struct ScaleOp(f32);
+
+    impl CustomOp1 for ScaleOp {
+        fn name(&self) -> &'static str {
+            "lora_scale"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("lora_scale: CUDA only")
+        }
+
+        fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (a, e) = contiguous_range(gl, "g")?;
+            let len = e - a;
+            let dev = g.device().clone();
+            // SAFETY: the kernel writes every one of the len values.
+            let mut o = unsafe { dev.alloc::<f32>(len)? };
+            if len > 0 {
+                let stream = dev.cuda_stream();
+                let blocks = len.div_ceil(256).min(132 * 32);
+                let (len64, scale) = (len as u64, self.0);
+                macro_rules! run {
+                    ($s:expr, $name:literal) => {{
+                        let func = KERNELS.func(&dev, concat!("lora_scale_", $name))?;
+                        let gv = $s.slice(a..e);
+                        let mut lb = stream.launch_builder(&func);
+                        lb.arg(&gv).arg(&mut o).arg(&len64).arg(&scale);
+                        // SAFETY: g and o hold len values; a grid-stride loop covers them.
+                        unsafe { lb.launch(cfg(blocks, 256)) }.w()?;
+                    }};
+                }
+                match &g.slice {
+                    CudaStorageSlice::F32(s) => run!(s, "f32"),
+                    CudaStorageSlice::BF16(s) => run!(s, "bf16"),
+                    _ => candle_core::bail!("lora_scale: g must be f32 or bf16"),
+                }
+            }
+            Ok((CudaStorage::wrap_cuda_slice(o, dev), gl.shape().clone()))
+        }
     }
 
     /// Implements `CustomOp2` for a launcher (`$name`, CUDA only), with an optional backward.

@@ -53,22 +53,25 @@ impl LoraLinear {
 
     /// `B(A(dropout(x)))` before the scaling: `x` `[.., in]` (any float dtype) → `[.., out]` f32.
     fn unscaled_term(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = self.a.dim(1)?;
-        let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?;
-        let h = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            let x2 = candle_nn::ops::dropout(&x2.to_dtype(DType::F32)?, self.dropout)?;
-            x2.matmul(&self.a.as_tensor().t()?)?
-        } else {
-            crate::down_proj::down_proj(&x2, self.a.as_tensor())?
-        };
-        let y = h.matmul(&self.b.as_tensor().t()?)?;
-        let mut out_dims = dims;
+        let y = self.down(x)?.matmul(&self.b.as_tensor().t()?)?;
+        let mut out_dims = x.dims().to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.b.dim(0)?;
         }
         y.reshape(out_dims)
+    }
+
+    /// `A(dropout(x))`: `x` `[.., in]` (any float dtype) → `[rows, r]` f32.
+    fn down(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let in_dim = self.a.dim(1)?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            let x2 = candle_nn::ops::dropout(&x2.to_dtype(DType::F32)?, self.dropout)?;
+            x2.matmul(&self.a.as_tensor().t()?)
+        } else {
+            crate::down_proj::down_proj(&x2, self.a.as_tensor())
+        }
     }
 
     /// The dense weight update `scaling · B·A`, `[out, in]` f32 (PEFT `get_delta_weight`).
@@ -84,14 +87,14 @@ impl LinearAdapter for LoraLinear {
     }
 
     /// `x·Wᵀ` and the bias `b` → `round(f32(x·Wᵀ + b) + scaling · B(A(x)))` in one fused pass
-    /// ([`gptoss_model::add_scaled_delta`]): the same values as adding the bias first.
+    /// ([`crate::down_proj::up_add`]): the same values as adding the bias first.
     fn forward_unbiased(
         &self,
         x: &Tensor,
         base: &Tensor,
         bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        gptoss_model::add_scaled_delta(base, bias, &self.unscaled_term(x)?, self.scaling)
+        crate::down_proj::up_add(base, bias, &self.down(x)?, self.b.as_tensor(), self.scaling)
     }
 }
 

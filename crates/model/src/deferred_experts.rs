@@ -5,10 +5,12 @@
 //! products (`x·W` in the recompute, `∂y·Wᵀ` in the backward) per projection; with MXFP4-resident
 //! weights the autograd graph decodes it once for the recompute and again for the backward. Here
 //! the recompute's forward returns zeros (its value is not read), and the backward decodes
-//! `chunk` consecutive experts at once and runs, for their rows only, the forward products and
-//! their backward on the same decoded weights: one decode per expert and projection instead of two.
-//! The chunk's products are an ordinary autograd graph (the grouped matmul, the SwiGLU op) whose
-//! backward starts from the given row gradients through [`crate::seed_gradient`], so the gradient
+//! `chunk` consecutive experts at once and runs, for their rows only, the gate/up forward product
+//! and the backward products of both projections on the same decoded weights: one decode per expert
+//! and projection instead of two. The down projection's forward `ys = act·W` is not formed at all:
+//! the routing weights' gradient needs only `∂y · ys`, which is `(∂y·Wᵀ) · act` from the
+//! backward's own product. The gate/up part is an ordinary autograd graph (the grouped matmul, the
+//! SwiGLU op) whose backward starts from `∂act` through [`crate::seed_gradient`], so the gradient
 //! code is that of the plain path.
 
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, Var};
 
 use crate::grouped::{grouped_matmul, GroupedWeight, Spans};
 use crate::moe_kernels::{
-    combine_grad_rows, combine_grad_weights, gather_rows, sum_rows, swiglu_bias,
+    combine_grad_rows, combine_grad_weights_from_dots, gather_rows, row_dots, sum_rows, swiglu_bias,
 };
 use crate::seed_gradient;
 
@@ -93,12 +95,20 @@ fn chunks(spans: &[(usize, usize, usize)], chunk: usize) -> Vec<Chunk> {
 }
 
 impl DeferredExperts {
-    /// From `x` `[N, H]` and the gradient of the routed rows' outputs `dys` `[N·k, H]` (x's dtype):
-    /// the gradient of the routed rows' inputs `[N·k, H]` and their outputs before the bias
-    /// `[N·k, H]` (the forward products, for the routing weights' gradient).
-    fn rows_backward(&self, x: &Tensor, dys: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    /// From `x` `[N, H]` and the gradient of the routed rows' outputs `dys` `[N·k, H]` (x's dtype,
+    /// weighted by the routing weights): the gradient of the routed rows' inputs `[N·k, H]` and,
+    /// when `dots` is set, the weighted products `dys[m] · ys[m]` of each row's output before the
+    /// bias `[N·k]` f32 (what the routing weights' gradient needs), computed as `(dys[m]·Wᵀ) · act[m]`
+    /// from the down projection's input `act` and its gradient: `ys = act·W` itself is never formed,
+    /// so each chunk runs three products per expert (gate/up forward, both backward) instead of four.
+    fn rows_backward(
+        &self,
+        x: &Tensor,
+        dys: &Tensor,
+        dots: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let xs = gather_rows(x, &self.tokens, &self.pos)?;
-        let mut ys = Vec::new();
+        let mut products = Vec::new();
         let mut dxs = Vec::new();
         // a fused MXFP4 GEMM decodes tiles as it goes: all experts at once, nothing decoded here
         let in_kernel = self.gate_up.decoded_in_kernel(&xs, &self.spans)
@@ -112,7 +122,7 @@ impl DeferredExperts {
         };
         for c in chunks(&self.spans, chunk) {
             let gate_up = weight(&self.gate_up, &c)?;
-            let down = weight(&self.down, &c)?;
+            let down_t = weight(&self.down, &c)?.transpose()?;
             let spans: Spans = Arc::new(c.spans);
             let xc = Var::from_tensor(&xs.narrow(0, c.row, c.rows)?)?;
             let gu = grouped_matmul(xc.as_tensor(), &gate_up, &spans)?;
@@ -123,8 +133,12 @@ impl DeferredExperts {
                 self.limit,
                 self.alpha,
             )?;
-            let y = grouped_matmul(&act, &down, &spans)?;
-            let grads = seed_gradient(&y, &dys.narrow(0, c.row, c.rows)?)?.backward()?;
+            // ∂act = ∂y·Wᵀ, as the grouped matmul's own backward computes it
+            let dact = grouped_matmul(&dys.narrow(0, c.row, c.rows)?, &down_t, &spans)?;
+            if dots {
+                products.push(row_dots(&dact, &act.detach())?);
+            }
+            let grads = seed_gradient(&act, &dact)?.backward()?;
             let Some(dx) = grads.get(xc.as_tensor()) else {
                 candle_core::bail!(
                     "deferred experts: no gradient for the rows of experts {}..{}",
@@ -133,9 +147,12 @@ impl DeferredExperts {
                 );
             };
             dxs.push(dx.clone());
-            ys.push(y.detach());
         }
-        Ok((Tensor::cat(&dxs, 0)?, Tensor::cat(&ys, 0)?))
+        let products = match dots {
+            true => Some(Tensor::cat(&products, 0)?),
+            false => None,
+        };
+        Ok((Tensor::cat(&dxs, 0)?, products))
     }
 }
 
@@ -187,17 +204,24 @@ impl CustomOp2 for DeferredExperts {
                 &self.down_bias,
                 &self.slot_expert,
             )?;
-            let (dxs, ys) = self.rows_backward(&x.detach(), &dys)?;
+            let (dxs, dots) = self.rows_backward(&x.detach(), &dys, w.track_op())?;
             let dx = match x.track_op() {
                 true => Some(sum_rows(&dxs, &self.pos)?),
                 false => None,
             };
-            let dw = match w.track_op() {
-                true => Some(
-                    combine_grad_weights(&g, &ys, &self.pos, &self.down_bias, &self.slot_expert)?
-                        .to_dtype(w.dtype())?,
+            let dw = match dots {
+                Some(dots) => Some(
+                    combine_grad_weights_from_dots(
+                        &g,
+                        &dots,
+                        &w.detach(),
+                        &self.pos,
+                        &self.down_bias,
+                        &self.slot_expert,
+                    )?
+                    .to_dtype(w.dtype())?,
                 ),
-                false => None,
+                None => None,
             };
             Ok((dx, dw))
         })

@@ -10,14 +10,14 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use crate::deferred_experts::DeferredExperts;
 use crate::error::{ModelError, Result};
 use crate::frozen::frozen_matmul;
 use crate::grouped::{grouped_matmul, GroupedWeight, Spans};
 use crate::hooks::{ExpertAdapter, ExpertParam};
-use crate::moe_kernels::{combine, gather_rows, swiglu_bias};
+use crate::moe_kernels::{combine, gather_rows, swiglu_bias, topk_softmax};
 use crate::packed_experts::PackedExperts;
 use crate::profile::scope;
 use crate::route_replay;
@@ -51,19 +51,7 @@ impl Router {
     /// `x`: `[N, H]` → routing (top-k of the logits, then a softmax over those k).
     pub fn route(&self, x: &Tensor) -> candle_core::Result<Routing> {
         let logits = frozen_matmul(x, &self.weight.t()?)?.broadcast_add(&self.bias)?;
-        let indices = logits
-            .detach()
-            .arg_sort_last_dim(false)?
-            .narrow(D::Minus1, 0, self.top_k)?
-            .contiguous()?;
-        let top = logits.gather(&indices, D::Minus1)?;
-        let dtype = top.dtype();
-        let top = top.to_dtype(DType::F32)?;
-        let max = top.max_keepdim(D::Minus1)?.detach();
-        let e = top.broadcast_sub(&max)?.exp()?;
-        let weights = e
-            .broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-            .to_dtype(dtype)?;
+        let (weights, indices) = topk_softmax(&logits, self.top_k)?;
         Ok(Routing {
             logits,
             weights,

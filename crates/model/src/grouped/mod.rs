@@ -70,7 +70,7 @@ impl GroupedWeight {
     }
 
     /// The weight used as `[E, out, in]`.
-    fn transpose(&self) -> candle_core::Result<Self> {
+    pub(crate) fn transpose(&self) -> candle_core::Result<Self> {
         self.map(|w| w.transpose(1, 2), |t| Ok(t.clone()), true)
     }
 

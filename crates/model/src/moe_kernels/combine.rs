@@ -1,7 +1,7 @@
 //! [`combine`]: down bias, routing weights and the sum over each token's experts.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::{check_dtype, cpu_f32, cpu_of, cpu_out, cpu_u32, float_operand, index, indices};
 
@@ -58,7 +58,7 @@ pub(crate) fn combine_grad_rows(
 /// [`combine`]'s gradient with respect to `weights` on its own: `dout` `[N, H]`, the routed rows
 /// `ys` `[N·k, H]` (before the bias, dout's dtype), maps and bias as in [`combine`] → `∂weights`
 /// `[N, k]` in dout's dtype, `dout[t] · (ys[pos[t, s]] + bias[expert[t, s]])`.
-pub(crate) fn combine_grad_weights(
+fn combine_grad_weights(
     dout: &Tensor,
     ys: &Tensor,
     pos: &Tensor,
@@ -68,6 +68,36 @@ pub(crate) fn combine_grad_weights(
     let ctx = Ctx::for_grad(dout, pos, bias, expert)?;
     dout.contiguous()?
         .apply_op2_no_bwd(&ys.contiguous()?, &CombineBwdWeights(ctx))
+}
+
+/// [`combine_grad_weights`] from the weighted products instead of the rows: `dout` `[N, H]`, `dots`
+/// `[N·k]` f32 with `dots[pos[t, s]] = weights[t, s] · (dout[t] · ys[pos[t, s]])` (what
+/// [`row_dots`](super::row_dots) of the rows' gradient `∂ys·Wᵀ` and the down projection's input
+/// gives, without `ys`), `weights` `[N, k]`, maps and bias as in [`combine`] → `∂weights` `[N, k]` in
+/// dout's dtype, `dots[pos[t, s]] / weights[t, s] + dout[t] · bias[expert[t, s]]`.
+///
+/// Where a weight is 0 the first term is taken as 0: the routing softmax multiplies that slot's
+/// gradient by its weight, so the value does not reach the router.
+pub(crate) fn combine_grad_weights_from_dots(
+    dout: &Tensor,
+    dots: &Tensor,
+    weights: &Tensor,
+    pos: &Tensor,
+    bias: &Tensor,
+    expert: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let ctx = Ctx::for_grad(dout, pos, bias, expert)?;
+    if dots.dtype() != DType::F32 || dots.elem_count() != pos.elem_count() {
+        candle_core::bail!(
+            "combine backward: dots {:?} {:?}, expected {} f32 values (one per routed row)",
+            dots.dims(),
+            dots.dtype(),
+            pos.elem_count()
+        );
+    }
+    let w = weights.to_dtype(dout.dtype())?.contiguous()?;
+    dout.contiguous()?
+        .apply_op3_no_bwd(&dots.contiguous()?, &w, &CombineBwdDots(ctx))
 }
 
 /// The index maps and the frozen bias.
@@ -333,10 +363,70 @@ impl CustomOp2 for CombineBwdWeights {
         yl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let shape = self.0.pos.shape().clone();
-        let out = self
-            .0
-            .with_cuda(|c| super::cuda::combine_bwd_weights((s, l), (ys, yl), &c))?;
+        let out = self.0.with_cuda(|c| {
+            let rows = super::cuda::Products::Rows((ys, yl));
+            super::cuda::combine_bwd_weights((s, l), rows, &c)
+        })?;
         Ok((out, shape))
+    }
+}
+
+/// `(∂out [N, H], dots [N·k] f32, weights [N, k])` → `∂weights [N, k]` (dout's dtype).
+struct CombineBwdDots(Ctx);
+
+impl CustomOp3 for CombineBwdDots {
+    fn name(&self) -> &'static str {
+        "moe-combine-bwd-dots"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_n, h) = l.shape().dims2()?;
+        let m = dl.shape().elem_count();
+        let (_n, k) = wl.shape().dims2()?;
+        let g = cpu_f32(s, l, "combine backward: grad")?;
+        let dots = cpu_f32(ds, dl, "combine backward: dots")?;
+        let w = cpu_f32(ws, wl, "combine: weights")?;
+        let out = self.0.with_cpu(|c| {
+            let mut out = vec![0f32; m];
+            for (i, r, b) in c.slots(m, h)? {
+                let dout = &g[(i / k) * h..][..h];
+                let bias: f32 = dout.iter().zip(b).map(|(d, b)| d * b).sum();
+                out[i] = bias + if w[i] != 0.0 { dots[r] / w[i] } else { 0.0 };
+            }
+            Ok(out)
+        })?;
+        Ok((
+            cpu_out(out, s.dtype(), "combine backward")?,
+            wl.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = self.0.with_cuda(|c| {
+            let from = super::cuda::Products::Dots {
+                dots: (ds, dl),
+                w: (ws, wl),
+            };
+            super::cuda::combine_bwd_weights((s, l), from, &c)
+        })?;
+        Ok((out, wl.shape().clone()))
     }
 }
 

@@ -155,9 +155,12 @@ __device__ void combine_bwd_rows(const T* __restrict__ dout, const T* __restrict
     }
 }
 
-// dw[t, s] = dout[t] . (ys[pos[t, s]] + bias[ex[t, s]]) (blockDim.x a multiple of 32).
-template <typename T, int V, bool VEC>
+// dw[t, s] = dout[t] . (ys[pos[t, s]] + bias[ex[t, s]]) (blockDim.x a multiple of 32). DOTS: ys is
+// not read; the products come as dots[pos[t, s]] = w[t, s] * (dout[t] . ys[pos[t, s]]) (f32) and
+// dw[t, s] = dots[pos[t, s]] / w[t, s] + dout[t] . bias[ex[t, s]] (0 for the first term where w = 0).
+template <typename T, int V, bool VEC, bool DOTS>
 __device__ void combine_bwd_weights(const T* __restrict__ dout, const T* __restrict__ ys,
+                                    const float* __restrict__ dots, const T* __restrict__ w,
                                     const u32* __restrict__ pos, const T* __restrict__ bias,
                                     const u32* __restrict__ ex, T* __restrict__ dw,
                                     u32 m, u32 h, u32 k, u32 ne) {
@@ -181,7 +184,12 @@ __device__ void combine_bwd_weights(const T* __restrict__ dout, const T* __restr
             for (int s = 0; s < KMAX; ++s) {
                 if (r[s] < m && e[s] < ne) {
                     float y[V], b[V];
-                    ldv<T, V, VEC>(ys, (u64)r[s] * h + j, y);
+                    if constexpr (DOTS) {
+#pragma unroll
+                        for (int q = 0; q < V; ++q) y[q] = 0.f;
+                    } else {
+                        ldv<T, V, VEC>(ys, (u64)r[s] * h + j, y);
+                    }
                     ldv<T, V, VEC>(bias, (u64)e[s] * h + j, b);
 #pragma unroll
                     for (int q = 0; q < V; ++q) part[s] += d[q] * (y[q] + b[q]);
@@ -197,9 +205,38 @@ __device__ void combine_bwd_weights(const T* __restrict__ dout, const T* __restr
         for (int s = wid; s < KMAX && s0 + s < k; s += nw) {
             float v = lane < nw ? sh[s][lane] : 0.f;
             v = warp_red(v, false);
+            if constexpr (DOTS) {
+                const float ws = ld(w, t * k + s0 + s);
+                if (r[s] < m && e[s] < ne && ws != 0.f) v += dots[r[s]] / ws;
+            }
             if (lane == 0) st(dw, t * k + s0 + s, v);
         }
         __syncthreads();
+    }
+}
+
+// out[m] = a[m] . b[m] (f32; blockDim.x a multiple of 32, at most 1024).
+template <typename T, int V, bool VEC>
+__device__ void row_dots(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
+                         u32 h) {
+    __shared__ float sh[32];
+    const u64 m = blockIdx.x;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    float part = 0.f;
+    for (u32 j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+        float x[V], y[V];
+        ldv<T, V, VEC>(a, m * h + j, x);
+        ldv<T, V, VEC>(b, m * h + j, y);
+#pragma unroll
+        for (int q = 0; q < V; ++q) part += x[q] * y[q];
+    }
+    part = warp_red(part, false);
+    if (lane == 0) sh[wid] = part;
+    __syncthreads();
+    if (wid == 0) {
+        float v = lane < nw ? sh[lane] : 0.f;
+        v = warp_red(v, false);
+        if (lane == 0) out[m] = v;
     }
 }
 
@@ -265,6 +302,72 @@ __device__ void gather_rows(const T* __restrict__ x, const u32* __restrict__ tok
     }
 }
 
+// Routing: the k largest of each row of logits [n, e] (ties: the lower index first), in order.
+#define TOPK_MAX 32
+template <typename T>
+__device__ __forceinline__ void topk_row(const T* __restrict__ lg, u64 t, u32 e, u32 k, u32* idx,
+                                         float* val) {
+    for (u32 j = 0; j < k; ++j) {
+        u32 bi = e;
+        float best = 0.f;
+        for (u32 c = 0; c < e; ++c) {
+            bool taken = false;
+            for (u32 q = 0; q < j; ++q) taken |= idx[q] == c;
+            if (taken) continue;
+            const float v = ld(lg, t * e + c);
+            if (bi == e || v > best) { best = v; bi = c; }
+        }
+        idx[j] = bi;
+        val[j] = best;
+    }
+}
+
+// w[t, j] = softmax over j of the top-k logits (f32: max, exp, sum in order, divide).
+__device__ __forceinline__ void topk_weights(const float* val, u32 k, float* w) {
+    float m = val[0];
+    for (u32 j = 1; j < k; ++j) m = fmaxf(m, val[j]);
+    float s = 0.f;
+    for (u32 j = 0; j < k; ++j) { w[j] = expf(val[j] - m); s += w[j]; }
+    for (u32 j = 0; j < k; ++j) w[j] = w[j] / s;
+}
+
+// One thread per token: indices [n, k] u32 and (WEIGHTS) their softmax weights [n, k].
+template <typename T, bool WEIGHTS>
+__device__ void topk(const T* __restrict__ lg, u32* __restrict__ out_idx, T* __restrict__ out_w,
+                     u32 n, u32 e, u32 k) {
+    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    u32 idx[TOPK_MAX];
+    float val[TOPK_MAX], w[TOPK_MAX];
+    topk_row(lg, t, e, k, idx, val);
+    if constexpr (WEIGHTS) {
+        topk_weights(val, k, w);
+        for (u32 j = 0; j < k; ++j) st(out_w, t * k + j, w[j]);
+    } else {
+        for (u32 j = 0; j < k; ++j) out_idx[t * k + j] = idx[j];
+    }
+}
+
+// d logits [n, e]: w_j (g_j - sum_i w_i g_i) at the row's top-k columns (from idx), 0 elsewhere.
+template <typename T>
+__device__ void topk_softmax_bwd(const T* __restrict__ lg, const u32* __restrict__ idx,
+                                 const T* __restrict__ g, T* __restrict__ dl, u32 n, u32 e, u32 k) {
+    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    float val[TOPK_MAX], w[TOPK_MAX];
+    u32 ix[TOPK_MAX];
+    for (u32 j = 0; j < k; ++j) {
+        ix[j] = idx[t * k + j];
+        val[j] = ix[j] < e ? ld(lg, t * e + ix[j]) : 0.f;
+    }
+    topk_weights(val, k, w);
+    float dot = 0.f;
+    for (u32 j = 0; j < k; ++j) dot += w[j] * ld(g, t * k + j);
+    for (u32 c = 0; c < e; ++c) st(dl, t * e + c, 0.f);
+    for (u32 j = 0; j < k; ++j)
+        if (ix[j] < e) st(dl, t * e + ix[j], w[j] * (ld(g, t * k + j) - dot));
+}
+
 // Entry points: <op>_<dtype>_vec (16-byte accesses) and <op>_<dtype>_scalar.
 #define ENTRIES(TN, T, VR, VS)                                                                        \
 extern "C" __global__ void gather_rows_##TN##_vec(const T* x, const u32* tok, T* out, u32 n, u32 h)   \
@@ -285,12 +388,23 @@ extern "C" __global__ void combine_bwd_rows_##TN##_vec(const T* d, const T* w, c
     T* dys, u32 m, u32 h, u32 k) { combine_bwd_rows<T, VR, true>(d, w, pos, dys, m, h, k); }          \
 extern "C" __global__ void combine_bwd_rows_##TN##_scalar(const T* d, const T* w, const u32* pos,     \
     T* dys, u32 m, u32 h, u32 k) { combine_bwd_rows<T, 1, false>(d, w, pos, dys, m, h, k); }          \
-extern "C" __global__ void combine_bwd_weights_##TN##_vec(const T* d, const T* ys, const u32* pos,    \
-    const T* bias, const u32* ex, T* dw, u32 m, u32 h, u32 k, u32 ne)                                 \
-    { combine_bwd_weights<T, VR, true>(d, ys, pos, bias, ex, dw, m, h, k, ne); }                      \
-extern "C" __global__ void combine_bwd_weights_##TN##_scalar(const T* d, const T* ys, const u32* pos, \
-    const T* bias, const u32* ex, T* dw, u32 m, u32 h, u32 k, u32 ne)                                 \
-    { combine_bwd_weights<T, 1, false>(d, ys, pos, bias, ex, dw, m, h, k, ne); }                      \
+extern "C" __global__ void combine_bwd_weights_##TN##_vec(const T* d, const T* ys, const float* dots, \
+    const T* w, const u32* pos, const T* bias, const u32* ex, T* dw, u32 m, u32 h, u32 k, u32 ne)     \
+    { combine_bwd_weights<T, VR, true, false>(d, ys, dots, w, pos, bias, ex, dw, m, h, k, ne); }      \
+extern "C" __global__ void combine_bwd_weights_##TN##_scalar(const T* d, const T* ys,                 \
+    const float* dots, const T* w, const u32* pos, const T* bias, const u32* ex, T* dw, u32 m, u32 h, \
+    u32 k, u32 ne)                                                                                    \
+    { combine_bwd_weights<T, 1, false, false>(d, ys, dots, w, pos, bias, ex, dw, m, h, k, ne); }      \
+extern "C" __global__ void combine_bwd_dots_##TN##_vec(const T* d, const T* ys, const float* dots,    \
+    const T* w, const u32* pos, const T* bias, const u32* ex, T* dw, u32 m, u32 h, u32 k, u32 ne)     \
+    { combine_bwd_weights<T, VR, true, true>(d, ys, dots, w, pos, bias, ex, dw, m, h, k, ne); }       \
+extern "C" __global__ void combine_bwd_dots_##TN##_scalar(const T* d, const T* ys, const float* dots, \
+    const T* w, const u32* pos, const T* bias, const u32* ex, T* dw, u32 m, u32 h, u32 k, u32 ne)     \
+    { combine_bwd_weights<T, 1, false, true>(d, ys, dots, w, pos, bias, ex, dw, m, h, k, ne); }       \
+extern "C" __global__ void row_dots_##TN##_vec(const T* a, const T* b, float* out, u32 h)             \
+    { row_dots<T, VR, true>(a, b, out, h); }                                                          \
+extern "C" __global__ void row_dots_##TN##_scalar(const T* a, const T* b, float* out, u32 h)          \
+    { row_dots<T, 1, false>(a, b, out, h); }                                                          \
 extern "C" __global__ void swiglu_fwd_##TN##_vec(const T* gu, const T* da, const T* bias,             \
     const u32* re, T* out, u32 ni, u32 ne, float limit, float alpha)                                  \
     { swiglu<T, VS, true, false>(gu, da, bias, re, out, ni, ne, limit, alpha); }                      \
@@ -306,6 +420,16 @@ extern "C" __global__ void swiglu_bwd_##TN##_scalar(const T* gu, const T* da, co
 
 ENTRIES(f32, float, 4, 2)
 ENTRIES(bf16, u16, 8, 4)
+
+#define ROUTE_ENTRIES(TN, T)                                                                          \
+extern "C" __global__ void topk_idx_##TN(const T* lg, u32* idx, u32 n, u32 e, u32 k)                  \
+    { topk<T, false>(lg, idx, nullptr, n, e, k); }                                                    \
+extern "C" __global__ void topk_softmax_##TN(const T* lg, T* w, u32 n, u32 e, u32 k)                  \
+    { topk<T, true>(lg, nullptr, w, n, e, k); }                                                       \
+extern "C" __global__ void topk_softmax_bwd_##TN(const T* lg, const u32* idx, const T* g, T* dl,      \
+    u32 n, u32 e, u32 k) { topk_softmax_bwd<T>(lg, idx, g, dl, n, e, k); }
+ROUTE_ENTRIES(f32, float)
+ROUTE_ENTRIES(bf16, u16)
 "#;
 
 static KERNELS: Kernels = Kernels::new("gptoss_moe", SRC);
@@ -564,33 +688,171 @@ pub(super) fn combine_bwd_rows(dout: Arg, w: Arg, held: &Held) -> Result<CudaSto
     by_dtype!(dout.0.dtype(), run(dout, w, held))
 }
 
-/// `∂w[t, s] = ∂out[t] · (ys[pos[t, s]] + bias[expert[t, s]])`: `dout` `[n, h]`, `ys` `[m, h]` → `[n, k]`.
-pub(super) fn combine_bwd_weights(dout: Arg, ys: Arg, held: &Held) -> Result<CudaStorage> {
-    fn run<T: Elem>(dout: Arg, ys: Arg, held: &Held) -> Result<CudaStorage> {
+/// What [`combine_bwd_weights`] takes the routed rows' products from.
+pub(super) enum Products<'a> {
+    /// The routed rows `ys` `[m, h]` (activation dtype).
+    Rows(Arg<'a>),
+    /// `dots` `[m]` f32, `w[t, s] · (∂out[t] · ys[pos[t, s]])`, and the weights `w` `[n, k]`.
+    Dots { dots: Arg<'a>, w: Arg<'a> },
+}
+
+/// `∂w[t, s] = ∂out[t] · (ys[pos[t, s]] + bias[expert[t, s]])`: `dout` `[n, h]` → `[n, k]`, the
+/// products with `ys` read from the rows or taken from the weighted dots (see [`Products`]).
+pub(super) fn combine_bwd_weights(dout: Arg, from: Products, held: &Held) -> Result<CudaStorage> {
+    fn run<T: Elem>(dout: Arg, from: Products, held: &Held) -> Result<CudaStorage> {
         let dev = dout.0.device();
         let (n, h) = dout.1.shape().dims2()?;
-        let (m, _h) = ys.1.shape().dims2()?;
         let (_n, k) = held.pos.1.shape().dims2()?;
         let ne = held.bias.1.shape().dims2()?.0;
         let (dv, d0) = view::<T>(dout, "combine backward: grad")?;
-        let (yv, y0) = view::<T>(ys, "combine: ys")?;
         let (bv, b0) = view::<T>(held.bias, "combine: bias")?;
         let (pv, _) = view::<u32>(held.pos, "combine: pos")?;
         let (ev, _) = view::<u32>(held.expert, "combine: expert")?;
+        let null = 0u64;
+        let (ys, dots, w, m) = match from {
+            Products::Rows(ys) => {
+                let (yv, y0) = view::<T>(ys, "combine: ys")?;
+                (Some((yv, y0)), None, None, ys.1.shape().dims2()?.0)
+            }
+            Products::Dots { dots, w } => {
+                let m = dots.1.shape().elem_count();
+                let dv = view::<f32>(dots, "combine backward: dots")?.0;
+                (None, Some(dv), Some(view::<T>(w, "combine: weights")?.0), m)
+            }
+        };
+        let y0 = ys.as_ref().map_or(0, |y| y.1);
         let vec = vectorizable(T::VEC, &[h], T::VEC, &[d0, y0, b0]);
         // SAFETY: every (t, s) is written.
         let mut out = unsafe { dev.alloc::<T>(n * k)? };
         if n > 0 && k > 0 {
-            let f = func::<T>(dev, "combine_bwd_weights", vec)?;
+            let op = match dots {
+                Some(_) => "combine_bwd_dots",
+                None => "combine_bwd_weights",
+            };
+            let f = func::<T>(dev, op, vec)?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (m, h32, k32, ne) = (m as u32, h as u32, k as u32, ne as u32);
-            b.arg(&dv).arg(&yv).arg(&pv).arg(&bv).arg(&ev).arg(&mut out);
+            b.arg(&dv);
+            match &ys {
+                Some((yv, _)) => b.arg(yv),
+                None => b.arg(&null),
+            };
+            match &dots {
+                Some(d) => b.arg(d),
+                None => b.arg(&null),
+            };
+            match &w {
+                Some(w) => b.arg(w),
+                None => b.arg(&null),
+            };
+            b.arg(&pv).arg(&bv).arg(&ev).arg(&mut out);
             b.arg(&m).arg(&h32).arg(&k32).arg(&ne);
             let cfg = config(n, h / if vec { T::VEC } else { 1 });
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(wrap(out, dev))
     }
-    by_dtype!(dout.0.dtype(), run(dout, ys, held))
+    by_dtype!(dout.0.dtype(), run(dout, from, held))
+}
+
+/// `out[m] = a[m] · b[m]` in f32: `a`, `b` `[m, h]` (same dtype) → `[m]` f32.
+pub(super) fn row_dots(a: Arg, b: Arg) -> Result<CudaStorage> {
+    fn run<T: Elem>(a: Arg, b: Arg) -> Result<CudaStorage> {
+        let dev = a.0.device();
+        let (m, h) = a.1.shape().dims2()?;
+        let (av, a0) = view::<T>(a, "row_dots: a")?;
+        let (bv, b0) = view::<T>(b, "row_dots: b")?;
+        let vec = vectorizable(T::VEC, &[h], T::VEC, &[a0, b0]);
+        // SAFETY: every row is written.
+        let mut out = unsafe { dev.alloc::<f32>(m)? };
+        if m > 0 {
+            let f = func::<T>(dev, "row_dots", vec)?;
+            let stream = dev.cuda_stream();
+            let mut lb = stream.launch_builder(&f);
+            let h32 = h as u32;
+            lb.arg(&av).arg(&bv).arg(&mut out).arg(&h32);
+            let cfg = config(m, (h / if vec { T::VEC } else { 1 }).max(1));
+            unsafe { lb.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    by_dtype!(a.0.dtype(), run(a, b))
+}
+
+/// One thread per token.
+fn row_threads(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(128) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Top-k of each row of `logits` `[n, e]`: the indices `[n, k]` u32 (`weights` false) or the
+/// softmax weights of the top-k values `[n, k]` in the logits' dtype (`weights` true).
+pub(super) fn topk(logits: Arg, k: usize, weights: bool) -> Result<CudaStorage> {
+    fn run<T: Elem>(lg: Arg, k: usize, weights: bool) -> Result<CudaStorage> {
+        let dev = lg.0.device();
+        let (n, e) = lg.1.shape().dims2()?;
+        let (lv, _) = view::<T>(lg, "topk: logits")?;
+        let stream = dev.cuda_stream();
+        let dims = (n as u32, e as u32, k as u32);
+        if weights {
+            // SAFETY: every element is written.
+            let mut out = unsafe { dev.alloc::<T>(n * k)? };
+            if n > 0 {
+                let f = KERNELS.func(dev, &format!("topk_softmax_{}", T::NAME))?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&lv)
+                    .arg(&mut out)
+                    .arg(&dims.0)
+                    .arg(&dims.1)
+                    .arg(&dims.2);
+                unsafe { b.launch(row_threads(n)) }.w()?;
+            }
+            Ok(wrap(out, dev))
+        } else {
+            // SAFETY: every element is written.
+            let mut out = unsafe { dev.alloc::<u32>(n * k)? };
+            if n > 0 {
+                let f = KERNELS.func(dev, &format!("topk_idx_{}", T::NAME))?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&lv)
+                    .arg(&mut out)
+                    .arg(&dims.0)
+                    .arg(&dims.1)
+                    .arg(&dims.2);
+                unsafe { b.launch(row_threads(n)) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+    }
+    by_dtype!(logits.0.dtype(), run(logits, k, weights))
+}
+
+/// Backward of the top-k softmax: `logits` `[n, e]`, `idx` `[n, k]` u32, `g` `[n, k]` (logits'
+/// dtype) → `∂logits` `[n, e]`.
+pub(super) fn topk_softmax_bwd(logits: Arg, idx: Arg, g: Arg) -> Result<CudaStorage> {
+    fn run<T: Elem>(lg: Arg, idx: Arg, g: Arg) -> Result<CudaStorage> {
+        let dev = lg.0.device();
+        let (n, e) = lg.1.shape().dims2()?;
+        let k = idx.1.shape().elem_count() / n.max(1);
+        let (lv, _) = view::<T>(lg, "topk: logits")?;
+        let (iv, _) = view::<u32>(idx, "topk: indices")?;
+        let (gv, _) = view::<T>(g, "topk backward: grad")?;
+        // SAFETY: every element is written.
+        let mut out = unsafe { dev.alloc::<T>(n * e)? };
+        if n > 0 {
+            let f = KERNELS.func(dev, &format!("topk_softmax_bwd_{}", T::NAME))?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let dims = (n as u32, e as u32, k as u32);
+            b.arg(&lv).arg(&iv).arg(&gv).arg(&mut out);
+            b.arg(&dims.0).arg(&dims.1).arg(&dims.2);
+            unsafe { b.launch(row_threads(n)) }.w()?;
+        }
+        Ok(wrap(out, dev))
+    }
+    by_dtype!(logits.0.dtype(), run(logits, idx, g))
 }

@@ -1,8 +1,10 @@
 //! Fused ops of the mixture-of-experts MLP, with an exact backward each.
 //!
+//! - [`topk_softmax`]: the router's top-k experts per token and their softmax weights;
 //! - [`gather_rows`]: the routed rows of the hidden states (`x[tokens[m]]`);
 //! - [`swiglu_bias`]: gate/up bias add and clamped, interleaved SwiGLU of `GptOssExperts`;
-//! - [`combine`]: down bias add, routing weights and the sum over each token's k experts.
+//! - [`combine`]: down bias add, routing weights and the sum over each token's k experts;
+//! - `row_dots`: per-row dot products (the routing weights' gradient without the expert outputs).
 //!
 //! Each op replaces a chain of candle ops (strided views, per-row `index_select` of the biases, a
 //! one-hot gather/scatter matmul): one pass over the memory forward and one backward. The CPU
@@ -17,8 +19,10 @@
 mod combine;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dots;
 mod gather;
 mod swiglu;
+mod topk;
 
 use candle_core::{DType, Tensor};
 
@@ -27,10 +31,12 @@ use crate::storage::cuda_of;
 use crate::storage::{cpu_f32, cpu_of, cpu_out, cpu_u32};
 
 pub use combine::combine;
-pub(crate) use combine::{combine_grad_rows, combine_grad_weights};
+pub(crate) use combine::{combine_grad_rows, combine_grad_weights_from_dots};
+pub(crate) use dots::row_dots;
 pub use gather::gather_rows;
 pub(crate) use gather::sum_rows;
 pub use swiglu::swiglu_bias;
+pub use topk::topk_softmax;
 
 /// An index that must be below `bound`, as usize, or an error naming the index tensor and entry.
 fn index(v: u32, bound: usize, what: &str, at: usize) -> candle_core::Result<usize> {

@@ -156,6 +156,16 @@ __device__ __forceinline__ void ld4(const float* p, u64 i, float* v) {
     const float4 u = *reinterpret_cast<const float4*>(p + i);
     v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
 }
+// Four values rounded to the element type from element i (i a multiple of 4, 8- or 16-byte aligned).
+__device__ __forceinline__ void st4(u16* p, u64 i, const float* v) {
+    uint2 u;
+    u.x = (__float_as_uint(bf16_round(v[0])) >> 16) | (__float_as_uint(bf16_round(v[1])) & 0xffff0000u);
+    u.y = (__float_as_uint(bf16_round(v[2])) >> 16) | (__float_as_uint(bf16_round(v[3])) & 0xffff0000u);
+    *reinterpret_cast<uint2*>(p + i) = u;
+}
+__device__ __forceinline__ void st4(float* p, u64 i, const float* v) {
+    *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+}
 
 // Grouped forms (G): row m uses the weight block blk[m] ([r, in] each, back to back), and the
 // reduction over rows runs per block over the row ranges `splits` ([row0, row1) pairs, grouped by
@@ -321,45 +331,50 @@ __device__ void da_sum_seg(const float* __restrict__ part, float* __restrict__ d
     da[t] = v;
 }
 
-// PEFT's LoRA output for the ungrouped up projection, bt = lora_Bᵀ [r, cols]:
+// PEFT's LoRA output for the ungrouped up projection, bt = lora_Bᵀ [r, cols] (r <= R):
 // out[row, o] = rnd(rnd(base[row, o] + bias[o]) + ((sum_j h[row, j] bt[j, o]) scale + 0)), rnd to T
-// (the bias term only with BIAS); one thread per four outputs of UPW rows.
+// (the bias term only with BIAS); one thread per four outputs of UPW rows, its four columns of bt in
+// registers.
 #define UPW 8
-template <typename T, bool BIAS>
+template <typename T, bool BIAS, int R>
 __device__ void up_add(const T* __restrict__ base, const T* __restrict__ bias, const float* __restrict__ h,
                        const float* __restrict__ bt, T* __restrict__ out, int n, int cols, int r, float scale) {
-    const u64 quads = cols / 4;
+    const u32 quads = (u32)cols / 4;
     const u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 groups = ((u64)n + UPW - 1) / UPW;
     if (q >= groups * quads) return;
-    const u64 row0 = q / quads * UPW;
+    const u64 row0 = (u64)((u32)(q / quads)) * UPW;
     const int o = (int)(q % quads) * 4;
-    float s[UPW][4];
+    float4 w[R];
 #pragma unroll
-    for (int p = 0; p < UPW; ++p) s[p][0] = s[p][1] = s[p][2] = s[p][3] = 0.f;
-    for (int j = 0; j < r; ++j) {
-        const float4 w = *reinterpret_cast<const float4*>(bt + (u64)j * cols + o);
+    for (int j = 0; j < R; ++j)
+        w[j] = j < r ? *reinterpret_cast<const float4*>(bt + (u64)j * cols + o) : make_float4(0.f, 0.f, 0.f, 0.f);
+    float bb[4];
 #pragma unroll
-        for (int p = 0; p < UPW; ++p) {
-            const float gj = row0 + p < (u64)n ? h[(row0 + p) * r + j] : 0.f;
-            s[p][0] = fmaf(gj, w.x, s[p][0]); s[p][1] = fmaf(gj, w.y, s[p][1]);
-            s[p][2] = fmaf(gj, w.z, s[p][2]); s[p][3] = fmaf(gj, w.w, s[p][3]);
-        }
-    }
+    for (int c = 0; c < 4; ++c) bb[c] = BIAS ? ld(bias, o + c) : 0.f;
+    for (int p = 0; p < UPW && row0 + p < (u64)n; ++p) {
+        const u64 row = row0 + p;
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int p = 0; p < UPW; ++p) {
-        if (row0 + p < (u64)n) {
-            const u64 at = (row0 + p) * cols + o;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                float v = ld(base, at + c);
-                if (BIAS) {
-                    v += ld(bias, o + c);
-                    if (sizeof(T) == 2) v = bf16_round(v);
-                }
-                st(out, at + c, v + (__fmul_rn(s[p][c], scale) + 0.f));
+        for (int j = 0; j < R; ++j) {
+            if (j < r) {
+                const float gj = h[row * r + j];
+                s[0] = fmaf(gj, w[j].x, s[0]); s[1] = fmaf(gj, w[j].y, s[1]);
+                s[2] = fmaf(gj, w[j].z, s[2]); s[3] = fmaf(gj, w[j].w, s[3]);
             }
         }
+        const u64 at = row * cols + o;
+        float v[4];
+        ld4(base, at, v);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            if (BIAS) {
+                v[c] += bb[c];
+                if (sizeof(T) == 2) v[c] = bf16_round(v[c]);
+            }
+            v[c] = v[c] + (__fmul_rn(s[c], scale) + 0.f);
+        }
+        st4(out, at, v);
     }
 }
 
@@ -391,13 +406,16 @@ extern "C" __global__ void lora_down_da_part_bf16(const float* g, const u16* x, 
 extern "C" __global__ void lora_down_da_part_g_f32(const float* g, const float* x, float* p, int n, int in, int r, int per, float sc, const u32* sp) { da_part<float, true>(g, x, p, n, in, r, per, sc, sp); }
 extern "C" __global__ void lora_down_da_part_g_bf16(const float* g, const u16* x, float* p, int n, int in, int r, int per, float sc, const u32* sp) { da_part<u16, true>(g, x, p, n, in, r, per, sc, sp); }
 extern "C" __global__ void lora_down_da_sum(const float* p, float* da, int splits, u64 ri) { da_sum(p, da, splits, ri); }
+#define UP_ENTRIES(R) \
+extern "C" __global__ void lora_up_add##R##_f32(const float* base, const float* bias, const float* h, const float* b, float* o, int n, int cols, int r, float sc) { up_add<float, false, R>(base, bias, h, b, o, n, cols, r, sc); } \
+extern "C" __global__ void lora_up_add##R##_bf16(const u16* base, const u16* bias, const float* h, const float* b, u16* o, int n, int cols, int r, float sc) { up_add<u16, false, R>(base, bias, h, b, o, n, cols, r, sc); } \
+extern "C" __global__ void lora_up_add##R##_bias_f32(const float* base, const float* bias, const float* h, const float* b, float* o, int n, int cols, int r, float sc) { up_add<float, true, R>(base, bias, h, b, o, n, cols, r, sc); } \
+extern "C" __global__ void lora_up_add##R##_bias_bf16(const u16* base, const u16* bias, const float* h, const float* b, u16* o, int n, int cols, int r, float sc) { up_add<u16, true, R>(base, bias, h, b, o, n, cols, r, sc); }
+UP_ENTRIES(8)
+UP_ENTRIES(16)
 extern "C" __global__ void lora_transpose_f32(const float* b, float* bt, int rows, int cols) { transpose(b, bt, rows, cols); }
 extern "C" __global__ void lora_scale_f32(const float* g, float* o, u64 len, float sc) { scale_to_f32(g, o, len, sc); }
 extern "C" __global__ void lora_scale_bf16(const u16* g, float* o, u64 len, float sc) { scale_to_f32(g, o, len, sc); }
-extern "C" __global__ void lora_up_add_f32(const float* base, const float* bias, const float* h, const float* b, float* o, int n, int cols, int r, float sc) { up_add<float, false>(base, bias, h, b, o, n, cols, r, sc); }
-extern "C" __global__ void lora_up_add_bf16(const u16* base, const u16* bias, const float* h, const float* b, u16* o, int n, int cols, int r, float sc) { up_add<u16, false>(base, bias, h, b, o, n, cols, r, sc); }
-extern "C" __global__ void lora_up_add_bias_f32(const float* base, const float* bias, const float* h, const float* b, float* o, int n, int cols, int r, float sc) { up_add<float, true>(base, bias, h, b, o, n, cols, r, sc); }
-extern "C" __global__ void lora_up_add_bias_bf16(const u16* base, const u16* bias, const float* h, const float* b, u16* o, int n, int cols, int r, float sc) { up_add<u16, true>(base, bias, h, b, o, n, cols, r, sc); }
 extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const u32* seg, int blocks, u64 ri) { da_sum_seg(p, da, seg, blocks, ri); }
 "#;
 
@@ -419,7 +437,8 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
     }
 
     /// Whether [`super::up_add`]'s kernel takes these operands: CUDA, base f32/bf16 with `out`
-    /// (a multiple of 4) columns, h f32 `[N, r]` for base's N rows, b f32 `[out, r]`, a frozen bias.
+    /// (a multiple of 4) columns, h f32 `[N, r ≤ MAX_RANK]` for base's N rows, b f32 `[out, r]`, a
+    /// frozen bias.
     pub(super) fn takes_up(
         base: &Tensor,
         bias: Option<&Tensor>,
@@ -435,9 +454,11 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
             && h.dtype() == DType::F32
             && b.dtype() == DType::F32
             && hr == r
+            && (1..=MAX_RANK).contains(&r)
             && base.dims().last() == Some(&out)
             && base.elem_count() == n * out
             && out % 4 == 0
+            && base.layout().start_offset() % 4 == 0
             && bias.is_none_or(|t| !t.track_op() && t.dims() == [out]))
     }
 
@@ -807,7 +828,7 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
     ) -> Result<CudaStorage> {
         let (n, cols) = base.1.shape().dims2()?;
         let (_, r) = b.1.shape().dims2()?;
-        let (b0, b1) = contiguous_range(base.1, "base")?;
+        let (b0, b1) = start4(base.1, "base")?;
         let (h0, h1) = contiguous_range(h.1, "h")?;
         let (w0, w1) = contiguous_range(b.1, "b")?;
         let dev = base.0.device().clone();
@@ -831,7 +852,12 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
         }
         // one thread per 4 outputs of UPW = 8 rows
         let quads = n.div_ceil(8) * (cols / 4);
-        let sfx = if guard.is_some() { "_bias" } else { "" };
+        let sfx = match (r <= 8, guard.is_some()) {
+            (true, true) => "8_bias",
+            (true, false) => "8",
+            (false, true) => "16_bias",
+            (false, false) => "16",
+        };
         macro_rules! run {
             ($s:expr, $t:ty, $name:literal, $slice:path) => {{
                 let bias_view = match &guard {

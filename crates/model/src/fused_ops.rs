@@ -326,6 +326,40 @@ __device__ void rms_fwd(const T* __restrict__ x, const float* __restrict__ w, T*
     for (int j = threadIdx.x; j < h; j += blockDim.x) st(y, o + j, w[j] * (ld(x, o + j) * inv));
 }
 
+// rms_fwd with 16-byte accesses of V values, each thread keeping its up to RCH chunks in registers
+// between the sum of squares and the output (h a multiple of V, at most RCH·blockDim.x chunks, the
+// row start 16-byte aligned).
+#define RCH 4
+template <typename T, int V>
+__device__ void rms_fwd_vec(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y, int h, float eps) {
+    __shared__ float sh[32];
+    const u64 o = (u64)blockIdx.x * h;
+    const int chunks = h / V;
+    float v[RCH][V];
+    float ss = 0.f;
+#pragma unroll
+    for (int c = 0; c < RCH; ++c) {
+        const int k = threadIdx.x + c * blockDim.x;
+        if (k < chunks) {
+            ldv<T, V, true>(x, o + (u64)k * V, v[c]);
+#pragma unroll
+            for (int q = 0; q < V; ++q) ss += v[c][q] * v[c][q];
+        }
+    }
+    ss = block_red(ss, false, sh);
+    const float inv = 1.f / sqrtf(ss / (float)h + eps);
+#pragma unroll
+    for (int c = 0; c < RCH; ++c) {
+        const int k = threadIdx.x + c * blockDim.x;
+        if (k < chunks) {
+            float r[V];
+#pragma unroll
+            for (int q = 0; q < V; ++q) r[q] = w[k * V + q] * (v[c][q] * inv);
+            stv<T, V, true>(y, o + (u64)k * V, r);
+        }
+    }
+}
+
 template <typename T>
 __device__ void rms_bwd(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ w,
                         T* __restrict__ dx, int h, float eps) {
@@ -356,10 +390,12 @@ __device__ void rotary(const T* __restrict__ x, const T* __restrict__ cs, const 
     // blockDim.y rows per block, blockDim.x threads along the row's first half.
     const u64 row = (u64)blockIdx.x * blockDim.y + threadIdx.y;  // (b*nh + h)*T + ti
     if (row >= nrows) return;
-    const int ti = (int)(row % t);
-    const u64 bh = row / t;
-    const int h = (int)(bh % nh);
-    const int b = (int)(bh / nh);
+    // 32-bit index arithmetic (the host checks nrows < 2^32)
+    const u32 r32 = (u32)row;
+    const int ti = (int)(r32 % (u32)t);
+    const u32 bh = r32 / (u32)t;
+    const int h = (int)(bh % (u32)nh);
+    const int b = (int)(bh / (u32)nh);
     const u64 src = (u64)b * sb + (u64)h * shh + (u64)ti * stt;
     const u64 dst = (u64)b * ob + (u64)h * oh + (u64)ti * ot;
     const u64 co = ((u64)(cb > 1 ? b : 0) * t + ti) * half;
@@ -380,6 +416,8 @@ __device__ void rotary(const T* __restrict__ x, const T* __restrict__ cs, const 
 
 extern "C" __global__ void rms_fwd_f32(const float* x, const float* w, float* y, int h, float eps) { rms_fwd<float>(x, w, y, h, eps); }
 extern "C" __global__ void rms_fwd_bf16(const u16* x, const float* w, u16* y, int h, float eps) { rms_fwd<u16>(x, w, y, h, eps); }
+extern "C" __global__ void rms_fwd_vec_f32(const float* x, const float* w, float* y, int h, float eps) { rms_fwd_vec<float, 4>(x, w, y, h, eps); }
+extern "C" __global__ void rms_fwd_vec_bf16(const u16* x, const float* w, u16* y, int h, float eps) { rms_fwd_vec<u16, 8>(x, w, y, h, eps); }
 extern "C" __global__ void rms_bwd_f32(const float* x, const float* g, const float* w, float* dx, int h, float eps) { rms_bwd<float>(x, g, w, dx, h, eps); }
 extern "C" __global__ void rms_bwd_bf16(const u16* x, const u16* g, const float* w, u16* dx, int h, float eps) { rms_bwd<u16>(x, g, w, dx, h, eps); }
 extern "C" __global__ void rotary_f32(const float* x, const float* c, const float* s, float* o, int nh, int t, int half, int cb,
@@ -423,7 +461,15 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
         let h_i = h as i32;
         macro_rules! run {
             ($t:ty, $fwd:literal, $bwd:literal) => {{
-                let func = KERNELS.func(&dev, if g.is_some() { $bwd } else { $fwd })?;
+                // the forward keeps a row in registers with 16-byte accesses where it fits
+                let v = 16 / std::mem::size_of::<$t>();
+                let vec = g.is_none() && h % v == 0 && a % v == 0 && h / v <= 4 * 128;
+                let name = match (g.is_some(), vec) {
+                    (true, _) => $bwd.to_string(),
+                    (false, true) => $fwd.replace("rms_fwd", "rms_fwd_vec"),
+                    (false, false) => $fwd.to_string(),
+                };
+                let func = KERNELS.func(&dev, &name)?;
                 let stream = dev.cuda_stream();
                 let xv = xs.as_cuda_slice::<$t>()?.slice(a..b);
                 let gv = match (g, gr) {
@@ -444,7 +490,7 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
                     bld.arg(&mut out);
                     bld.arg(&h_i);
                     bld.arg(&eps);
-                    unsafe { bld.launch(rows_cfg(rows, 256)) }.w()?;
+                    unsafe { bld.launch(rows_cfg(rows, if vec { 128 } else { 256 })) }.w()?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
@@ -481,6 +527,11 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
             );
         }
         let rows = bsz * nh * t;
+        if u32::try_from(rows).is_err() {
+            candle_core::bail!(
+                "rotary: {rows} rows (batch × heads × tokens) exceed the kernel's u32 index"
+            );
+        }
         let half = d / 2;
         let dev = s.device().clone();
         let (cs, cl) = cos.storage_and_layout();

@@ -11,8 +11,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOpt
 use candle_core::CudaDevice;
 
 /// Device helpers every module can use: `u16`/`u32`/`u64` typedefs, `ld`/`st` of f32 and bf16
-/// (stored as `u16`, round-to-nearest-even like `half::bf16::from_f32`, NaN kept), and warp/block
-/// max/sum reductions (`block_red` needs `blockDim.x` a multiple of 32 and a `float[32]` scratch).
+/// (stored as `u16`, round-to-nearest-even like `half::bf16::from_f32`, NaN kept), `ldv`/`stv` of
+/// `N` consecutive values in one 4/8/16-byte access, and warp/block max/sum reductions (`block_red` needs `blockDim.x` a multiple of 32 and a `float[32]` scratch).
 pub const PRELUDE: &str = r#"
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -28,6 +28,65 @@ __device__ __forceinline__ float bf16_round(float v) {
 }
 __device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(u16* p, u64 i, float v) { p[i] = (u16)(__float_as_uint(bf16_round(v)) >> 16); }
+
+// N consecutive elements of p from index i, as f32. VEC: one 4/8/16-byte access (p + i aligned).
+template <typename T, int N, bool VEC>
+__device__ __forceinline__ void ldv(const T* __restrict__ p, u64 i, float* o) {
+    constexpr int B = N * (int)sizeof(T);
+    if constexpr (VEC && B >= 4) {
+        constexpr int W = B / 4;
+        u32 w[W];
+        if constexpr (W == 4) {
+            const uint4 r = *reinterpret_cast<const uint4*>(p + i);
+            w[0] = r.x; w[1] = r.y; w[2] = r.z; w[3] = r.w;
+        } else if constexpr (W == 2) {
+            const uint2 r = *reinterpret_cast<const uint2*>(p + i);
+            w[0] = r.x; w[1] = r.y;
+        } else {
+            w[0] = *reinterpret_cast<const u32*>(p + i);
+        }
+#pragma unroll
+        for (int q = 0; q < W; ++q) {
+            if constexpr (sizeof(T) == 4) {
+                o[q] = __uint_as_float(w[q]);
+            } else {
+                o[2 * q] = __uint_as_float(w[q] << 16);
+                o[2 * q + 1] = __uint_as_float(w[q] & 0xffff0000u);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < N; ++q) o[q] = ld(p, i + q);
+    }
+}
+
+template <typename T, int N, bool VEC>
+__device__ __forceinline__ void stv(T* __restrict__ p, u64 i, const float* v) {
+    constexpr int B = N * (int)sizeof(T);
+    if constexpr (VEC && B >= 4) {
+        constexpr int W = B / 4;
+        u32 w[W];
+#pragma unroll
+        for (int q = 0; q < W; ++q) {
+            if constexpr (sizeof(T) == 4) {
+                w[q] = __float_as_uint(v[q]);
+            } else {
+                w[q] = (__float_as_uint(bf16_round(v[2 * q])) >> 16)
+                     | (__float_as_uint(bf16_round(v[2 * q + 1])) & 0xffff0000u);
+            }
+        }
+        if constexpr (W == 4) {
+            *reinterpret_cast<uint4*>(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
+        } else if constexpr (W == 2) {
+            *reinterpret_cast<uint2*>(p + i) = make_uint2(w[0], w[1]);
+        } else {
+            *reinterpret_cast<u32*>(p + i) = w[0];
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < N; ++q) st(p, i + q, v[q]);
+    }
+}
 
 __device__ __forceinline__ float warp_red(float v, bool mx) {
     for (int o = 16; o > 0; o >>= 1) {

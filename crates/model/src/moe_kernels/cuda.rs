@@ -15,65 +15,6 @@ use half::bf16;
 use crate::nvrtc::{contiguous_range, Kernels};
 
 const SRC: &str = r#"
-// N consecutive elements of p from index i, as f32. VEC: one 4/8/16-byte access (p + i aligned).
-template <typename T, int N, bool VEC>
-__device__ __forceinline__ void ldv(const T* __restrict__ p, u64 i, float* o) {
-    constexpr int B = N * (int)sizeof(T);
-    if constexpr (VEC && B >= 4) {
-        constexpr int W = B / 4;
-        u32 w[W];
-        if constexpr (W == 4) {
-            const uint4 r = *reinterpret_cast<const uint4*>(p + i);
-            w[0] = r.x; w[1] = r.y; w[2] = r.z; w[3] = r.w;
-        } else if constexpr (W == 2) {
-            const uint2 r = *reinterpret_cast<const uint2*>(p + i);
-            w[0] = r.x; w[1] = r.y;
-        } else {
-            w[0] = *reinterpret_cast<const u32*>(p + i);
-        }
-#pragma unroll
-        for (int q = 0; q < W; ++q) {
-            if constexpr (sizeof(T) == 4) {
-                o[q] = __uint_as_float(w[q]);
-            } else {
-                o[2 * q] = __uint_as_float(w[q] << 16);
-                o[2 * q + 1] = __uint_as_float(w[q] & 0xffff0000u);
-            }
-        }
-    } else {
-#pragma unroll
-        for (int q = 0; q < N; ++q) o[q] = ld(p, i + q);
-    }
-}
-
-template <typename T, int N, bool VEC>
-__device__ __forceinline__ void stv(T* __restrict__ p, u64 i, const float* v) {
-    constexpr int B = N * (int)sizeof(T);
-    if constexpr (VEC && B >= 4) {
-        constexpr int W = B / 4;
-        u32 w[W];
-#pragma unroll
-        for (int q = 0; q < W; ++q) {
-            if constexpr (sizeof(T) == 4) {
-                w[q] = __float_as_uint(v[q]);
-            } else {
-                w[q] = (__float_as_uint(bf16_round(v[2 * q])) >> 16)
-                     | (__float_as_uint(bf16_round(v[2 * q + 1])) & 0xffff0000u);
-            }
-        }
-        if constexpr (W == 4) {
-            *reinterpret_cast<uint4*>(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
-        } else if constexpr (W == 2) {
-            *reinterpret_cast<uint2*>(p + i) = make_uint2(w[0], w[1]);
-        } else {
-            *reinterpret_cast<u32*>(p + i) = w[0];
-        }
-    } else {
-#pragma unroll
-        for (int q = 0; q < N; ++q) st(p, i + q, v[q]);
-    }
-}
-
 // Slots of sum_rows / combine_bwd_weights are processed KMAX at a time (row loads issued together).
 #define KMAX 4
 
@@ -302,23 +243,45 @@ __device__ void gather_rows(const T* __restrict__ x, const u32* __restrict__ tok
     }
 }
 
-// Routing: the k largest of each row of logits [n, e] (ties: the lower index first), in order.
+// Routing, one warp per token: lane c holds the logits of experts c, c + 32, ... (TOPK_EPL per lane,
+// so up to 32 TOPK_EPL experts); k rounds of the warp's largest not yet taken (ties: the lower
+// index), all lanes ending with the same idx/val.
 #define TOPK_MAX 32
+#define TOPK_EPL 8
 template <typename T>
-__device__ __forceinline__ void topk_row(const T* __restrict__ lg, u64 t, u32 e, u32 k, u32* idx,
-                                         float* val) {
+__device__ __forceinline__ void topk_warp(const T* __restrict__ lg, u64 t, u32 e, u32 k, u32* idx,
+                                          float* val) {
+    const u32 lane = threadIdx.x & 31;
+    float v[TOPK_EPL];
+    bool ok[TOPK_EPL];
+#pragma unroll
+    for (int m = 0; m < TOPK_EPL; ++m) {
+        const u32 c = lane + 32 * m;
+        ok[m] = c < e;
+        v[m] = ok[m] ? ld(lg, t * e + c) : 0.f;
+    }
     for (u32 j = 0; j < k; ++j) {
-        u32 bi = e;
-        float best = 0.f;
-        for (u32 c = 0; c < e; ++c) {
-            bool taken = false;
-            for (u32 q = 0; q < j; ++q) taken |= idx[q] == c;
-            if (taken) continue;
-            const float v = ld(lg, t * e + c);
-            if (bi == e || v > best) { best = v; bi = c; }
+        // the lane's best: the first largest of its remaining experts
+        u32 bi = 0xffffffffu;
+        float bv = 0.f;
+#pragma unroll
+        for (int m = 0; m < TOPK_EPL; ++m)
+            if (ok[m] && (bi == 0xffffffffu || v[m] > bv)) { bv = v[m]; bi = lane + 32 * m; }
+        // the warp's best: larger value, or the lower index on equal values
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            const bool better = oi != 0xffffffffu
+                && (bi == 0xffffffffu || ov > bv || (!(ov < bv) && !(bv > ov) && oi < bi));
+            if (better) { bv = ov; bi = oi; }
         }
         idx[j] = bi;
-        val[j] = best;
+        val[j] = bv;
+        if (bi % 32 == lane) {
+#pragma unroll
+            for (int m = 0; m < TOPK_EPL; ++m) if (lane + 32 * m == bi) ok[m] = false;
+        }
     }
 }
 
@@ -331,29 +294,32 @@ __device__ __forceinline__ void topk_weights(const float* val, u32 k, float* w) 
     for (u32 j = 0; j < k; ++j) w[j] = w[j] / s;
 }
 
-// One thread per token: indices [n, k] u32 and (WEIGHTS) their softmax weights [n, k].
+// One warp per token: indices [n, k] u32 or (WEIGHTS) their softmax weights [n, k].
 template <typename T, bool WEIGHTS>
 __device__ void topk(const T* __restrict__ lg, u32* __restrict__ out_idx, T* __restrict__ out_w,
                      u32 n, u32 e, u32 k) {
-    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 t = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (t >= n) return;
+    const u32 lane = threadIdx.x & 31;
     u32 idx[TOPK_MAX];
     float val[TOPK_MAX], w[TOPK_MAX];
-    topk_row(lg, t, e, k, idx, val);
+    topk_warp(lg, t, e, k, idx, val);
     if constexpr (WEIGHTS) {
         topk_weights(val, k, w);
-        for (u32 j = 0; j < k; ++j) st(out_w, t * k + j, w[j]);
+        for (u32 j = lane; j < k; j += 32) st(out_w, t * k + j, w[j]);
     } else {
-        for (u32 j = 0; j < k; ++j) out_idx[t * k + j] = idx[j];
+        for (u32 j = lane; j < k; j += 32) out_idx[t * k + j] = idx[j];
     }
 }
 
-// d logits [n, e]: w_j (g_j - sum_i w_i g_i) at the row's top-k columns (from idx), 0 elsewhere.
+// d logits [n, e], one warp per token: w_j (g_j - sum_i w_i g_i) at the row's top-k columns (from
+// idx), 0 elsewhere; each lane writes its experts.
 template <typename T>
 __device__ void topk_softmax_bwd(const T* __restrict__ lg, const u32* __restrict__ idx,
                                  const T* __restrict__ g, T* __restrict__ dl, u32 n, u32 e, u32 k) {
-    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 t = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (t >= n) return;
+    const u32 lane = threadIdx.x & 31;
     float val[TOPK_MAX], w[TOPK_MAX];
     u32 ix[TOPK_MAX];
     for (u32 j = 0; j < k; ++j) {
@@ -363,9 +329,12 @@ __device__ void topk_softmax_bwd(const T* __restrict__ lg, const u32* __restrict
     topk_weights(val, k, w);
     float dot = 0.f;
     for (u32 j = 0; j < k; ++j) dot += w[j] * ld(g, t * k + j);
-    for (u32 c = 0; c < e; ++c) st(dl, t * e + c, 0.f);
-    for (u32 j = 0; j < k; ++j)
-        if (ix[j] < e) st(dl, t * e + ix[j], w[j] * (ld(g, t * k + j) - dot));
+    for (u32 c = lane; c < e; c += 32) {
+        float d = 0.f;
+        for (u32 j = 0; j < k; ++j)
+            if (ix[j] == c) d = w[j] * (ld(g, t * k + j) - dot);
+        st(dl, t * e + c, d);
+    }
 }
 
 // Entry points: <op>_<dtype>_vec (16-byte accesses) and <op>_<dtype>_scalar.
@@ -780,10 +749,10 @@ pub(super) fn row_dots(a: Arg, b: Arg) -> Result<CudaStorage> {
     by_dtype!(a.0.dtype(), run(a, b))
 }
 
-/// One thread per token.
+/// One warp per token, four per block.
 fn row_threads(n: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (n.div_ceil(128) as u32, 1, 1),
+        grid_dim: (n.div_ceil(4) as u32, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     }

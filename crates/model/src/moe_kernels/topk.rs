@@ -16,9 +16,9 @@ use super::{check_dtype, cpu_f32, cpu_out, cpu_u32};
 pub fn topk_softmax(logits: &Tensor, k: usize) -> candle_core::Result<(Tensor, Tensor)> {
     check_dtype(logits, "topk_softmax: logits")?;
     let (_n, e) = logits.dims2()?;
-    if k == 0 || k > e || k > MAX_K {
+    if k == 0 || k > e || k > MAX_K || e > MAX_EXPERTS {
         candle_core::bail!(
-            "topk_softmax: k = {k} must be in 1..={} for {e} experts",
+            "topk_softmax: k = {k} must be in 1..={} for {e} experts (at most {MAX_EXPERTS})",
             e.min(MAX_K)
         );
     }
@@ -33,6 +33,9 @@ pub fn topk_softmax(logits: &Tensor, k: usize) -> candle_core::Result<(Tensor, T
 
 /// The most experts per token (`TOPK_MAX` of the kernels' per-thread arrays).
 const MAX_K: usize = 32;
+
+/// The most experts (32 lanes × `TOPK_EPL` experts per lane in the kernels).
+const MAX_EXPERTS: usize = 256;
 
 /// Top-k indices (largest first, ties by lower index) and values of one row.
 fn top_of_row(row: &[f32], k: usize) -> Vec<(usize, f32)> {
@@ -304,10 +307,13 @@ mod tests {
                 gi.to_vec2::<u32>()?,
                 "{dtype:?}: indices"
             );
+            // expf on the device and exp on the host may differ in the last f32 bit, which can move
+            // a bf16 rounding by one step
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
             let d = rel_diff(&gw, &cw)?;
-            assert!(d < 1e-6, "{dtype:?}: weights differ by {d}");
+            assert!(d < tol, "{dtype:?}: weights differ by {d}");
             let d = rel_diff(&gd, &cd)?;
-            assert!(d < 1e-5, "{dtype:?}: logits gradient differs by {d}");
+            assert!(d < tol, "{dtype:?}: logits gradient differs by {d}");
         }
         Ok(())
     }

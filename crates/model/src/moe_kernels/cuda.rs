@@ -765,37 +765,35 @@ pub(super) fn topk(logits: Arg, k: usize, weights: bool) -> Result<CudaStorage> 
         let dev = lg.0.device();
         let (n, e) = lg.1.shape().dims2()?;
         let (lv, _) = view::<T>(lg, "topk: logits")?;
-        let stream = dev.cuda_stream();
         let dims = (n as u32, e as u32, k as u32);
-        if weights {
+        /// Allocates the `[n, k]` output and runs `name` into it.
+        fn go<O: DeviceRepr>(
+            dev: &CudaDevice,
+            name: &str,
+            lv: &CudaView<'_, impl DeviceRepr>,
+            (n, e, k): (u32, u32, u32),
+        ) -> Result<CudaSlice<O>> {
             // SAFETY: every element is written.
-            let mut out = unsafe { dev.alloc::<T>(n * k)? };
+            let mut out = unsafe { dev.alloc::<O>(n as usize * k as usize)? };
             if n > 0 {
-                let f = KERNELS.func(dev, &format!("topk_softmax_{}", T::NAME))?;
+                let f = KERNELS.func(dev, name)?;
+                let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
-                b.arg(&lv)
-                    .arg(&mut out)
-                    .arg(&dims.0)
-                    .arg(&dims.1)
-                    .arg(&dims.2);
-                unsafe { b.launch(row_threads(n)) }.w()?;
+                b.arg(lv).arg(&mut out).arg(&n).arg(&e).arg(&k);
+                unsafe { b.launch(row_threads(n as usize)) }.w()?;
             }
-            Ok(wrap(out, dev))
-        } else {
-            // SAFETY: every element is written.
-            let mut out = unsafe { dev.alloc::<u32>(n * k)? };
-            if n > 0 {
-                let f = KERNELS.func(dev, &format!("topk_idx_{}", T::NAME))?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&lv)
-                    .arg(&mut out)
-                    .arg(&dims.0)
-                    .arg(&dims.1)
-                    .arg(&dims.2);
-                unsafe { b.launch(row_threads(n)) }.w()?;
-            }
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+            Ok(out)
         }
+        Ok(match weights {
+            true => wrap(
+                go::<T>(dev, &format!("topk_softmax_{}", T::NAME), &lv, dims)?,
+                dev,
+            ),
+            false => CudaStorage::wrap_cuda_slice(
+                go::<u32>(dev, &format!("topk_idx_{}", T::NAME), &lv, dims)?,
+                dev.clone(),
+            ),
+        })
     }
     by_dtype!(logits.0.dtype(), run(logits, k, weights))
 }

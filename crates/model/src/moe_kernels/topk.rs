@@ -57,6 +57,13 @@ fn top_of_row(row: &[f32], k: usize) -> Vec<(usize, f32)> {
     out
 }
 
+/// The top-k `(expert, logit)` pairs of every row of CPU logits `[N, E]`.
+fn tops(s: &CpuStorage, l: &Layout, k: usize) -> candle_core::Result<Vec<Vec<(usize, f32)>>> {
+    let (n, e) = l.shape().dims2()?;
+    let lg = cpu_f32(s, l, "topk_softmax: logits")?;
+    Ok((0..n).map(|t| top_of_row(&lg[t * e..][..e], k)).collect())
+}
+
 /// Softmax of the top-k values in f32 (max, exp, sum in order, divide), as the kernel computes it.
 fn weights_of(vals: &[f32]) -> Vec<f32> {
     let m = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -76,17 +83,9 @@ impl CustomOp1 for TopK {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, e) = l.shape().dims2()?;
-        let lg = cpu_f32(s, l, "topk_softmax: logits")?;
-        let mut out = Vec::with_capacity(n * self.k);
-        for t in 0..n {
-            out.extend(
-                top_of_row(&lg[t * e..][..e], self.k)
-                    .iter()
-                    .map(|p| p.0 as u32),
-            );
-        }
-        Ok((CpuStorage::U32(out), Shape::from((n, self.k))))
+        let tops = tops(s, l, self.k)?;
+        let out = tops.iter().flatten().map(|p| p.0 as u32).collect();
+        Ok((CpuStorage::U32(out), Shape::from((tops.len(), self.k))))
     }
 
     #[cfg(feature = "cuda")]
@@ -116,17 +115,14 @@ impl CustomOp1 for TopKSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, e) = l.shape().dims2()?;
-        let lg = cpu_f32(s, l, "topk_softmax: logits")?;
-        let mut out = Vec::with_capacity(n * self.k);
-        for t in 0..n {
-            let top = top_of_row(&lg[t * e..][..e], self.k);
-            let vals: Vec<f32> = top.iter().map(|p| p.1).collect();
-            out.extend(weights_of(&vals));
-        }
+        let tops = tops(s, l, self.k)?;
+        let out = tops
+            .iter()
+            .flat_map(|top| weights_of(&top.iter().map(|p| p.1).collect::<Vec<_>>()))
+            .collect();
         Ok((
             cpu_out(out, s.dtype(), "topk_softmax")?,
-            Shape::from((n, self.k)),
+            Shape::from((tops.len(), self.k)),
         ))
     }
 

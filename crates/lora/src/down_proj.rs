@@ -9,7 +9,8 @@
 //! than cuBLAS's, so values agree with the composition to f32 rounding (GPU test `cuda_down_proj`).
 //! Elsewhere, or for shapes the kernels do not take (rank above [`MAX_RANK`], `in` not a multiple of
 //! 4), it is the composition. [`expert_delta`] runs the same kernels in a grouped form for PEFT's
-//! expert (3-D parameter) LoRA.
+//! expert (3-D parameter) LoRA, and [`up_add`] is PEFT's up projection `lora_B` added to the base
+//! layer's output in one kernel (the other half of `lora.Linear`).
 
 use candle_core::{DType, Result, Tensor};
 
@@ -36,8 +37,10 @@ pub fn down_proj(x: &Tensor, a: &Tensor) -> Result<Tensor> {
 /// base's dtype ([`gptoss_model::add_scaled_delta`] of `h·bᵀ`), differentiable in `base`, `h` and
 /// `b`. On CUDA one kernel forms `h·bᵀ` and the sum without the `[N, out]` f32 product in memory
 /// (and no matmul or transpose nodes in the autograd graph); the backward forms `f32(∂out)·scaling`
-/// in one kernel and runs the two f32 matmuls of `∂h` and `∂b`. Elsewhere, or for shapes the kernel does not take (`out` not a multiple of 4, a bias in
-/// autograd), it is the f32 matmul and `add_scaled_delta`.
+/// in one kernel and runs the two f32 matmuls of `∂h` and `∂b`. Elsewhere (the CPU), or for operands
+/// the kernel does not take (`out` not a multiple of 4, rank above [`MAX_RANK`], `h`/`b` not f32,
+/// `base` not starting at a multiple of 4 elements, a bias in autograd), it is the f32 matmul and
+/// `add_scaled_delta`.
 pub fn up_add(
     base: &Tensor,
     bias: Option<&Tensor>,
@@ -335,7 +338,7 @@ __device__ void da_sum_seg(const float* __restrict__ part, float* __restrict__ d
 // out[row, o] = rnd(rnd(base[row, o] + bias[o]) + ((sum_j h[row, j] bt[j, o]) scale + 0)), rnd to T
 // (the bias term only with BIAS); one thread per four outputs of UPW rows, its four columns of bt in
 // registers.
-#define UPW 8
+#define UPW 8  // UP_ROWS on the host
 template <typename T, bool BIAS, int R>
 __device__ void up_add(const T* __restrict__ base, const T* __restrict__ bias, const float* __restrict__ h,
                        const float* __restrict__ bt, T* __restrict__ out, int n, int cols, int r, float scale) {
@@ -421,6 +424,9 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
 
     static KERNELS: Kernels = Kernels::new("gptoss_lora_down", SRC);
 
+    /// Rows per thread of the `lora_up_add` kernels (`UPW` there).
+    const UP_ROWS: usize = 8;
+
     /// Whether the kernels take `x`, `a`: CUDA, x f32/bf16 `[N, in]`, a f32 `[r ≤ MAX_RANK, in]`,
     /// `in` a multiple of 4.
     pub(super) fn takes(x: &Tensor, a: &Tensor) -> Result<bool> {
@@ -464,14 +470,14 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
 
     fn int(v: usize, what: &str) -> Result<i32> {
         i32::try_from(v)
-            .map_err(|_| candle_core::Error::Msg(format!("lora down_proj: {what} = {v} > i32")))
+            .map_err(|_| candle_core::Error::Msg(format!("LoRA kernels: {what} = {v} > i32")))
     }
 
     /// A contiguous view's start, required to be a multiple of 4 elements (the 8/16-byte loads).
     fn start4(l: &Layout, what: &str) -> Result<(usize, usize)> {
         let (a, b) = contiguous_range(l, what)?;
         if a % 4 != 0 {
-            candle_core::bail!("lora down_proj: {what} starts at element {a}, not a multiple of 4");
+            candle_core::bail!("LoRA kernels: {what} starts at element {a}, not a multiple of 4");
         }
         Ok((a, b))
     }
@@ -850,8 +856,11 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
             // SAFETY: b holds out·r values, bt as many.
             unsafe { lb.launch(cfg((cols * r).div_ceil(256), 256)) }.w()?;
         }
-        // one thread per 4 outputs of UPW = 8 rows
-        let quads = n.div_ceil(8) * (cols / 4);
+        if r > 16 {
+            candle_core::bail!("lora_up_add: rank {r} above the kernels' 16");
+        }
+        // one thread per 4 outputs of UP_ROWS rows
+        let quads = n.div_ceil(UP_ROWS) * (cols / 4);
         let sfx = match (r <= 8, guard.is_some()) {
             (true, true) => "8_bias",
             (true, false) => "8",

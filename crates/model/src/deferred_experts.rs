@@ -52,7 +52,9 @@ pub(crate) struct DeferredExperts {
 
 impl DeferredExperts {
     /// Zeros `[N, H]` (x's dtype) whose backward gives the experts' gradients with respect to `x`
-    /// `[N, H]` and the routing `weights` `[N, k]`.
+    /// `[N, H]` and the routing `weights` `[N, k]`. `weights` must be a softmax's output (the
+    /// router's): where a weight is exactly 0 its gradient lacks the expert-output term
+    /// ([`combine_grad_weights_from_dots`]), which the softmax's Jacobian discards anyway.
     pub(crate) fn apply(self, x: &Tensor, weights: &Tensor) -> candle_core::Result<Tensor> {
         x.apply_op2(weights, self)
     }

@@ -328,7 +328,7 @@ __device__ void rms_fwd(const T* __restrict__ x, const float* __restrict__ w, T*
 
 // rms_fwd with 16-byte accesses of V values, each thread keeping its up to RCH chunks in registers
 // between the sum of squares and the output (h a multiple of V, at most RCH·blockDim.x chunks, the
-// row start 16-byte aligned).
+// row start 16-byte aligned; RMS_VEC_CHUNKS on the host is RCH times its block size).
 #define RCH 4
 template <typename T, int V>
 __device__ void rms_fwd_vec(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y, int h, float eps) {
@@ -428,6 +428,10 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
 
     static KERNELS: Kernels = Kernels::new("gptoss_fused_ops", SRC);
 
+    /// Threads of `rms_fwd_vec` and the most 16-byte chunks a row may have there (`RCH` per thread).
+    const RMS_VEC_THREADS: u32 = 128;
+    const RMS_VEC_CHUNKS: usize = 4 * RMS_VEC_THREADS as usize;
+
     fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -463,7 +467,7 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
             ($t:ty, $fwd:literal, $bwd:literal) => {{
                 // the forward keeps a row in registers with 16-byte accesses where it fits
                 let v = 16 / std::mem::size_of::<$t>();
-                let vec = g.is_none() && h % v == 0 && a % v == 0 && h / v <= 4 * 128;
+                let vec = g.is_none() && h % v == 0 && a % v == 0 && h / v <= RMS_VEC_CHUNKS;
                 let name = match (g.is_some(), vec) {
                     (true, _) => $bwd.to_string(),
                     (false, true) => $fwd.replace("rms_fwd", "rms_fwd_vec"),
@@ -490,7 +494,8 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
                     bld.arg(&mut out);
                     bld.arg(&h_i);
                     bld.arg(&eps);
-                    unsafe { bld.launch(rows_cfg(rows, if vec { 128 } else { 256 })) }.w()?;
+                    let threads = if vec { RMS_VEC_THREADS } else { 256 };
+                    unsafe { bld.launch(rows_cfg(rows, threads)) }.w()?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};

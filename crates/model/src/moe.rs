@@ -48,7 +48,8 @@ pub struct Routing {
 }
 
 impl Router {
-    /// `x`: `[N, H]` → routing (top-k of the logits, then a softmax over those k).
+    /// `x`: `[N, H]` → routing (top-k of the logits, then a softmax over those k;
+    /// [`crate::moe_kernels::topk_softmax`], so `top_k` at most 32 and at most 256 experts).
     pub fn route(&self, x: &Tensor) -> candle_core::Result<Routing> {
         let logits = frozen_matmul(x, &self.weight.t()?)?.broadcast_add(&self.bias)?;
         let (weights, indices) = topk_softmax(&logits, self.top_k)?;

@@ -12,7 +12,8 @@ use candle_core::CudaDevice;
 
 /// Device helpers every module can use: `u16`/`u32`/`u64` typedefs, `ld`/`st` of f32 and bf16
 /// (stored as `u16`, round-to-nearest-even like `half::bf16::from_f32`, NaN kept), `ldv`/`stv` of
-/// `N` consecutive values in one 4/8/16-byte access, and warp/block max/sum reductions (`block_red` needs `blockDim.x` a multiple of 32 and a `float[32]` scratch).
+/// `N` consecutive values in one 4/8/16-byte access, and warp/block max/sum reductions (`block_red`
+/// needs `blockDim.x` a multiple of 32 and a `float[32]` scratch).
 pub const PRELUDE: &str = r#"
 typedef unsigned short u16;
 typedef unsigned int u32;

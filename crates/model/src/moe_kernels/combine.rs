@@ -76,8 +76,9 @@ fn combine_grad_weights(
 /// gives, without `ys`), `weights` `[N, k]`, maps and bias as in [`combine`] → `∂weights` `[N, k]` in
 /// dout's dtype, `dots[pos[t, s]] / weights[t, s] + dout[t] · bias[expert[t, s]]`.
 ///
-/// Where a weight is 0 the first term is taken as 0: the routing softmax multiplies that slot's
-/// gradient by its weight, so the value does not reach the router.
+/// Where a weight is 0 the first term is taken as 0, so that slot's value lacks `dout[t] · ys`: exact
+/// only for callers whose weights come from a softmax (its Jacobian multiplies that slot's gradient
+/// by the weight, so the value does not reach the logits), as the router's do.
 pub(crate) fn combine_grad_weights_from_dots(
     dout: &Tensor,
     dots: &Tensor,
@@ -87,6 +88,14 @@ pub(crate) fn combine_grad_weights_from_dots(
     expert: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let ctx = Ctx::for_grad(dout, pos, bias, expert)?;
+    if weights.dims() != pos.dims() || dout.dim(0)? != pos.dim(0)? {
+        candle_core::bail!(
+            "combine backward: weights {:?} and dout {:?} do not fit pos {:?} (expected weights [N, k], dout [N, H])",
+            weights.dims(),
+            dout.dims(),
+            pos.dims()
+        );
+    }
     if dots.dtype() != DType::F32 || dots.elem_count() != pos.elem_count() {
         candle_core::bail!(
             "combine backward: dots {:?} {:?}, expected {} f32 values (one per routed row)",

@@ -248,6 +248,8 @@ __device__ void gather_rows(const T* __restrict__ x, const u32* __restrict__ tok
 // index), all lanes ending with the same idx/val.
 #define TOPK_MAX 32
 #define TOPK_EPL 8
+// NaN above every number (as torch.topk), else >.
+__device__ __forceinline__ bool ranks_above(float a, float b) { return (isnan(a) && !isnan(b)) || a > b; }
 template <typename T>
 __device__ __forceinline__ void topk_warp(const T* __restrict__ lg, u64 t, u32 e, u32 k, u32* idx,
                                           float* val) {
@@ -266,14 +268,14 @@ __device__ __forceinline__ void topk_warp(const T* __restrict__ lg, u64 t, u32 e
         float bv = 0.f;
 #pragma unroll
         for (int m = 0; m < TOPK_EPL; ++m)
-            if (ok[m] && (bi == 0xffffffffu || v[m] > bv)) { bv = v[m]; bi = lane + 32 * m; }
-        // the warp's best: larger value, or the lower index on equal values
+            if (ok[m] && (bi == 0xffffffffu || ranks_above(v[m], bv))) { bv = v[m]; bi = lane + 32 * m; }
+        // the warp's best: the higher-ranked value, or the lower index on equal ranks
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
             const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
             const bool better = oi != 0xffffffffu
-                && (bi == 0xffffffffu || ov > bv || (!(ov < bv) && !(bv > ov) && oi < bi));
+                && (bi == 0xffffffffu || ranks_above(ov, bv) || (!ranks_above(bv, ov) && oi < bi));
             if (better) { bv = ov; bi = oi; }
         }
         idx[j] = bi;

@@ -1,10 +1,12 @@
-//! Fused ops of the mixture-of-experts MLP, with an exact backward each.
+//! Fused ops of the mixture-of-experts MLP, the differentiable ones with an exact backward.
 //!
 //! - [`topk_softmax`]: the router's top-k experts per token and their softmax weights;
 //! - [`gather_rows`]: the routed rows of the hidden states (`x[tokens[m]]`);
 //! - [`swiglu_bias`]: gate/up bias add and clamped, interleaved SwiGLU of `GptOssExperts`;
 //! - [`combine`]: down bias add, routing weights and the sum over each token's k experts;
-//! - `row_dots`: per-row dot products (the routing weights' gradient without the expert outputs).
+//! - `row_dots` and `combine_grad_weights_from_dots` (no autograd): the routing weights' gradient
+//!   without the expert outputs, for the deferred backward of [`crate::RouteReplay`] (exact where
+//!   the weights come from a softmax, see there).
 //!
 //! Each op replaces a chain of candle ops (strided views, per-row `index_select` of the biases, a
 //! one-hot gather/scatter matmul): one pass over the memory forward and one backward. The CPU

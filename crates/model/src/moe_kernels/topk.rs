@@ -7,8 +7,9 @@ use super::{check_dtype, cpu_f32, cpu_out, cpu_u32};
 
 /// The `k` largest logits of each token and their softmax, as transformers' `GptOssTopKRouter`
 /// computes them (`torch.topk`, then `softmax` over the k values in f32): `logits` `[N, E]` (f32 or
-/// bf16) → (`weights` `[N, k]` in the logits' dtype, `indices` `[N, k]` u32, largest first; equal
-/// logits: the lower expert first, as a stable descending sort gives).
+/// bf16; `k` at most 32, `E` at most 256) → (`weights` `[N, k]` in the logits' dtype, `indices`
+/// `[N, k]` u32, largest first; equal logits: the lower expert first, as a stable descending sort
+/// gives; NaN ranks above every number, as in `torch.topk`).
 ///
 /// `weights` is differentiable in `logits`: `∂logits[t, indices[t, j]] = w_j (∂w_j − Σ_i w_i ∂w_i)`
 /// (f32, from the f32 weights), 0 at the other experts. One kernel each for the indices, the weights
@@ -16,9 +17,12 @@ use super::{check_dtype, cpu_f32, cpu_out, cpu_u32};
 pub fn topk_softmax(logits: &Tensor, k: usize) -> candle_core::Result<(Tensor, Tensor)> {
     check_dtype(logits, "topk_softmax: logits")?;
     let (_n, e) = logits.dims2()?;
-    if k == 0 || k > e || k > MAX_K || e > MAX_EXPERTS {
+    if e > MAX_EXPERTS {
+        candle_core::bail!("topk_softmax: {e} experts, the kernels take at most {MAX_EXPERTS}");
+    }
+    if k == 0 || k > e || k > MAX_K {
         candle_core::bail!(
-            "topk_softmax: k = {k} must be in 1..={} for {e} experts (at most {MAX_EXPERTS})",
+            "topk_softmax: k = {k} must be in 1..={} for {e} experts",
             e.min(MAX_K)
         );
     }
@@ -37,6 +41,15 @@ const MAX_K: usize = 32;
 /// The most experts (32 lanes × `TOPK_EPL` experts per lane in the kernels).
 const MAX_EXPERTS: usize = 256;
 
+/// Whether `v` ranks above `b`: NaN above every number (as in `torch.topk`), else `>`.
+fn ranks_above(v: f32, b: f32) -> bool {
+    match (v.is_nan(), b.is_nan()) {
+        (true, false) => true,
+        (false, false) => v > b,
+        _ => false,
+    }
+}
+
 /// Top-k indices (largest first, ties by lower index) and values of one row.
 fn top_of_row(row: &[f32], k: usize) -> Vec<(usize, f32)> {
     let mut out: Vec<(usize, f32)> = Vec::with_capacity(k);
@@ -46,7 +59,7 @@ fn top_of_row(row: &[f32], k: usize) -> Vec<(usize, f32)> {
             if out.iter().any(|&(i, _)| i == c) {
                 continue;
             }
-            if best.is_none_or(|(_, b)| v > b) {
+            if best.is_none_or(|(_, b)| ranks_above(v, b)) {
                 best = Some((c, v));
             }
         }
@@ -263,6 +276,9 @@ mod tests {
         };
         let d = rel_diff(a, r)?;
         assert!(d < 1e-6, "logits gradient differs by {d}");
+        // NaN ranks first, as in torch.topk
+        let nan = Tensor::new(&[[1f32, f32::NAN, 3.0, 2.0]], &dev)?;
+        assert_eq!(topk_softmax(&nan, 2)?.1.to_vec2::<u32>()?, vec![vec![1, 2]]);
         assert!(topk_softmax(l.as_tensor(), 0).is_err());
         assert!(topk_softmax(l.as_tensor(), 33).is_err());
         Ok(())

@@ -132,7 +132,7 @@ pub fn expert_delta(
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+        CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use std::sync::Arc;
@@ -334,6 +334,84 @@ __device__ void da_sum_seg(const float* __restrict__ part, float* __restrict__ d
     da[t] = v;
 }
 
+// Eight consecutive values from element i (i a multiple of 8, 16-byte aligned rows).
+__device__ __forceinline__ void ld8(const u16* p, u64 i, float* v) { ldv<u16, 8, true>(p, i, v); }
+__device__ __forceinline__ void ld8(const float* p, u64 i, float* v) {
+    ldv<float, 4, true>(p, i, v);
+    ldv<float, 4, true>(p, i + 4, v + 4);
+}
+
+// The ungrouped forward for r <= 8 in two passes. fwd_split: one block per 32 rows and SPLIT_IN
+// inputs, a warp per 4 rows, a lane per 8 inputs; a warp's 4 rows x 8 partial sums are reduced
+// across its lanes by a butterfly that leaves lane l = 8q + j with row q's sum j, written to
+// part[split, row, j]. fwd_sum: h[row, j] = the sum over the splits, in order.
+// One step of the warp's transpose-reduction: v[k] (k < S) becomes the pair's sum of the value
+// k + (lane & S) (after the steps 16, 8, 4, 2, 1, v[0] holds the warp's sum of value `lane`).
+template <int S>
+__device__ __forceinline__ void butterfly(float* v, int lane) {
+    const bool upper = lane & S;
+#pragma unroll
+    for (int k = 0; k < S; ++k) {
+        const float send = upper ? v[k] : v[k + S];
+        const float keep = upper ? v[k + S] : v[k];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, S);
+    }
+}
+
+#define SPLIT_IN 256  // SPLIT_IN on the host
+template <typename T>
+__device__ void fwd_split(const T* __restrict__ x, const float* __restrict__ a, float* __restrict__ part,
+                          int n, int in, int r, float scale) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u64 row0 = (u64)blockIdx.x * 32 + warp * 4;
+    const int i = blockIdx.y * SPLIT_IN + lane * 8;
+    float xv[4][8];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        if (row0 + q < (u64)n && i < in) {
+            ld8(x, (row0 + q) * in + i, xv[q]);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) xv[q][c] = __fmul_rn(xv[q][c], scale);
+        } else {
+#pragma unroll
+            for (int c = 0; c < 8; ++c) xv[q][c] = 0.f;
+        }
+    }
+    float v[32];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        float w[8];
+        if (j < r && i < in) {
+            ld8(a, (u64)j * in + i, w);
+        } else {
+#pragma unroll
+            for (int c = 0; c < 8; ++c) w[c] = 0.f;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float acc = 0.f;
+#pragma unroll
+            for (int c = 0; c < 8; ++c) acc = fmaf(xv[q][c], w[c], acc);
+            v[q * 8 + j] = acc;
+        }
+    }
+    butterfly<16>(v, lane);
+    butterfly<8>(v, lane);
+    butterfly<4>(v, lane);
+    butterfly<2>(v, lane);
+    butterfly<1>(v, lane);
+    const int q = lane >> 3, j = lane & 7;
+    if (row0 + q < (u64)n && j < r) part[((u64)blockIdx.y * n + row0 + q) * r + j] = v[0];
+}
+
+__device__ void fwd_sum(const float* __restrict__ part, float* __restrict__ h, u64 nr, int splits) {
+    const u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= nr) return;
+    float s = 0.f;
+    for (int sp = 0; sp < splits; ++sp) s += part[(u64)sp * nr + k];
+    h[k] = s;
+}
+
 // PEFT's LoRA output for the ungrouped up projection, bt = lora_Bᵀ [r, cols] (r <= R):
 // out[row, o] = rnd(rnd(base[row, o] + bias[o]) + ((sum_j h[row, j] bt[j, o]) scale + 0)), rnd to T
 // (the bias term only with BIAS); one thread per four outputs of UPW rows, its four columns of bt in
@@ -416,6 +494,9 @@ extern "C" __global__ void lora_up_add##R##_bias_f32(const float* base, const fl
 extern "C" __global__ void lora_up_add##R##_bias_bf16(const u16* base, const u16* bias, const float* h, const float* b, u16* o, int n, int cols, int r, float sc) { up_add<u16, true, R>(base, bias, h, b, o, n, cols, r, sc); }
 UP_ENTRIES(8)
 UP_ENTRIES(16)
+extern "C" __global__ void lora_down_fwd_split_f32(const float* x, const float* a, float* p, int n, int in, int r, float sc) { fwd_split<float>(x, a, p, n, in, r, sc); }
+extern "C" __global__ void lora_down_fwd_split_bf16(const u16* x, const float* a, float* p, int n, int in, int r, float sc) { fwd_split<u16>(x, a, p, n, in, r, sc); }
+extern "C" __global__ void lora_down_fwd_sum(const float* p, float* h, u64 nr, int splits) { fwd_sum(p, h, nr, splits); }
 extern "C" __global__ void lora_transpose_f32(const float* b, float* bt, int rows, int cols) { transpose(b, bt, rows, cols); }
 extern "C" __global__ void lora_scale_f32(const float* g, float* o, u64 len, float sc) { scale_to_f32(g, o, len, sc); }
 extern "C" __global__ void lora_scale_bf16(const u16* g, float* o, u64 len, float sc) { scale_to_f32(g, o, len, sc); }
@@ -621,7 +702,9 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
         let mut h = unsafe { dev.alloc::<f32>(n * r)? };
         let dims = (int(n, "N")?, int(in_dim, "in")?, int(r, "r")?);
         let guard = group.map(|g| g.rows.storage_and_layout());
-        if n > 0 {
+        if n > 0 && group.is_none() && r <= 8 && in_dim % 8 == 0 && x0 % 8 == 0 {
+            launch_fwd_split(xs, (x0, x1), &av, &mut h, dims, scale)?;
+        } else if n > 0 {
             let blk = match &guard {
                 Some((st, l)) => Some(u32_view(st, l, "rows")?),
                 None => None,
@@ -648,6 +731,56 @@ extern "C" __global__ void lora_down_da_sum_seg(const float* p, float* da, const
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(h, dev), Shape::from((n, r))))
+    }
+
+    /// Inputs per split of `lora_down_fwd_split` (`SPLIT_IN` there).
+    const SPLIT_IN: usize = 256;
+
+    /// The ungrouped forward for `r ≤ 8` (`in` and x's start multiples of 8): partial sums per
+    /// `SPLIT_IN` inputs, then their sum in split order, into `h` `[N, r]`.
+    fn launch_fwd_split(
+        xs: &CudaStorage,
+        (x0, x1): (usize, usize),
+        av: &CudaView<'_, f32>,
+        h: &mut CudaSlice<f32>,
+        (n, in_dim, r): (i32, i32, i32),
+        scale: f32,
+    ) -> Result<()> {
+        let dev = xs.device().clone();
+        let stream = dev.cuda_stream();
+        let (nu, ru) = (n as usize, r as usize);
+        let splits = (in_dim as usize).div_ceil(SPLIT_IN);
+        // SAFETY: fwd_split writes every (split, row, j < r) partial.
+        let mut part = unsafe { dev.alloc::<f32>(splits * nu * ru)? };
+        macro_rules! run {
+            ($s:expr, $t:literal) => {{
+                let func = KERNELS.func(&dev, concat!("lora_down_fwd_split_", $t))?;
+                let xv = $s.slice(x0..x1);
+                let mut b = stream.launch_builder(&func);
+                b.arg(&xv).arg(av).arg(&mut part);
+                b.arg(&n).arg(&in_dim).arg(&r).arg(&scale);
+                let c = LaunchConfig {
+                    grid_dim: (nu.div_ceil(32) as u32, splits as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: argument types and order match the kernel; x holds n·in values (rows
+                // 16-byte aligned), a r·in, part splits·n·r.
+                unsafe { b.launch(c) }.w()?;
+            }};
+        }
+        match &xs.slice {
+            CudaStorageSlice::F32(s) => run!(s, "f32"),
+            CudaStorageSlice::BF16(s) => run!(s, "bf16"),
+            _ => candle_core::bail!("lora_down_fwd: x must be f32 or bf16"),
+        }
+        let func = KERNELS.func(&dev, "lora_down_fwd_sum")?;
+        let (nr, si) = ((nu * ru) as u64, splits as i32);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&part).arg(h).arg(&nr).arg(&si);
+        // SAFETY: part holds splits·n·r values, h n·r.
+        unsafe { b.launch(cfg((nu * ru).div_ceil(256), 256)) }.w()?;
+        Ok(())
     }
 
     /// `out = (g·a_row)·scale` `[N, in]` in `dtype`; `g` `[N, r]` f32, `a` `[(E·)r, in]` f32.

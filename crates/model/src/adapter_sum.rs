@@ -157,11 +157,18 @@ impl CustomOp2 for AddScaled {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let d_delta = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&ScaleGrad(self.scale))?;
-        Ok((Some(grad.clone()), Some(d_delta)))
+        Ok((
+            Some(grad.clone()),
+            Some(scaled_delta_grad(grad, self.scale)?),
+        ))
     }
+}
+
+/// [`add_scaled_delta`]'s gradient with respect to its f32 term: `f32(grad) · scale + 0` (f32, the
+/// shape of `grad`, f32 or bf16), one kernel on CUDA. Also the first step of the backward of any
+/// op that adds a scaled f32 term the same way.
+pub fn scaled_delta_grad(grad: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    grad.contiguous()?.apply_op1_no_bwd(&ScaleGrad(scale))
 }
 
 /// The backward of the delta: `f32(g) · scale + 0` (f32).

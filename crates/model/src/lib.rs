@@ -56,7 +56,7 @@ mod storage;
 #[cfg(test)]
 mod test_util;
 
-pub use adapter_sum::add_scaled_delta;
+pub use adapter_sum::{add_scaled_delta, scaled_delta_grad};
 pub use attention::{Attention, LayerCache};
 pub use attn_core::{sink_attention, sink_attention_structural, CHUNK_ELEMS};
 pub use checkpoint::{checkpoint_files, load, save, SaveOptions, INDEX_FILE, SINGLE_FILE};

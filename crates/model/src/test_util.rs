@@ -11,3 +11,9 @@ pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
     let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
     Ok(d / s)
 }
+
+/// The first CUDA device as the crate's code runs it ([`crate::cuda_device`]), errors as candle's.
+#[cfg(feature = "cuda")]
+pub(crate) fn gpu() -> candle_core::Result<candle_core::Device> {
+    crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))
+}

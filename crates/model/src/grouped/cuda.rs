@@ -474,8 +474,7 @@ mod tests {
     fn packed_and_dense_match_the_cpu() -> candle_core::Result<()> {
         // event tracking on (candle's default) and off (the crate's device)
         let tracked = Device::new_cuda(0)?;
-        let untracked =
-            crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let untracked = crate::test_util::gpu()?;
         for gpu in [tracked, untracked] {
             check_on(&gpu)?;
         }
@@ -487,7 +486,7 @@ mod tests {
     /// tiles (the second partial), single rows, an empty span, experts out of order.
     #[test]
     fn fused_mxfp4_matches_the_decoded_weight_at_gpt_oss_shapes() -> candle_core::Result<()> {
-        let dev = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let dev = crate::test_util::gpu()?;
         let order = [4usize, 0, 1, 5, 2, 3];
         let lens = [130usize, 1, 0, 64, 77, 5];
         let mut v = Vec::new();
@@ -624,7 +623,7 @@ mod timings {
     #[test]
     #[ignore = "GPU figures; run by hand on the GPU machine"]
     fn gate_up_shape() -> candle_core::Result<()> {
-        let dev = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let dev = crate::test_util::gpu()?;
         let (e, rows, cols, per) = (32usize, 5760usize, 2880usize, 256usize);
         let m = e * per;
         let x = Tensor::randn(0f32, 1.0, (m, cols), &dev)?.to_dtype(DType::BF16)?;
@@ -701,7 +700,7 @@ mod timings {
     #[test]
     #[ignore = "GPU figures; run by hand on the GPU machine"]
     fn host_enqueue() -> candle_core::Result<()> {
-        let dev = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let dev = crate::test_util::gpu()?;
         let (e, rows, cols, m) = (32usize, 5760usize, 2880usize, 8192usize);
         let x = Tensor::randn(0f32, 1.0, (m, cols), &dev)?.to_dtype(DType::BF16)?;
         let packed = random_packed(&dev, e, rows, cols)?;

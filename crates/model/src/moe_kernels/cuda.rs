@@ -296,29 +296,24 @@ __device__ __forceinline__ void topk_weights(const float* val, u32 k, float* w) 
     for (u32 j = 0; j < k; ++j) w[j] = w[j] / s;
 }
 
-// One warp per token: indices [n, k] u32 or (WEIGHTS) their softmax weights [n, k].
-template <typename T, bool WEIGHTS>
-__device__ void topk(const T* __restrict__ lg, u32* __restrict__ out_idx, T* __restrict__ out_w,
-                     u32 n, u32 e, u32 k) {
+// One warp per token: the indices [n, k] u32 of the top-k logits.
+template <typename T>
+__device__ void topk_idx(const T* __restrict__ lg, u32* __restrict__ out_idx, u32 n, u32 e, u32 k) {
     const u64 t = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (t >= n) return;
     const u32 lane = threadIdx.x & 31;
     u32 idx[TOPK_MAX];
-    float val[TOPK_MAX], w[TOPK_MAX];
+    float val[TOPK_MAX];
     topk_warp(lg, t, e, k, idx, val);
-    if constexpr (WEIGHTS) {
-        topk_weights(val, k, w);
-        for (u32 j = lane; j < k; j += 32) st(out_w, t * k + j, w[j]);
-    } else {
-        for (u32 j = lane; j < k; j += 32) out_idx[t * k + j] = idx[j];
-    }
+    for (u32 j = lane; j < k; j += 32) out_idx[t * k + j] = idx[j];
 }
 
-// d logits [n, e], one warp per token: w_j (g_j - sum_i w_i g_i) at the row's top-k columns (from
-// idx), 0 elsewhere; each lane writes its experts.
-template <typename T>
-__device__ void topk_softmax_bwd(const T* __restrict__ lg, const u32* __restrict__ idx,
-                                 const T* __restrict__ g, T* __restrict__ dl, u32 n, u32 e, u32 k) {
+// One warp per token, the softmax weights w of the logits at the token's indices idx [n, k].
+// Forward: w [n, k]. BWD: d logits [n, e] from g = d w [n, k], w_j (g_j - sum_i w_i g_i) at the
+// indices and 0 elsewhere, each lane writing its experts.
+template <typename T, bool BWD>
+__device__ void topk_softmax(const T* __restrict__ lg, const u32* __restrict__ idx,
+                             const T* __restrict__ g, T* __restrict__ out, u32 n, u32 e, u32 k) {
     const u64 t = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (t >= n) return;
     const u32 lane = threadIdx.x & 31;
@@ -329,13 +324,17 @@ __device__ void topk_softmax_bwd(const T* __restrict__ lg, const u32* __restrict
         val[j] = ix[j] < e ? ld(lg, t * e + ix[j]) : 0.f;
     }
     topk_weights(val, k, w);
-    float dot = 0.f;
-    for (u32 j = 0; j < k; ++j) dot += w[j] * ld(g, t * k + j);
-    for (u32 c = lane; c < e; c += 32) {
-        float d = 0.f;
-        for (u32 j = 0; j < k; ++j)
-            if (ix[j] == c) d = w[j] * (ld(g, t * k + j) - dot);
-        st(dl, t * e + c, d);
+    if constexpr (!BWD) {
+        for (u32 j = lane; j < k; j += 32) st(out, t * k + j, w[j]);
+    } else {
+        float dot = 0.f;
+        for (u32 j = 0; j < k; ++j) dot += w[j] * ld(g, t * k + j);
+        for (u32 c = lane; c < e; c += 32) {
+            float d = 0.f;
+            for (u32 j = 0; j < k; ++j)
+                if (ix[j] == c) d = w[j] * (ld(g, t * k + j) - dot);
+            st(out, t * e + c, d);
+        }
     }
 }
 
@@ -394,11 +393,11 @@ ENTRIES(bf16, u16, 8, 4)
 
 #define ROUTE_ENTRIES(TN, T)                                                                          \
 extern "C" __global__ void topk_idx_##TN(const T* lg, u32* idx, u32 n, u32 e, u32 k)                  \
-    { topk<T, false>(lg, idx, nullptr, n, e, k); }                                                    \
-extern "C" __global__ void topk_softmax_##TN(const T* lg, T* w, u32 n, u32 e, u32 k)                  \
-    { topk<T, true>(lg, nullptr, w, n, e, k); }                                                       \
+    { topk_idx<T>(lg, idx, n, e, k); }                                                                \
+extern "C" __global__ void topk_softmax_##TN(const T* lg, const u32* idx, const T* g, T* w,           \
+    u32 n, u32 e, u32 k) { topk_softmax<T, false>(lg, idx, g, w, n, e, k); }                          \
 extern "C" __global__ void topk_softmax_bwd_##TN(const T* lg, const u32* idx, const T* g, T* dl,      \
-    u32 n, u32 e, u32 k) { topk_softmax_bwd<T>(lg, idx, g, dl, n, e, k); }
+    u32 n, u32 e, u32 k) { topk_softmax<T, true>(lg, idx, g, dl, n, e, k); }
 ROUTE_ENTRIES(f32, float)
 ROUTE_ENTRIES(bf16, u16)
 "#;
@@ -760,65 +759,59 @@ fn row_threads(n: usize) -> LaunchConfig {
     }
 }
 
-/// Top-k of each row of `logits` `[n, e]`: the indices `[n, k]` u32 (`weights` false) or the
-/// softmax weights of the top-k values `[n, k]` in the logits' dtype (`weights` true).
-pub(super) fn topk(logits: Arg, k: usize, weights: bool) -> Result<CudaStorage> {
-    fn run<T: Elem>(lg: Arg, k: usize, weights: bool) -> Result<CudaStorage> {
+/// The indices `[n, k]` u32 of the top-k of each row of `logits` `[n, e]`.
+pub(super) fn topk_indices(logits: Arg, k: usize) -> Result<CudaStorage> {
+    fn run<T: Elem>(lg: Arg, k: usize) -> Result<CudaStorage> {
         let dev = lg.0.device();
         let (n, e) = lg.1.shape().dims2()?;
         let (lv, _) = view::<T>(lg, "topk: logits")?;
-        let dims = (n as u32, e as u32, k as u32);
-        /// Allocates the `[n, k]` output and runs `name` into it.
-        fn go<O: DeviceRepr>(
-            dev: &CudaDevice,
-            name: &str,
-            lv: &CudaView<'_, impl DeviceRepr>,
-            (n, e, k): (u32, u32, u32),
-        ) -> Result<CudaSlice<O>> {
-            // SAFETY: every element is written.
-            let mut out = unsafe { dev.alloc::<O>(n as usize * k as usize)? };
-            if n > 0 {
-                let f = KERNELS.func(dev, name)?;
-                let stream = dev.cuda_stream();
-                let mut b = stream.launch_builder(&f);
-                b.arg(lv).arg(&mut out).arg(&n).arg(&e).arg(&k);
-                unsafe { b.launch(row_threads(n as usize)) }.w()?;
-            }
-            Ok(out)
+        // SAFETY: every element is written.
+        let mut out = unsafe { dev.alloc::<u32>(n * k)? };
+        if n > 0 {
+            let f = KERNELS.func(dev, &format!("topk_idx_{}", T::NAME))?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let dims = (n as u32, e as u32, k as u32);
+            b.arg(&lv)
+                .arg(&mut out)
+                .arg(&dims.0)
+                .arg(&dims.1)
+                .arg(&dims.2);
+            unsafe { b.launch(row_threads(n)) }.w()?;
         }
-        Ok(match weights {
-            true => wrap(
-                go::<T>(dev, &format!("topk_softmax_{}", T::NAME), &lv, dims)?,
-                dev,
-            ),
-            false => CudaStorage::wrap_cuda_slice(
-                go::<u32>(dev, &format!("topk_idx_{}", T::NAME), &lv, dims)?,
-                dev.clone(),
-            ),
-        })
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    by_dtype!(logits.0.dtype(), run(logits, k, weights))
+    by_dtype!(logits.0.dtype(), run(logits, k))
 }
 
-/// Backward of the top-k softmax: `logits` `[n, e]`, `idx` `[n, k]` u32, `g` `[n, k]` (logits'
-/// dtype) → `∂logits` `[n, e]`.
-pub(super) fn topk_softmax_bwd(logits: Arg, idx: Arg, g: Arg) -> Result<CudaStorage> {
-    fn run<T: Elem>(lg: Arg, idx: Arg, g: Arg) -> Result<CudaStorage> {
+/// The softmax of `logits` `[n, e]` at `idx` `[n, k]` u32: the weights `[n, k]` (`g` `None`), or
+/// with `g` = their gradient `[n, k]` (logits' dtype) the backward `∂logits` `[n, e]`.
+pub(super) fn topk_softmax(logits: Arg, idx: Arg, g: Option<Arg>) -> Result<CudaStorage> {
+    fn run<T: Elem>(lg: Arg, idx: Arg, g: Option<Arg>) -> Result<CudaStorage> {
         let dev = lg.0.device();
         let (n, e) = lg.1.shape().dims2()?;
         let k = idx.1.shape().elem_count() / n.max(1);
         let (lv, _) = view::<T>(lg, "topk: logits")?;
         let (iv, _) = view::<u32>(idx, "topk: indices")?;
-        let (gv, _) = view::<T>(g, "topk backward: grad")?;
+        let gv = g.map(|g| view::<T>(g, "topk backward: grad")).transpose()?;
+        let len = if gv.is_some() { n * e } else { n * k };
         // SAFETY: every element is written.
-        let mut out = unsafe { dev.alloc::<T>(n * e)? };
+        let mut out = unsafe { dev.alloc::<T>(len)? };
         if n > 0 {
-            let f = KERNELS.func(dev, &format!("topk_softmax_bwd_{}", T::NAME))?;
+            let name = match gv {
+                Some(_) => "topk_softmax_bwd",
+                None => "topk_softmax",
+            };
+            let f = KERNELS.func(dev, &format!("{name}_{}", T::NAME))?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let dims = (n as u32, e as u32, k as u32);
-            b.arg(&lv).arg(&iv).arg(&gv).arg(&mut out);
-            b.arg(&dims.0).arg(&dims.1).arg(&dims.2);
+            b.arg(&lv).arg(&iv);
+            match &gv {
+                Some((v, _)) => b.arg(v),
+                None => b.arg(&lv),
+            };
+            b.arg(&mut out).arg(&dims.0).arg(&dims.1).arg(&dims.2);
             unsafe { b.launch(row_threads(n)) }.w()?;
         }
         Ok(wrap(out, dev))

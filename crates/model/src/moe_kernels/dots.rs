@@ -85,7 +85,7 @@ mod tests {
     fn device_matches_cpu() -> candle_core::Result<()> {
         use crate::moe_kernels::combine_grad_weights_from_dots;
         use crate::test_util::rel_diff;
-        let gpu = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let gpu = crate::test_util::gpu()?;
         let cpu = Device::Cpu;
         let (n, k, e, h, i) = (37usize, 4usize, 32usize, 2880usize, 2880usize);
         let m = n * k;

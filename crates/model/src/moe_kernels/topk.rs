@@ -1,7 +1,7 @@
 //! [`topk_softmax`]: the router's top-k experts per token and the softmax over their logits.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::{check_dtype, cpu_f32, cpu_out, cpu_u32};
 
@@ -28,10 +28,7 @@ pub fn topk_softmax(logits: &Tensor, k: usize) -> candle_core::Result<(Tensor, T
     }
     let logits = logits.contiguous()?;
     let indices = logits.detach().apply_op1_no_bwd(&TopK { k })?;
-    let weights = logits.apply_op1(TopKSoftmax {
-        k,
-        indices: indices.clone(),
-    })?;
+    let weights = logits.apply_op2(&indices, TopKSoftmax)?;
     Ok((weights, indices))
 }
 
@@ -70,13 +67,6 @@ fn top_of_row(row: &[f32], k: usize) -> Vec<(usize, f32)> {
     out
 }
 
-/// The top-k `(expert, logit)` pairs of every row of CPU logits `[N, E]`.
-fn tops(s: &CpuStorage, l: &Layout, k: usize) -> candle_core::Result<Vec<Vec<(usize, f32)>>> {
-    let (n, e) = l.shape().dims2()?;
-    let lg = cpu_f32(s, l, "topk_softmax: logits")?;
-    Ok((0..n).map(|t| top_of_row(&lg[t * e..][..e], k)).collect())
-}
-
 /// Softmax of the top-k values in f32 (max, exp, sum in order, divide), as the kernel computes it.
 fn weights_of(vals: &[f32]) -> Vec<f32> {
     let m = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -96,9 +86,13 @@ impl CustomOp1 for TopK {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let tops = tops(s, l, self.k)?;
-        let out = tops.iter().flatten().map(|p| p.0 as u32).collect();
-        Ok((CpuStorage::U32(out), Shape::from((tops.len(), self.k))))
+        let (n, e) = l.shape().dims2()?;
+        let lg = cpu_f32(s, l, "topk_softmax: logits")?;
+        let out = (0..n)
+            .flat_map(|t| top_of_row(&lg[t * e..][..e], self.k))
+            .map(|p| p.0 as u32)
+            .collect();
+        Ok((CpuStorage::U32(out), Shape::from((n, self.k))))
     }
 
     #[cfg(feature = "cuda")]
@@ -109,34 +103,53 @@ impl CustomOp1 for TopK {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let n = l.shape().dims2()?.0;
         Ok((
-            super::cuda::topk((s, l), self.k, false)?,
+            super::cuda::topk_indices((s, l), self.k)?,
             Shape::from((n, self.k)),
         ))
     }
 }
 
-/// The weights op: logits → softmax weights of the top-k, with the backward to the logits.
-#[derive(Clone)]
-struct TopKSoftmax {
-    k: usize,
-    indices: Tensor,
+/// Token `t`'s experts (from `idx` `[N, k]`) and the softmax weights of its logits there (`lg`
+/// `[N, E]`, f32 as the kernels compute it), or an error for an index not below `e`.
+fn gathered(
+    lg: &[f32],
+    idx: &[u32],
+    t: usize,
+    (e, k): (usize, usize),
+) -> candle_core::Result<(Vec<usize>, Vec<f32>)> {
+    let ix: Vec<usize> = idx[t * k..][..k].iter().map(|&i| i as usize).collect();
+    if let Some(&bad) = ix.iter().find(|&&i| i >= e) {
+        candle_core::bail!("topk_softmax: index {bad} of token {t} is not < {e}");
+    }
+    let vals: Vec<f32> = ix.iter().map(|&i| lg[t * e + i]).collect();
+    Ok((ix, weights_of(&vals)))
 }
 
-impl CustomOp1 for TopKSoftmax {
+/// The weights op: `(logits [N, E], indices [N, k] u32)` → the softmax weights of the logits at
+/// the indices `[N, k]`, with the backward to the logits.
+struct TopKSoftmax;
+
+impl CustomOp2 for TopKSoftmax {
     fn name(&self) -> &'static str {
         "moe-topk-softmax"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let tops = tops(s, l, self.k)?;
-        let out = tops
-            .iter()
-            .flat_map(|top| weights_of(&top.iter().map(|p| p.1).collect::<Vec<_>>()))
-            .collect();
-        Ok((
-            cpu_out(out, s.dtype(), "topk_softmax")?,
-            Shape::from((tops.len(), self.k)),
-        ))
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        is: &CpuStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, e) = l.shape().dims2()?;
+        let k = il.shape().elem_count() / n.max(1);
+        let lg = cpu_f32(s, l, "topk_softmax: logits")?;
+        let idx = cpu_u32(is, il, "topk_softmax: indices")?;
+        let mut out = Vec::with_capacity(n * k);
+        for t in 0..n {
+            out.extend(gathered(&lg, idx, t, (e, k))?.1);
+        }
+        Ok((cpu_out(out, s.dtype(), "topk_softmax")?, il.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -144,26 +157,27 @@ impl CustomOp1 for TopKSoftmax {
         &self,
         s: &candle_core::CudaStorage,
         l: &Layout,
+        is: &candle_core::CudaStorage,
+        il: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let n = l.shape().dims2()?.0;
         Ok((
-            super::cuda::topk((s, l), self.k, true)?,
-            Shape::from((n, self.k)),
+            super::cuda::topk_softmax((s, l), (is, il), None)?,
+            il.shape().clone(),
         ))
     }
 
     fn bwd(
         &self,
         logits: &Tensor,
+        indices: &Tensor,
         _w: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.detach().to_dtype(logits.dtype())?.contiguous()?;
-        Ok(Some(logits.detach().apply_op3_no_bwd(
-            &self.indices,
-            &g,
-            &TopKSoftmaxBwd,
-        )?))
+        let dl = logits
+            .detach()
+            .apply_op3_no_bwd(indices, &g, &TopKSoftmaxBwd)?;
+        Ok((Some(dl), None))
     }
 }
 
@@ -191,12 +205,7 @@ impl CustomOp3 for TopKSoftmaxBwd {
         let g = cpu_f32(gs, gl, "topk_softmax backward: grad")?;
         let mut out = vec![0f32; n * e];
         for t in 0..n {
-            let ix: Vec<usize> = idx[t * k..][..k].iter().map(|&i| i as usize).collect();
-            if let Some(&bad) = ix.iter().find(|&&i| i >= e) {
-                candle_core::bail!("topk_softmax backward: index {bad} of token {t} is not < {e}");
-            }
-            let vals: Vec<f32> = ix.iter().map(|&i| lg[t * e + i]).collect();
-            let w = weights_of(&vals);
+            let (ix, w) = gathered(&lg, idx, t, (e, k))?;
             let gt = &g[t * k..][..k];
             let dot: f32 = w.iter().zip(gt).map(|(w, g)| w * g).sum();
             for j in 0..k {
@@ -220,7 +229,7 @@ impl CustomOp3 for TopKSoftmaxBwd {
         gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         Ok((
-            super::cuda::topk_softmax_bwd((s, l), (is, il), (gs, gl))?,
+            super::cuda::topk_softmax((s, l), (is, il), Some((gs, gl)))?,
             l.shape().clone(),
         ))
     }
@@ -289,7 +298,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn device_matches_cpu() -> candle_core::Result<()> {
-        let gpu = crate::cuda_device(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let gpu = crate::test_util::gpu()?;
         let cpu = Device::Cpu;
         let (n, e, k) = (2048, 32, 4);
         let base = (Tensor::randn(0f32, 1.0, (n, e), &cpu)? + logits(n, e, 0.25, &cpu)?)?;

@@ -52,7 +52,7 @@ fn main() -> BoxResult<()> {
     let dev = if args.cpu {
         Device::Cpu
     } else {
-        gptoss_model::cuda_device(0)?
+        gptoss_kernels::cuda_device(0)?
     };
     let mut config = if args.tiny {
         Config::tiny()

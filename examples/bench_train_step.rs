@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
+use gptoss_kernels::profile::scope;
 use gptoss_lora::{LoraConfig, LoraModel};
-use gptoss_model::profile::scope;
 use gptoss_model::{init_random, init_random_packed, Config, GptOssForCausalLM};
 use gptoss_sft::optim::{AdamW, AdamWConfig, Gradients};
 use gptoss_sft::trainer::{forward_backward, BackwardOptions, MicroBatch};
@@ -81,7 +81,7 @@ struct Args {
     #[arg(long)]
     pool_keep: bool,
     /// Open the GPU with candle's `Device::new_cuda` (cudarc event tracking on) instead of
-    /// `gptoss_model::cuda_device` (tracking off), to measure what the tracking costs.
+    /// `gptoss_kernels::cuda_device` (tracking off), to measure what the tracking costs.
     #[arg(long)]
     tracked_device: bool,
     /// Experts decoded at once by the deferred MoE backward of the checkpointed recompute
@@ -496,15 +496,15 @@ fn breakdown(model: &GptOssForCausalLM, seq: usize, l: usize) -> BoxResult<()> {
     Ok(())
 }
 
-/// With `GPTOSS_PROFILE=1`: the synchronized per-piece wall times (see `gptoss_model::profile`),
+/// With `GPTOSS_PROFILE=1`: the synchronized per-piece wall times (see `gptoss_kernels::profile`),
 /// per step.
 fn print_profile(steps: usize) {
-    let rows = gptoss_model::profile::report();
+    let rows = gptoss_kernels::profile::report();
     if rows.is_empty() {
         return;
     }
-    let how = match gptoss_model::profile::mode() {
-        gptoss_model::profile::Mode::Host => "host time to enqueue (and block), not synchronized",
+    let how = match gptoss_kernels::profile::mode() {
+        gptoss_kernels::profile::Mode::Host => "host time to enqueue (and block), not synchronized",
         _ => "device-synchronized",
     };
     println!("profile (GPTOSS_PROFILE, {how}, per step over the {steps} timed steps):");
@@ -523,7 +523,7 @@ fn main() -> BoxResult<()> {
         let dev = if args.cpu {
             Device::Cpu
         } else {
-            gptoss_model::cuda_device(0)?
+            gptoss_kernels::cuda_device(0)?
         };
         return check(&dev);
     }
@@ -532,7 +532,7 @@ fn main() -> BoxResult<()> {
     } else if args.tracked_device {
         Device::new_cuda(0)?
     } else {
-        gptoss_model::cuda_device(0)?
+        gptoss_kernels::cuda_device(0)?
     };
     let pool = mem::Pool::of(&dev);
     if let (true, Some(p)) = (args.pool_keep, &pool) {
@@ -584,7 +584,7 @@ fn main() -> BoxResult<()> {
             if let Some(p) = &pool {
                 p.reset_high();
             }
-            gptoss_model::profile::reset();
+            gptoss_kernels::profile::reset();
             let mut times = Vec::new();
             let mut loss = f64::NAN;
             let mut failed = None;
@@ -596,7 +596,7 @@ fn main() -> BoxResult<()> {
                         }
                         if i + 1 == args.warmup {
                             // the profile covers the timed steps only (not compilation, pool growth)
-                            gptoss_model::profile::reset();
+                            gptoss_kernels::profile::reset();
                         }
                         eprintln!(
                             "  seq {seq} gc {gc} step {i}: {:.3} s loss {:.4}",

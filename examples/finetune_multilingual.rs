@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cli.train.apply(&mut cfg)?;
     cfg.validate()?;
 
-    let device = gptoss_model::cuda_if_available(0)?;
+    let device = gptoss_kernels::cuda_if_available(0)?;
     let tok = HarmonyTokenizer::o200k_harmony()?;
     let mut model = match &cfg.model_name_or_path {
         Some(dir) => {

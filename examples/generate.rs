@@ -65,7 +65,7 @@ struct Cli {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     gptoss_sft::trainer::pipeline::tune_cpu_runtime();
-    let device = gptoss_model::cuda_if_available(0)?;
+    let device = gptoss_kernels::cuda_if_available(0)?;
     let (mut model, tok) = match &cli.model {
         Some(dir) => {
             let dtype = match cli.dtype.as_str() {

@@ -104,7 +104,7 @@ impl ExpertAdapter for LoraExperts {
         y.to_dtype(x.dtype())
     }
 
-    /// On CUDA one fused node for all rows ([`crate::down_proj::expert_delta`]); on other devices
+    /// On CUDA one fused node for all rows ([`gptoss_kernels::lora::expert_delta`]); on other devices
     /// (or shapes those kernels do not take) two matmuls instead of two per expert (each a handful of
     /// kernel launches and autograd nodes): `h = x·Aᵀ` `[M, r·E]` for all experts, masked to each
     /// row's own expert block, then `h·B'ᵀ` with B's columns reordered expert-major — the same sums as
@@ -119,7 +119,8 @@ impl ExpertAdapter for LoraExperts {
             return gptoss_model::hooks::delta_per_expert(self, x, spans);
         }
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
-        let fused = crate::down_proj::expert_delta(x, a, b, spans, self.num_experts, self.scaling)?;
+        let fused =
+            gptoss_kernels::lora::expert_delta(x, a, b, spans, self.num_experts, self.scaling)?;
         match fused {
             Some(y) => Ok(y),
             None => self.masked_delta(x, spans),

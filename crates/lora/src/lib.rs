@@ -24,7 +24,6 @@
 
 pub mod adapter_file;
 pub mod config;
-pub mod down_proj;
 pub mod error;
 pub mod expert;
 pub mod init;

@@ -70,7 +70,7 @@ impl LoraLinear {
             let x2 = candle_nn::ops::dropout(&x2.to_dtype(DType::F32)?, self.dropout)?;
             x2.matmul(&self.a.as_tensor().t()?)
         } else {
-            crate::down_proj::down_proj(&x2, self.a.as_tensor())
+            gptoss_kernels::lora::down_proj(&x2, self.a.as_tensor())
         }
     }
 
@@ -87,14 +87,14 @@ impl LinearAdapter for LoraLinear {
     }
 
     /// `x·Wᵀ` and the bias `b` → `round(f32(x·Wᵀ + b) + scaling · B(A(x)))` in one fused pass
-    /// ([`crate::down_proj::up_add`]): the same values as adding the bias first.
+    /// ([`gptoss_kernels::lora::up_add`]): the same values as adding the bias first.
     fn forward_unbiased(
         &self,
         x: &Tensor,
         base: &Tensor,
         bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        crate::down_proj::up_add(base, bias, &self.down(x)?, self.b.as_tensor(), self.scaling)
+        gptoss_kernels::lora::up_add(base, bias, &self.down(x)?, self.b.as_tensor(), self.scaling)
     }
 }
 

@@ -3,10 +3,10 @@
 use candle_core::{DType, Module, Tensor, D};
 
 use crate::config::LayerType;
-use crate::fast_path::FastPath;
 use crate::linear::Linear;
 use crate::mask::{keep_last, AttnContext};
 use crate::rope::apply_rotary;
+use gptoss_kernels::FastPath;
 
 /// Keys and values cached for one layer: each `[B, kv_heads, S, head_dim]` (run dtype).
 #[derive(Debug, Clone, Default)]
@@ -74,8 +74,8 @@ impl Attention {
         // → [B, heads, T, d] after RoPE (the fused kernel reads the token-major layout itself)
         let (q, k) = if FastPath::Elementwise.on_for(&q) {
             (
-                crate::fused_ops::rotary_tokens_first(&q, &ctx.cos, &ctx.sin)?,
-                crate::fused_ops::rotary_tokens_first(&k, &ctx.cos, &ctx.sin)?,
+                gptoss_kernels::rotary_tokens_first(&q, &ctx.cos, &ctx.sin)?,
+                gptoss_kernels::rotary_tokens_first(&k, &ctx.cos, &ctx.sin)?,
             )
         } else {
             (
@@ -114,8 +114,8 @@ impl Attention {
                 LayerType::Full => None,
             };
             // [B, T, nh, d]: what the output projection reads, with no transpose in the graph
-            let out = crate::profile::scope("attn.core", q.device(), || {
-                crate::attn_core::sink_attention_token_major(
+            let out = gptoss_kernels::profile::scope("attn.core", q.device(), || {
+                gptoss_kernels::attention::sink_attention_token_major(
                     &q.contiguous()?,
                     &k.contiguous()?,
                     &v,
@@ -135,7 +135,7 @@ impl Attention {
         let scores = qg.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, tk))?;
         if FastPath::SinkSoftmax.on_for(&scores) {
             // CUDA: one fused kernel (forward and backward) instead of the reference ops below.
-            let probs = crate::sink_softmax::sink_softmax(
+            let probs = gptoss_kernels::attention::sink_softmax(
                 &scores,
                 ctx.mask(self.layer_type),
                 &self.sinks,

@@ -17,22 +17,28 @@
 //! ```
 //!
 //! Adapters (LoRA) hook in through [`LinearAdapter`] and [`ExpertAdapter`] (see `docs/model-api.md`).
+//!
+//! ## Layout
+//!
+//! Model code only: what is computed, in Hugging Face names. How it runs fast (attention with
+//! sinks, the grouped expert matmuls, routing, fused norms, every CUDA kernel) is `gptoss-kernels`,
+//! called through its safe functions. Data and types flow one way between the modules:
+//!
+//! ```text
+//! error, config, hooks, route_replay
+//!   → linear, norm, rope → mask → attention        (the attention block)
+//!   → packed_experts → moe                          (router + experts, dense or MXFP4-resident)
+//!   → model                                         (DecoderLayer, GptOssModel, GptOssForCausalLM)
+//!   → spec                                          (named parameters and their shapes)
+//!   → init, checkpoint, memory                      (random init, HF checkpoints, size estimates)
+//! loss, generate                                    (on top of model)
+//! ```
 
-mod adapter_sum;
 mod attention;
-mod attn_core;
 mod checkpoint;
 mod config;
-mod deferred_experts;
-mod device;
 mod error;
-mod fast_path;
-#[cfg(feature = "cuda")]
-mod flash;
-mod frozen;
-mod fused_ops;
 mod generate;
-mod grouped;
 pub mod hooks;
 mod init;
 mod linear;
@@ -41,36 +47,22 @@ mod mask;
 mod memory;
 mod model;
 mod moe;
-pub mod moe_kernels;
 mod norm;
-#[cfg(feature = "cuda")]
-pub mod nvrtc;
 mod packed_experts;
-pub mod profile;
 mod rope;
 pub mod route_replay;
-mod seed_grad;
-mod sink_softmax;
 mod spec;
-mod storage;
-#[cfg(test)]
-mod test_util;
 
-pub use adapter_sum::{add_scaled_delta, scaled_delta_grad};
 pub use attention::{Attention, LayerCache};
-pub use attn_core::{sink_attention, sink_attention_structural, CHUNK_ELEMS};
 pub use checkpoint::{checkpoint_files, load, save, SaveOptions, INDEX_FILE, SINGLE_FILE};
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
-pub use device::{cuda_device, cuda_if_available};
 pub use error::{ModelError, Result};
-pub use frozen::frozen_matmul;
-pub use fused_ops::{rms_norm, rotary, rotary_tokens_first};
 pub use generate::{
     generate, harmony_stop_tokens, GenerationConfig, Generator, Sampler, HARMONY_CALL, HARMONY_END,
     HARMONY_RETURN,
 };
 pub use hooks::{ExpertAdapter, ExpertParam, LinearAdapter};
-pub use init::init_random;
+pub use init::{init_random, init_random_packed};
 pub use linear::Linear;
 pub use loss::{
     causal_lm_loss, cross_entropy_sum, reduce, router_aux_loss, shift_labels, LossReduction,
@@ -81,9 +73,7 @@ pub use memory::{memory_estimate, ExpertFormat, MemoryEstimate};
 pub use model::{DecoderLayer, GptOssForCausalLM, GptOssModel, HiddenOutput, KvCache, LayerOutput};
 pub use moe::{Experts, MoeMlp, Router, Routing};
 pub use norm::RmsNorm;
-pub use packed_experts::{init_random_packed, PackedExperts};
+pub use packed_experts::PackedExperts;
 pub use rope::{apply_rotary, RopeParams};
 pub use route_replay::RouteReplay;
-pub use seed_grad::seed_gradient;
-pub use sink_softmax::sink_softmax;
 pub use spec::{named_parameters, num_parameters, tensor_specs, ParamKind, TensorSpec};

@@ -83,7 +83,7 @@ impl Linear {
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let y = crate::frozen::frozen_matmul(&x2, &self.weight.t()?)?;
+        let y = gptoss_kernels::frozen_matmul(&x2, &self.weight.t()?)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.weight.dim(0)?;

@@ -203,7 +203,7 @@ impl AttnContext {
 
     /// Whether the masks hide exactly the causal (and, for sliding layers, window) keys: built
     /// without an `attention_mask` and without packed sequences. Kernels may then derive the mask
-    /// from positions instead of reading it ([`crate::sink_attention_structural`]).
+    /// from positions instead of reading it ([`gptoss_kernels::attention::sink_attention_structural`]).
     pub fn mask_is_structural(&self) -> bool {
         self.structural
     }

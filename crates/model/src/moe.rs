@@ -5,22 +5,22 @@
 //! by an arg-sort; the k indices per token (`N·k` u32, a few KiB) are then copied to the host once per layer,
 //! because candle tensor shapes — here the number of rows of each expert — live on the host. Everything
 //! else runs on the device: gather of the routed rows, grouped expert matmuls, and the fused bias/SwiGLU
-//! and weighted-combine ops of [`crate::moe_kernels`].
+//! and weighted-combine ops of [`gptoss_kernels::moe`].
 
 use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use crate::deferred_experts::DeferredExperts;
 use crate::error::{ModelError, Result};
-use crate::frozen::frozen_matmul;
-use crate::grouped::{grouped_matmul, GroupedWeight, Spans};
 use crate::hooks::{ExpertAdapter, ExpertParam};
-use crate::moe_kernels::{combine, gather_rows, swiglu_bias, topk_softmax};
 use crate::packed_experts::PackedExperts;
-use crate::profile::scope;
 use crate::route_replay;
+use gptoss_kernels::frozen_matmul;
+use gptoss_kernels::grouped::{grouped_matmul, GroupedWeight, Spans};
+use gptoss_kernels::moe::DeferredExperts;
+use gptoss_kernels::moe::{combine, gather_rows, swiglu_bias, topk_softmax};
+use gptoss_kernels::profile::scope;
 
 /// Default of [`Experts::set_backward_chunk`].
 const DEFAULT_BACKWARD_CHUNK: usize = 16;
@@ -49,7 +49,7 @@ pub struct Routing {
 
 impl Router {
     /// `x`: `[N, H]` → routing (top-k of the logits, then a softmax over those k;
-    /// [`crate::moe_kernels::topk_softmax`], so `top_k` at most 32 and at most 256 experts).
+    /// [`gptoss_kernels::moe::topk_softmax`], so `top_k` at most 32 and at most 256 experts).
     pub fn route(&self, x: &Tensor) -> candle_core::Result<Routing> {
         let logits = frozen_matmul(x, &self.weight.t()?)?.broadcast_add(&self.bias)?;
         let (weights, indices) = topk_softmax(&logits, self.top_k)?;
@@ -258,7 +258,7 @@ impl Experts {
     /// ([`RoutePlan`]) and the index maps uploaded in one copy. Then, on the device: gather of the
     /// routed rows, grouped gate/up matmul (+ adapter deltas), bias + clamped SwiGLU, grouped down
     /// matmul (+ deltas), and the weighted sum with the down bias back to the tokens
-    /// (see [`crate::moe_kernels`]).
+    /// (see [`gptoss_kernels::moe`]).
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> candle_core::Result<Tensor> {
         let dev = x.device();
         // under gradient checkpointing the recompute reuses the forward pass's plan (no host wait)

@@ -24,8 +24,8 @@ impl RmsNorm {
 impl Module for RmsNorm {
     /// `x`: `[.., H]` any float dtype → same shape and dtype.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if crate::fast_path::FastPath::Elementwise.on_for(x) && !self.weight.track_op() {
-            return crate::fused_ops::rms_norm(x, &self.weight, self.eps);
+        if gptoss_kernels::FastPath::Elementwise.on_for(x) && !self.weight.track_op() {
+            return gptoss_kernels::rms_norm(x, &self.weight, self.eps);
         }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;

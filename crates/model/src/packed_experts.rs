@@ -6,16 +6,11 @@
 //! MXFP4 (4.25 bits a weight). Dequantizing a whole layer at once would cost 1.6 GB of transient bf16;
 //! per expert it is 33 MB.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::grouped::GroupedWeight;
 use crate::hooks::ExpertParam;
-use crate::model::GptOssForCausalLM;
-use crate::spec::{build_model, ParamKind, TensorSpec};
+use gptoss_kernels::grouped::GroupedWeight;
 
 /// One layer's expert weights in the MXFP4 checkpoint layout: `*_blocks` u8 `[E, out, in/32, 16]`
 /// and `*_scales` u8 `[E, out, in/32]`, for `gate_up_proj` (in = H, out = 2I) and `down_proj`
@@ -108,7 +103,7 @@ impl PackedExperts {
     }
 
     /// The parameter as the MoE's grouped matmul takes it: still packed, dequantized to `dtype` one
-    /// expert at a time inside the matmul (see [`crate::grouped`]).
+    /// expert at a time inside the matmul (see [`gptoss_kernels::grouped`]).
     pub(crate) fn grouped_weight(&self, p: ExpertParam, dtype: DType) -> GroupedWeight {
         let (blocks, scales) = match p {
             ExpertParam::GateUp => (&self.gate_up_blocks, &self.gate_up_scales),
@@ -140,71 +135,4 @@ impl PackedExperts {
 /// `Experts::param` shapes right for adapter targeting; its values are meaningless.
 pub(crate) fn placeholder(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::zeros((), dtype, device)?.broadcast_as(shape)?)
-}
-
-/// A randomly initialised model (as [`crate::init_random`]: N(0, `initializer_range`) weights, zero
-/// biases, unit norms, all created on `device` by its RNG) whose experts are random MXFP4
-/// ([`PackedExperts::random`]) kept packed and dequantized per layer in the forward.
-///
-/// `Experts::param` of such a model is a placeholder; saving or merging it needs dense experts.
-pub fn init_random_packed(
-    config: &Config,
-    dtype: DType,
-    device: &Device,
-    seed: Option<u64>,
-) -> Result<GptOssForCausalLM> {
-    if let (Some(s), false) = (seed, device.is_cpu()) {
-        device.set_seed(s)?;
-    }
-    let std = config.initializer_range as f32;
-    let mut model = build_model(config, dtype, device, |s: &TensorSpec| match s.kind {
-        ParamKind::Bias => Ok(Tensor::zeros(s.shape.as_slice(), dtype, device)?),
-        ParamKind::Norm => Ok(Tensor::ones(s.shape.as_slice(), dtype, device)?),
-        ParamKind::Expert => placeholder(&s.shape, dtype, device),
-        ParamKind::Weight | ParamKind::Normal => {
-            Ok(Tensor::randn(0f32, std, s.shape.as_slice(), device)?.to_dtype(dtype)?)
-        }
-    })?;
-    for layer in model.model.layers.iter_mut() {
-        let packed = PackedExperts::random(
-            config.num_local_experts,
-            config.hidden_size,
-            config.intermediate_size,
-            device,
-        )?;
-        layer.mlp.experts.set_packed(Some(Arc::new(packed)));
-    }
-    Ok(model)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packed_forward_equals_dense_forward() -> Result<()> {
-        let dev = Device::Cpu;
-        let cfg = Config::tiny();
-        let model = init_random_packed(&cfg, DType::F32, &dev, Some(1))?;
-        // The same model with the experts dequantized once into dense parameters.
-        let mut dense = model.clone();
-        for layer in dense.model.layers.iter_mut() {
-            let ex = &mut layer.mlp.experts;
-            let packed = ex
-                .packed()
-                .cloned()
-                .ok_or_else(|| ModelError::arg("packed", "missing"))?;
-            ex.set_packed(None);
-            for p in [ExpertParam::GateUp, ExpertParam::Down] {
-                let w = packed.dequantize(p, DType::F32)?.contiguous()?;
-                ex.set_param(p, w)?;
-            }
-        }
-        let ids = Tensor::new(&[[1u32, 7, 3, 9, 2]], &dev)?;
-        let a = model.forward(&ids, None)?;
-        let b = dense.forward(&ids, None)?;
-        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "packed vs dense logits differ by {diff}");
-        Ok(())
-    }
 }

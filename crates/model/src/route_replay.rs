@@ -94,7 +94,7 @@ impl RouteReplay {
 
     /// As [`Self::replaying`], for a recompute whose outputs are only differentiated, never read
     /// (the trainer's: each layer's output is the root of its backward through
-    /// [`crate::seed_gradient`]). A replayed MoE call with frozen experts and no expert adapters
+    /// [`gptoss_kernels::seed_gradient`]). A replayed MoE call with frozen experts and no expert adapters
     /// then returns zeros of its output's shape and computes nothing; its backward recomputes the
     /// experts from its input a few experts at a time, each expert decoded once for both its
     /// forward and its backward products (see [`crate::Experts::set_backward_chunk`]). Values

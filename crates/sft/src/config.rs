@@ -290,18 +290,31 @@ impl TrainingConfig {
         nonneg("training.max_grad_norm", self.max_grad_norm)?;
         nonneg("training.router_aux_loss_coef", self.router_aux_loss_coef)?;
         at_least_1("logging.logging_steps", self.logging_steps)?;
+        self.validate_schedule()?;
+        self.validate_template_date()
+    }
+
+    /// `cosine_with_min_lr` needs a non-negative `min_lr_rate` or `min_lr`.
+    fn validate_schedule(&self) -> Result<()> {
         match (self.lr_scheduler_type, self.min_lr) {
-            (SchedulerType::CosineWithMinLr, None) => {
-                return Err(SftError::config(
-                    "scheduler.lr_scheduler_kwargs",
-                    "cosine_with_min_lr needs min_lr_rate or min_lr",
+            (SchedulerType::CosineWithMinLr, None) => Err(SftError::config(
+                "scheduler.lr_scheduler_kwargs",
+                "cosine_with_min_lr needs min_lr_rate or min_lr",
+            )),
+            (SchedulerType::CosineWithMinLr, Some(MinLr::Rate(r) | MinLr::Absolute(r)))
+                if !(r.is_finite() && r >= 0.0) =>
+            {
+                Err(SftError::config(
+                    "scheduler.lr_scheduler_kwargs.min_lr_rate",
+                    format!("must be >= 0, got {r}"),
                 ))
             }
-            (SchedulerType::CosineWithMinLr, Some(MinLr::Rate(r) | MinLr::Absolute(r))) => {
-                nonneg("scheduler.lr_scheduler_kwargs.min_lr_rate", r)?
-            }
-            _ => {}
+            _ => Ok(()),
         }
+    }
+
+    /// `template_date`, when given, is `YYYY-MM-DD`.
+    fn validate_template_date(&self) -> Result<()> {
         if let Some(d) = &self.template_date {
             let ok = d.len() == 10
                 && d.bytes().enumerate().all(|(i, b)| match i {

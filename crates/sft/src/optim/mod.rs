@@ -21,11 +21,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use gptoss_kernels::adamw::{self, Scalars};
+
 use crate::atomic;
 use crate::error::{Result, SftError};
-
-#[cfg(feature = "cuda")]
-mod cuda;
 
 /// AdamW hyper-parameters (defaults: torch / HF `TrainingArguments`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -173,27 +172,6 @@ impl Gradients {
     }
 }
 
-/// The f32-rounded scalars of one update (also the CUDA kernels' arguments).
-#[derive(Debug, Clone, Copy)]
-struct Scalars {
-    /// Whether weight decay applies (`p ← p·keep` first).
-    decay: bool,
-    /// `1 − lr·wd`.
-    keep: f64,
-    /// `1 − β1`.
-    one_minus_b1: f64,
-    /// `β2`.
-    b2: f64,
-    /// `1 − β2`.
-    one_minus_b2: f64,
-    /// `1 / sqrt(1 − β2^t)`.
-    inv_bc2_sqrt: f64,
-    /// `ε`.
-    eps: f64,
-    /// `lr / (1 − β1^t)`.
-    step_size: f64,
-}
-
 struct Param {
     name: String,
     var: Var,
@@ -306,31 +284,7 @@ impl AdamW {
                 )));
             }
             let g = g.to_dtype(p.var.dtype())?;
-            #[cfg(feature = "cuda")]
-            if p.var.device().is_cuda() && p.var.dtype() == DType::F32 {
-                // One fused kernel, the same f32 operations as below (bit for bit).
-                cuda::step(
-                    p.var.as_tensor(),
-                    &p.exp_avg,
-                    &p.exp_avg_sq,
-                    &g.contiguous()?,
-                    s,
-                )?;
-                continue;
-            }
-            let mut param = p.var.as_tensor().clone();
-            if s.decay {
-                param = param.affine(s.keep, 0.0)?;
-            }
-            // exp_avg.lerp_(grad, 1 - beta1)
-            let m = (&p.exp_avg + (&g - &p.exp_avg)?.affine(s.one_minus_b1, 0.0)?)?;
-            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            let v = (p.exp_avg_sq.affine(s.b2, 0.0)? + (g.affine(s.one_minus_b2, 0.0)? * &g)?)?;
-            let denom = v.sqrt()?.affine(s.inv_bc2_sqrt, 0.0)?.affine(1.0, s.eps)?;
-            let update = (m.affine(s.step_size, 0.0)? / denom)?;
-            p.var.set(&(param - update)?)?;
-            p.exp_avg = m;
-            p.exp_avg_sq = v;
+            adamw::update(&p.var, &mut p.exp_avg, &mut p.exp_avg_sq, &g, s)?;
         }
         Ok(())
     }
@@ -374,13 +328,12 @@ impl AdamW {
         lr: f64,
         max_norm: Option<f64>,
     ) -> Result<Option<Tensor>> {
-        #[cfg(feature = "cuda")]
-        if let Some(items) = self.cuda_items(grads)? {
+        if let Some(items) = self.fused_items(grads) {
             let norm = match items.is_empty() {
                 true => None,
                 false => {
                     let s = self.scalars(self.step + 1, lr);
-                    Some(cuda::clip_and_step(&items, s, max_norm)?)
+                    Some(adamw::fused_clip_and_step(&items, s, max_norm)?)
                 }
             };
             self.step += 1; // once per call, as `step`
@@ -396,33 +349,23 @@ impl AdamW {
         Ok(norm)
     }
 
-    /// The (parameter, moments, gradient) of every parameter with a gradient when all of them
-    /// are f32, contiguous and on one CUDA device (shapes checked); `None` otherwise.
-    #[cfg(feature = "cuda")]
-    fn cuda_items<'a>(&'a self, grads: &'a Gradients) -> Result<Option<Vec<cuda::Item<'a>>>> {
+    /// The (parameter, moments, gradient) of every parameter with a gradient when
+    /// [`adamw::fused_clip_and_step`] takes them all ([`adamw::fused_takes`]); `None` otherwise.
+    fn fused_items<'a>(&'a self, grads: &'a Gradients) -> Option<Vec<adamw::Item<'a>>> {
         if grads.len() != self.params.len() {
-            return Ok(None);
+            return None;
         }
         let mut items = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(i) else { continue };
-            let ok =
-                |t: &Tensor| t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous();
-            if g.shape() != p.var.shape()
-                || !ok(g)
-                || !ok(p.var.as_tensor())
-                || !g.device().same_device(p.var.device())
-            {
-                return Ok(None);
-            }
-            items.push(cuda::Item {
+            items.push(adamw::Item {
                 param: p.var.as_tensor(),
                 exp_avg: &p.exp_avg,
                 exp_avg_sq: &p.exp_avg_sq,
                 grad: g,
             });
         }
-        Ok(Some(items))
+        adamw::fused_takes(&items).then_some(items)
     }
 
     /// The JSON metadata of the current state.

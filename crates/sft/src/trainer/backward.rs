@@ -12,8 +12,8 @@
 use super::aux_loss::AuxLossPlan;
 use super::lm_loss::fused_lm_head_loss;
 use candle_core::{Result, Tensor, Var};
-use gptoss_model::profile::scope;
-use gptoss_model::seed_gradient;
+use gptoss_kernels::profile::scope;
+use gptoss_kernels::seed_gradient;
 
 /// The per-layer view of a causal LM that training needs (implemented for
 /// [`gptoss_model::GptOssForCausalLM`] in [`super::model_adapter`]).
@@ -269,7 +269,7 @@ fn checkpointed<M: LayeredCausalLm>(
         head(model, h_last.as_tensor(), batch, opts)
     })?;
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
-    let mut grad_out = match surrogate {
+    let grad_out = match surrogate {
         Some(s) => {
             let g = scope("head.backward", &dev, || s.backward())?;
             add_grads(&mut acc, collect(params, &g))?;
@@ -281,28 +281,14 @@ fn checkpointed<M: LayeredCausalLm>(
     inputs.pop();
     // Backward through the layers, recomputing each from its input.
     replay.replaying_for_gradients();
-    for i in (0..n_layers).rev() {
-        let Some(input) = inputs.pop() else { break };
-        let x = Var::from_tensor(&input)?;
-        let (out, r) = scope("layer.recompute", &dev, || {
-            model.layer(i, x.as_tensor(), &ctx)
-        })?;
-        let mut s = match &grad_out {
-            Some(g) => Some(seed_gradient(&out, g)?),
-            None => None,
-        };
-        if let Some(plan) = &plan {
-            let term = plan.layer_term(&r)?;
-            s = Some(match s {
-                Some(t) => (t + term)?,
-                None => term,
-            });
-        }
-        let Some(s) = s else { continue };
-        let g = scope("layer.backward", &dev, || s.backward())?;
-        add_grads(&mut acc, collect(params, &g))?;
-        grad_out = g.get(x.as_tensor()).cloned();
-    }
+    let layers = Layers {
+        model,
+        params,
+        ctx: &ctx,
+        plan: plan.as_ref(),
+        dev: &dev,
+    };
+    layers.backward(inputs, grad_out, &mut acc)?;
     replay.verify()?;
     Ok(MicroStepOutput {
         nll_sum: fused.nll_sum,
@@ -312,6 +298,51 @@ fn checkpointed<M: LayeredCausalLm>(
         aux: plan.map(|p| p.value),
         grads: acc,
     })
+}
+
+/// What the backward through the decoder layers of [`checkpointed`] reads.
+struct Layers<'a, M: LayeredCausalLm> {
+    model: &'a M,
+    params: &'a [Var],
+    ctx: &'a M::Context,
+    plan: Option<&'a AuxLossPlan>,
+    dev: &'a candle_core::Device,
+}
+
+impl<M: LayeredCausalLm> Layers<'_, M> {
+    /// From the last layer down: recompute layer `i` from its saved input `inputs[i]`, seed its
+    /// output with the gradient from above (`grad_out`, plus the layer's aux-loss term), and add
+    /// the parameter gradients to `acc`.
+    fn backward(
+        &self,
+        mut inputs: Vec<Tensor>,
+        mut grad_out: Option<Tensor>,
+        acc: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        for i in (0..inputs.len()).rev() {
+            let Some(input) = inputs.pop() else { break };
+            let x = Var::from_tensor(&input)?;
+            let (out, r) = scope("layer.recompute", self.dev, || {
+                self.model.layer(i, x.as_tensor(), self.ctx)
+            })?;
+            let mut s = match &grad_out {
+                Some(g) => Some(seed_gradient(&out, g)?),
+                None => None,
+            };
+            if let Some(plan) = self.plan {
+                let term = plan.layer_term(&r)?;
+                s = Some(match s {
+                    Some(t) => (t + term)?,
+                    None => term,
+                });
+            }
+            let Some(s) = s else { continue };
+            let g = scope("layer.backward", self.dev, || s.backward())?;
+            add_grads(acc, collect(self.params, &g))?;
+            grad_out = g.get(x.as_tensor()).cloned();
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -9,11 +9,8 @@
 //! The per-row statistics follow TRL: `mean_token_accuracy` (argmax == label) and `entropy`
 //! (nats, of the full next-token distribution), both over labelled positions.
 
-#[cfg(feature = "cuda")]
-mod cuda;
-mod fastmath;
-
-use candle_core::{DType, Device, Result, Storage, Tensor, D};
+use candle_core::{DType, Device, Result, Storage, Tensor};
+use gptoss_kernels::lm_loss::{softmax_row, softmax_stats, RowStats};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -33,14 +30,6 @@ pub struct FusedLmLoss {
     pub grad_hidden: Tensor,
 }
 
-/// Row statistics of one logits row.
-#[derive(Debug, Clone, Copy, Default)]
-struct RowStats {
-    nll: f64,
-    entropy: f64,
-    correct: bool,
-}
-
 /// Cross-entropy of `hidden · weightᵀ` against `targets`, with the gradient w.r.t. `hidden`.
 ///
 /// # Shapes
@@ -53,7 +42,7 @@ struct RowStats {
 /// `chunk_rows` bounds the rows processed at once (memory `chunk_rows · V · 8` bytes; `· 4` on the
 /// CPU with an f32 contiguous weight, where the two matmuls call `gemm` directly and the logits
 /// buffer is kept for the next call; `· size_of(weight dtype)` on CUDA with an f32 or bf16 weight,
-/// where one kernel turns the logits into their gradient in place, see `lm_loss/cuda.rs`).
+/// where one kernel turns the logits into their gradient in place, see `gptoss_kernels::lm_loss`).
 pub fn fused_lm_head_loss(
     hidden: &Tensor,
     weight: &Tensor,
@@ -156,31 +145,7 @@ fn cpu_f32_gemm_path(
         let len = chunk_rows.min(n - start);
         let buf = &mut logits[..len * v];
         let hc = &hid[start * h..(start + len) * h];
-        // SAFETY: buf is [len, V] row-major, hc is [len, H] row-major, w is [V, H] row-major read
-        // as Wᵀ [H, V] (row stride 1, column stride H); all in bounds, no aliasing.
-        unsafe {
-            gemm::gemm(
-                len,
-                v,
-                h,
-                buf.as_mut_ptr(),
-                1,
-                v as isize,
-                false,
-                hc.as_ptr(),
-                1,
-                h as isize,
-                w.as_ptr(),
-                h as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        logits_gemm(buf, hc, w, (len, v, h), par);
         let tc = &targets[start..start + len];
         let stats: Vec<RowStats> = buf
             .par_chunks_mut(v)
@@ -189,35 +154,83 @@ fn cpu_f32_gemm_path(
             .collect();
         out.add_stats(&stats);
         let gc = &mut grad[start * h..(start + len) * h];
-        // SAFETY: gc is [len, H] row-major, buf [len, V] row-major, w [V, H] row-major.
-        unsafe {
-            gemm::gemm(
-                len,
-                h,
-                v,
-                gc.as_mut_ptr(),
-                1,
-                h as isize,
-                false,
-                buf.as_ptr(),
-                1,
-                v as isize,
-                w.as_ptr(),
-                1,
-                h as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        grad_gemm(gc, buf, w, (len, v, h), par);
         start += len;
     }
     return_logits_buffer(logits);
     let grad = Tensor::from_vec(grad, (n, h), &Device::Cpu)?.to_dtype(hidden.dtype())?;
     Ok(Some(grad.to_device(hidden.device())?))
+}
+
+/// `buf` `[len, V]` ← `hc` `[len, H]` · `w`ᵀ (`w` `[V, H]` row-major), with `gemm`.
+fn logits_gemm(
+    buf: &mut [f32],
+    hc: &[f32],
+    w: &[f32],
+    (len, v, h): (usize, usize, usize),
+    par: gemm::Parallelism,
+) {
+    debug_assert!(buf.len() >= len * v && hc.len() >= len * h && w.len() >= v * h);
+    // SAFETY: buf is [len, V] row-major, hc is [len, H] row-major, w is [V, H] row-major read
+    // as Wᵀ [H, V] (row stride 1, column stride H); all in bounds, no aliasing.
+    unsafe {
+        gemm::gemm(
+            len,
+            v,
+            h,
+            buf.as_mut_ptr(),
+            1,
+            v as isize,
+            false,
+            hc.as_ptr(),
+            1,
+            h as isize,
+            w.as_ptr(),
+            h as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `gc` `[len, H]` ← `buf` `[len, V]` · `w` (`[V, H]` row-major), with `gemm`.
+fn grad_gemm(
+    gc: &mut [f32],
+    buf: &[f32],
+    w: &[f32],
+    (len, v, h): (usize, usize, usize),
+    par: gemm::Parallelism,
+) {
+    debug_assert!(gc.len() >= len * h && buf.len() >= len * v && w.len() >= v * h);
+    // SAFETY: gc is [len, H] row-major, buf [len, V] row-major, w [V, H] row-major.
+    unsafe {
+        gemm::gemm(
+            len,
+            h,
+            v,
+            gc.as_mut_ptr(),
+            1,
+            h as isize,
+            false,
+            buf.as_ptr(),
+            1,
+            v as isize,
+            w.as_ptr(),
+            1,
+            h as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
 }
 
 /// The `[chunk_rows, V]` logits buffer of the last call, kept so that every training step does not
@@ -242,109 +255,10 @@ fn return_logits_buffer(buf: Vec<f32>) {
     }
 }
 
-/// One logits row → its statistics, with the row replaced by `scale · (softmax − onehot(t))`.
-fn softmax_row(row: &mut [f32], t: usize, scale: f64) -> RowStats {
-    let max = fastmath::max(row);
-    let arg = row.iter().position(|&x| x == max).unwrap_or(0);
-    let target_shifted = (row[t] - max) as f64;
-    let (sum, dot) = fastmath::exp_shifted_sums(row, max);
-    let log_sum = sum.ln();
-    let inv = 1.0 / sum;
-    let k = (inv * scale) as f32;
-    for x in row.iter_mut() {
-        *x *= k;
-    }
-    row[t] -= scale as f32;
-    RowStats {
-        nll: log_sum - target_shifted,
-        entropy: log_sum - dot * inv,
-        correct: arg == t,
-    }
-}
-
-/// Row statistics and `scale · (softmax − onehot)` of one `[c, V]` logits chunk (weight dtype),
-/// dispatched by device: the CUDA kernel (f32/bf16, gradient written over the logits, in their
-/// dtype), the CPU rows ([`softmax_stats_cpu`]) or candle ops ([`softmax_stats_generic`]); the
-/// latter two take the logits to f32 first (transformers' `logits.float()`).
-fn softmax_stats(logits: Tensor, targets: &[u32], scale: f64) -> Result<(Vec<RowStats>, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() && cuda::supports(logits.dtype()) {
-        let stats = cuda::softmax_stats_in_place(&logits, targets, scale)?;
-        return Ok((stats, logits));
-    }
-    let logits = logits.to_dtype(DType::F32)?;
-    if logits.device().is_cpu() {
-        softmax_stats_cpu(&logits, targets, scale)
-    } else {
-        softmax_stats_generic(&logits, targets, scale)
-    }
-}
-
-/// CPU path for other dtypes: one rayon pass per row ([`softmax_row`]): max, log-sum-exp, target
-/// log-prob, argmax, entropy and `scale · (softmax − onehot)`. `logits`: `[c, V]` f32 on the CPU.
-fn softmax_stats_cpu(
-    logits: &Tensor,
-    targets: &[u32],
-    scale: f64,
-) -> Result<(Vec<RowStats>, Tensor)> {
-    let (c, v) = logits.dims2()?;
-    let mut data = logits.flatten_all()?.to_vec1::<f32>()?;
-    let stats: Vec<RowStats> = data
-        .par_chunks_mut(v)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| softmax_row(row, t as usize, scale))
-        .collect();
-    let grad = Tensor::from_vec(data, (c, v), &Device::Cpu)?;
-    Ok((stats, grad))
-}
-
-/// Device-generic path with candle ops (off the CPU where no kernel applies: metal, or f16 logits
-/// on CUDA). Same outputs as [`softmax_stats_cpu`]. `logits`: `[c, V]` f32.
-fn softmax_stats_generic(
-    logits: &Tensor,
-    targets: &[u32],
-    scale: f64,
-) -> Result<(Vec<RowStats>, Tensor)> {
-    let (c, v) = logits.dims2()?;
-    let dev = logits.device();
-    let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let e = shifted.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    let p = e.broadcast_div(&sum)?;
-    let log_sum = sum.log()?;
-    let t = Tensor::from_slice(targets, (c, 1), dev)?;
-    let target_shifted = shifted.gather(&t, D::Minus1)?;
-    let nll = (&log_sum - &target_shifted)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let entropy = (&log_sum - (&p * &shifted)?.sum_keepdim(D::Minus1)?)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let arg = logits
-        .argmax_keepdim(D::Minus1)?
-        .flatten_all()?
-        .to_vec1::<u32>()?;
-    let onehot = Tensor::zeros((c, v), DType::F32, dev)?.scatter_add(
-        &t,
-        &Tensor::ones((c, 1), DType::F32, dev)?,
-        D::Minus1,
-    )?;
-    let grad = ((p - onehot)? * scale)?;
-    let stats = (0..c)
-        .map(|i| RowStats {
-            nll: nll[i] as f64,
-            entropy: entropy[i] as f64,
-            correct: arg[i] == targets[i],
-        })
-        .collect();
-    Ok((stats, grad))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Var, D};
 
     /// Reference: plain autograd through log_softmax on the full logits.
     fn reference(h: &Tensor, w: &Tensor, t: &[u32], scale: f64) -> Result<(f64, Tensor)> {
@@ -375,16 +289,7 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "grad diff {diff}");
-        // The generic path gives the same statistics and gradient.
         let logits = h.matmul(&w.t()?)?;
-        let (s1, g1) = softmax_stats_cpu(&logits, &t, 0.25)?;
-        let (s2, g2) = softmax_stats_generic(&logits, &t, 0.25)?;
-        for (a, b) in s1.iter().zip(&s2) {
-            assert!((a.nll - b.nll).abs() < 1e-4 && (a.entropy - b.entropy).abs() < 1e-4);
-            assert_eq!(a.correct, b.correct);
-        }
-        let diff = (g1 - g2)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6);
         // Entropy of the softmax, computed directly.
         let p = candle_nn::ops::softmax_last_dim(&logits)?;
         let ent = (p.clone() * p.log()?)?

@@ -36,4 +36,6 @@ pub use chat::{
 };
 pub use pipeline::{finetune, lora_config, FinetuneOutput, BUNDLED_DATASET};
 pub use report::StandardObserver;
-pub use run::{NoObserver, TrainObserver, TrainOutcome, Trainer, TrainerOptions};
+pub use run::{
+    NoObserver, RunState, StepOutput, TrainObserver, TrainOutcome, Trainer, TrainerOptions,
+};

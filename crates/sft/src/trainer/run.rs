@@ -197,181 +197,270 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         (mbs, epoch, last)
     }
 
-    /// Runs training (resuming from `config.resume_from_checkpoint` if set).
+    /// Runs training (resuming from `config.resume_from_checkpoint` if set): per optimizer step
+    /// the phases [`Self::optimizer_step`] (micro-batches, then clip + AdamW), logging and
+    /// checkpointing, until `total_steps` or Ctrl-C; then the end-of-training summary.
     pub fn train(&self, observer: &mut dyn TrainObserver) -> Result<TrainOutcome> {
         let started = Instant::now();
         interrupt::install();
         interrupt::clear();
-        let cfg = &self.config;
         let total = self.total_steps();
-        let schedule: LrSchedule = cfg.schedule(total)?;
-        let params = self.adapters.named_parameters();
-        let vars: Vec<candle_core::Var> = params.iter().map(|(_, v)| v.clone()).collect();
-        let mut optimizer = AdamW::new(params, cfg.adamw())?;
-        let mut history: Vec<LogEntry> = Vec::new();
-        let mut global_step = 0u64;
-        let mut num_tokens = 0u64;
-        if let Some(spec) = &cfg.resume_from_checkpoint {
-            let dir = resolve_resume(&cfg.output_dir, spec)?;
-            let loaded = load_checkpoint(&dir)?;
-            load_adapter_weights(self.adapters, &dir)?;
-            load_optimizer(&dir, &mut optimizer)?;
-            global_step = loaded.trainer_state.global_step;
-            num_tokens = loaded.trainer_state.num_input_tokens_seen;
-            history = loaded.trainer_state.log_history;
-        }
-        observer.on_train_begin(total, global_step)?;
-        let mut grads = Gradients::new(vars.len());
-        let mut window = LogWindow::new(Instant::now());
-        let mut step_losses = Vec::new();
-        let mut last_checkpoint = None;
+        let schedule: LrSchedule = self.config.schedule(total)?;
+        let mut run = self.begin()?;
+        observer.on_train_begin(total, run.global_step)?;
         let mut interrupted = false;
-        let n_micro = self.micro_batches_per_epoch() as f64;
-        let ga = cfg.gradient_accumulation_steps;
-        let aux_scale = cfg.router_aux_loss_coef / ga as f64;
-        while global_step < total {
-            let (mbs, epoch, consumed) = self.step_micro_batches(global_step);
-            let batches = mbs
-                .iter()
-                .map(|idx| {
-                    let rows: Vec<Example> = idx.iter().map(|&i| self.rows[i].clone()).collect();
-                    micro_batch(&pad(&rows)?, self.options.pad_token_id, &self.device)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let num_items: usize = batches.iter().map(|b| b.targets.len()).sum();
-            let opts = BackwardOptions {
-                num_items_in_batch: num_items,
-                aux_scale,
-                gradient_checkpointing: cfg.gradient_checkpointing,
-                lm_head_chunk: self.options.lm_head_chunk,
-            };
-            let mut nll = 0.0;
-            let mut aux_sum = 0.0;
-            for mb in &batches {
-                let out = forward_backward(self.model, &vars, mb, &opts)?;
-                nll += out.nll_sum;
-                aux_sum += out.aux.unwrap_or(0.0);
-                if out.count > 0 {
-                    window.accuracy.push(out.correct as f64 / out.count as f64);
-                    window.entropy.push(out.entropy_sum / out.count as f64);
-                }
-                let toks = mb.token_mask.iter().filter(|&&m| m != 0.0).count() as u64;
-                num_tokens += toks;
-                window.tokens += toks;
-                for (i, g) in out.grads.into_iter().enumerate() {
-                    if let Some(g) = g {
-                        let g = match grads.get(i) {
-                            Some(acc) => (acc + g)?,
-                            None => g,
-                        };
-                        grads.set(i, g)?;
-                    }
-                }
-            }
-            let step_no = global_step + 1;
-            let ce = if num_items > 0 {
-                nll / num_items as f64
-            } else {
-                0.0
-            };
-            let loss = ce + aux_scale * aux_sum;
-            if !loss.is_finite() {
-                let err = SftError::NonFiniteLoss {
-                    step: step_no,
-                    loss,
-                };
-                return Err(err);
-            }
-            // the norm stays on the device until the optimizer step is enqueued
-            let lr = schedule.lr(global_step);
-            let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm);
-            let grad_norm = match optimizer.clip_and_step(&mut grads, lr, max_norm)? {
-                Some(t) => t.to_scalar::<f32>()? as f64,
-                None => 0.0,
-            };
-            global_step = step_no;
-            step_losses.push(loss);
-            window.loss_sum += loss;
-            window.steps += 1;
-            if cfg.router_aux_loss_coef != 0.0 {
-                window.aux_sum += aux_sum / ga as f64;
-            }
-            let epoch_f = epoch as f64 + consumed as f64 / n_micro;
-            observer.on_step_end(global_step, loss)?;
-            let last = global_step == total;
-            if global_step % cfg.logging_steps.max(1) == 0 || last {
-                let rec = window.record(
-                    global_step,
-                    epoch_f,
-                    grad_norm,
-                    schedule.logged_lr(global_step),
-                    num_tokens,
-                    cfg.router_aux_loss_coef != 0.0,
-                );
-                observer.on_log(&rec)?;
-                history.push(LogEntry::Step(rec));
-                window = LogWindow::new(Instant::now());
-            }
+        while run.global_step < total {
+            let step = self.optimizer_step(&mut run, &schedule)?;
+            observer.on_step_end(run.global_step, step.loss)?;
+            self.log_if_due(&mut run, &step, &schedule, total, observer)?;
             interrupted = interrupt::requested();
-            let save_now = cfg.save_steps > 0 && global_step % cfg.save_steps == 0;
-            if save_now || interrupted {
-                let ts = TrainerState::new(
-                    cfg,
-                    global_step,
-                    epoch_f,
-                    total,
-                    num_tokens,
-                    history.clone(),
-                    interrupted || last,
-                );
-                let rng = RngState {
-                    seed: cfg.seed,
-                    shuffle: cfg.shuffle,
-                    global_step,
-                    epoch,
-                    micro_batches_done: consumed as u64,
-                    extra: None,
-                };
-                let contents = CheckpointContents {
-                    trainer_state: &ts,
-                    scheduler: &schedule.state(global_step),
-                    rng: &rng,
-                    config: cfg,
-                    optimizer: &optimizer,
-                };
-                let dir = save_checkpoint(
-                    &cfg.output_dir,
-                    &contents,
-                    |d| self.write_model_files(d),
-                    cfg.save_total_limit,
-                )?;
-                observer.on_save(&dir)?;
-                last_checkpoint = Some(dir);
-            }
+            self.checkpoint_if_due(&mut run, &step, &schedule, total, interrupted, observer)?;
             if interrupted {
                 break;
             }
         }
+        self.finish(run, started, total, interrupted, observer)
+    }
+
+    /// The state a run starts from: a fresh optimizer, or the checkpoint named by
+    /// `resume_from_checkpoint` (adapter weights, optimizer moments, step, token count, log).
+    fn begin(&self) -> Result<RunState> {
+        let cfg = &self.config;
+        let params = self.adapters.named_parameters();
+        let vars: Vec<candle_core::Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        let optimizer = AdamW::new(params, cfg.adamw())?;
+        let mut run = RunState {
+            grads: Gradients::new(vars.len()),
+            vars,
+            optimizer,
+            history: Vec::new(),
+            global_step: 0,
+            num_tokens: 0,
+            window: LogWindow::new(Instant::now()),
+            step_losses: Vec::new(),
+            last_checkpoint: None,
+        };
+        if let Some(spec) = &cfg.resume_from_checkpoint {
+            let dir = resolve_resume(&cfg.output_dir, spec)?;
+            let loaded = load_checkpoint(&dir)?;
+            load_adapter_weights(self.adapters, &dir)?;
+            load_optimizer(&dir, &mut run.optimizer)?;
+            run.global_step = loaded.trainer_state.global_step;
+            run.num_tokens = loaded.trainer_state.num_input_tokens_seen;
+            run.history = loaded.trainer_state.log_history;
+        }
+        Ok(run)
+    }
+
+    /// One optimizer step: the step's micro-batches forwarded and back-propagated with the
+    /// gradients summed ([`Self::micro_batches`]), the loss checked, then clipping and AdamW with
+    /// the schedule's learning rate. Advances `run.global_step`.
+    ///
+    /// # Errors
+    /// [`SftError::NonFiniteLoss`] before any update when the step's loss is not finite.
+    pub fn optimizer_step(&self, run: &mut RunState, schedule: &LrSchedule) -> Result<StepOutput> {
+        let cfg = &self.config;
+        let (mbs, epoch, consumed) = self.step_micro_batches(run.global_step);
+        let (nll, aux_sum, num_items) = self.micro_batches(run, &mbs)?;
+        let ga = cfg.gradient_accumulation_steps;
+        let aux_scale = cfg.router_aux_loss_coef / ga as f64;
+        let step_no = run.global_step + 1;
+        let ce = if num_items > 0 {
+            nll / num_items as f64
+        } else {
+            0.0
+        };
+        let loss = ce + aux_scale * aux_sum;
+        if !loss.is_finite() {
+            return Err(SftError::NonFiniteLoss {
+                step: step_no,
+                loss,
+            });
+        }
+        // the norm stays on the device until the optimizer step is enqueued
+        let lr = schedule.lr(run.global_step);
+        let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm);
+        let grad_norm = match run.optimizer.clip_and_step(&mut run.grads, lr, max_norm)? {
+            Some(t) => t.to_scalar::<f32>()? as f64,
+            None => 0.0,
+        };
+        run.global_step = step_no;
+        run.step_losses.push(loss);
+        run.window.loss_sum += loss;
+        run.window.steps += 1;
+        if cfg.router_aux_loss_coef != 0.0 {
+            run.window.aux_sum += aux_sum / ga as f64;
+        }
+        Ok(StepOutput {
+            loss,
+            grad_norm,
+            epoch,
+            consumed,
+            epoch_f: epoch as f64 + consumed as f64 / self.micro_batches_per_epoch() as f64,
+        })
+    }
+
+    /// The micro-batches of one step (row indices): collated, forwarded and back-propagated with
+    /// the loss `Σ nll / num_items_in_batch (+ aux)` (TRL's token count over the whole step), their
+    /// gradients summed into `run.grads`. Returns `(Σ nll, Σ aux, num_items_in_batch)`.
+    fn micro_batches(&self, run: &mut RunState, mbs: &[Vec<usize>]) -> Result<(f64, f64, usize)> {
+        let cfg = &self.config;
+        let batches = mbs
+            .iter()
+            .map(|idx| {
+                let rows: Vec<Example> = idx.iter().map(|&i| self.rows[i].clone()).collect();
+                micro_batch(&pad(&rows)?, self.options.pad_token_id, &self.device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let num_items: usize = batches.iter().map(|b| b.targets.len()).sum();
+        let opts = BackwardOptions {
+            num_items_in_batch: num_items,
+            aux_scale: cfg.router_aux_loss_coef / cfg.gradient_accumulation_steps as f64,
+            gradient_checkpointing: cfg.gradient_checkpointing,
+            lm_head_chunk: self.options.lm_head_chunk,
+        };
+        let (mut nll, mut aux_sum) = (0.0, 0.0);
+        for mb in &batches {
+            let out = forward_backward(self.model, &run.vars, mb, &opts)?;
+            nll += out.nll_sum;
+            aux_sum += out.aux.unwrap_or(0.0);
+            if out.count > 0 {
+                run.window
+                    .accuracy
+                    .push(out.correct as f64 / out.count as f64);
+                run.window.entropy.push(out.entropy_sum / out.count as f64);
+            }
+            let toks = mb.token_mask.iter().filter(|&&m| m != 0.0).count() as u64;
+            run.num_tokens += toks;
+            run.window.tokens += toks;
+            for (i, g) in out.grads.into_iter().enumerate() {
+                if let Some(g) = g {
+                    let g = match run.grads.get(i) {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    };
+                    run.grads.set(i, g)?;
+                }
+            }
+        }
+        Ok((nll, aux_sum, num_items))
+    }
+
+    /// Every `logging_steps` (and at the last step): a [`LogRecord`] of the window since the last
+    /// log to the observer and the history.
+    fn log_if_due(
+        &self,
+        run: &mut RunState,
+        step: &StepOutput,
+        schedule: &LrSchedule,
+        total: u64,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let g = run.global_step;
+        if g % cfg.logging_steps.max(1) != 0 && g != total {
+            return Ok(());
+        }
+        let rec = run.window.record(
+            g,
+            step.epoch_f,
+            step.grad_norm,
+            schedule.logged_lr(g),
+            run.num_tokens,
+            cfg.router_aux_loss_coef != 0.0,
+        );
+        observer.on_log(&rec)?;
+        run.history.push(LogEntry::Step(rec));
+        run.window = LogWindow::new(Instant::now());
+        Ok(())
+    }
+
+    /// Every `save_steps` (and on Ctrl-C): a checkpoint directory, written atomically.
+    fn checkpoint_if_due(
+        &self,
+        run: &mut RunState,
+        step: &StepOutput,
+        schedule: &LrSchedule,
+        total: u64,
+        interrupted: bool,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let g = run.global_step;
+        let save_now = cfg.save_steps > 0 && g % cfg.save_steps == 0;
+        if !save_now && !interrupted {
+            return Ok(());
+        }
+        let ts = TrainerState::new(
+            cfg,
+            g,
+            step.epoch_f,
+            total,
+            run.num_tokens,
+            run.history.clone(),
+            interrupted || g == total,
+        );
+        let rng = RngState {
+            seed: cfg.seed,
+            shuffle: cfg.shuffle,
+            global_step: g,
+            epoch: step.epoch,
+            micro_batches_done: step.consumed as u64,
+            extra: None,
+        };
+        let contents = CheckpointContents {
+            trainer_state: &ts,
+            scheduler: &schedule.state(g),
+            rng: &rng,
+            config: cfg,
+            optimizer: &run.optimizer,
+        };
+        let dir = save_checkpoint(
+            &cfg.output_dir,
+            &contents,
+            |d| self.write_model_files(d),
+            cfg.save_total_limit,
+        )?;
+        observer.on_save(&dir)?;
+        run.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    /// The end of a run: HF's summary and the final trainer state (when not interrupted), the
+    /// outcome to the observer.
+    fn finish(
+        &self,
+        run: RunState,
+        started: Instant,
+        total: u64,
+        interrupted: bool,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<TrainOutcome> {
+        let cfg = &self.config;
+        let RunState {
+            mut history,
+            global_step,
+            num_tokens,
+            step_losses,
+            last_checkpoint,
+            ..
+        } = run;
         let train_loss = if step_losses.is_empty() {
             0.0
         } else {
             step_losses.iter().sum::<f64>() / step_losses.len() as f64
         };
         let runtime_s = started.elapsed().as_secs_f64();
-        let summary = (!interrupted).then(|| {
-            let epoch =
-                global_step as f64 / self.config.updates_per_epoch(self.rows.len()).max(1) as f64;
-            TrainSummary {
-                train_runtime: runtime_s,
-                train_samples_per_second: (step_losses.len() * ga * cfg.per_device_train_batch_size)
-                    as f64
-                    / runtime_s.max(1e-9),
-                train_steps_per_second: step_losses.len() as f64 / runtime_s.max(1e-9),
-                total_flos: 0.0,
-                train_loss,
-                epoch,
-                step: global_step,
-            }
+        let samples =
+            step_losses.len() * cfg.gradient_accumulation_steps * cfg.per_device_train_batch_size;
+        let summary = (!interrupted).then(|| TrainSummary {
+            train_runtime: runtime_s,
+            train_samples_per_second: samples as f64 / runtime_s.max(1e-9),
+            train_steps_per_second: step_losses.len() as f64 / runtime_s.max(1e-9),
+            total_flos: 0.0,
+            train_loss,
+            epoch: global_step as f64 / cfg.updates_per_epoch(self.rows.len()).max(1) as f64,
+            step: global_step,
         });
         if let Some(s) = &summary {
             history.push(LogEntry::Summary(s.clone()));
@@ -432,6 +521,41 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         self.write_model_files(&dir)?;
         Ok(dir)
     }
+}
+
+/// The mutable state of a training run between optimizer steps (see [`Trainer::train`]).
+pub struct RunState {
+    optimizer: AdamW,
+    grads: Gradients,
+    vars: Vec<candle_core::Var>,
+    history: Vec<LogEntry>,
+    global_step: u64,
+    num_tokens: u64,
+    window: LogWindow,
+    step_losses: Vec<f64>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl RunState {
+    /// Completed optimizer steps.
+    pub fn global_step(&self) -> u64 {
+        self.global_step
+    }
+}
+
+/// What one optimizer step produced ([`Trainer::optimizer_step`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutput {
+    /// The step's loss (`Σ nll / num_items_in_batch`, plus the weighted aux loss).
+    pub loss: f64,
+    /// The total gradient norm before clipping (0 without gradients).
+    pub grad_norm: f64,
+    /// The epoch of the step (0-based).
+    pub epoch: u64,
+    /// Micro-batches of the epoch consumed after this step.
+    pub consumed: usize,
+    /// Fractional epoch after this step (HF's logged `epoch`).
+    pub epoch_f: f64,
 }
 
 /// Metrics accumulated between two logs.

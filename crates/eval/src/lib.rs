@@ -12,7 +12,10 @@
 //! - [`format`](mod@format): Harmony format validity of generated token ids, channel texts and lengths;
 //! - [`proportion`]: a share with its 95 % Wilson interval (also for backdoor ASR/BDR/TDR);
 //! - [`metrics`]: per-row records and scores, and the aggregate [`EvalSummary`];
-//! - [`report`] and [`chart`]: `eval.json`, `eval.md` and the PNG bar chart.
+//! - [`report`] and [`chart`]: `eval.json`, `eval.md` and the PNG bar chart;
+//! - [`backdoor`]: BadChain-style poisoned GSM8K data, defense data (clean, Critical-CoT, DPO
+//!   pairs), split hygiene, the synthetic arithmetic task, and ASR / BDR / TDR with the
+//!   before/after report.
 //!
 //! ```no_run
 //! use gptoss_eval::*;
@@ -30,6 +33,7 @@
 //! ```
 
 pub mod answer;
+pub mod backdoor;
 pub mod chart;
 pub mod error;
 pub mod format;

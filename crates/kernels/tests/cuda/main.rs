@@ -2,6 +2,7 @@
 //! (feature `cuda`; needs a GPU: `cargo test --release --features cuda -p gptoss-kernels --test
 //! cuda`, see docs/cuda.md). The in-module unit tests of the crate cover the rest (grouped
 //! matmuls, fused MXFP4 GEMM, flash attention, top-k, dots) on the GPU too.
+#![cfg(feature = "cuda")]
 
 mod attention;
 mod lora;

@@ -10,6 +10,7 @@ Prints per configuration the median step time, tokens/s and torch.cuda.max_memor
 
     python3 benches/baseline_transformers_peft.py [--seq 1024,2048] [--steps 5] [--warmup 1]
         [--gc both|on|off] [--layers N] [--experts-implementation eager|grouped_mm|...] [--tiny --cpu]
+        [--model DIR]   # a checkpoint (make_checkpoint's), MXFP4 experts dequantized at load
 
 Needs torch, transformers >= 5 and peft 0.21 (measured with torch 2.11, transformers 5.17, peft 0.21.2).
 """
@@ -27,8 +28,21 @@ from peft import LoraConfig, get_peft_model
 GIB = float(1 << 30)
 
 
+def load(args, device):
+    """A checkpoint directory (e.g. make_checkpoint's) as the seed recipe loads it: MXFP4 experts
+    dequantized to bf16 (Mxfp4Config(dequantize=True)), eager attention."""
+    from transformers import Mxfp4Config
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.bfloat16, attn_implementation="eager", device_map=device.type,
+        quantization_config=Mxfp4Config(dequantize=True), use_cache=False,
+    )
+    return model, model.config
+
+
 def build(args, device):
-    if args.tiny:
+    if args.model:
+        model, config = load(args, device)
+    elif args.tiny:
         config = GptOssConfig(
             vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
@@ -46,17 +60,18 @@ def build(args, device):
             max_position_embeddings=131072, initializer_range=0.02, tie_word_embeddings=False,
             router_aux_loss_coef=0.9, output_router_logits=False,
         )
-    if args.layers is not None:
-        config.num_hidden_layers = min(args.layers, config.num_hidden_layers)
-        config.layer_types = config.layer_types[: config.num_hidden_layers]
-    config.use_cache = False
-    dtype = torch.float32 if args.cpu else torch.bfloat16
-    kwargs = dict(dtype=dtype, attn_implementation="eager")
-    if args.experts_implementation:
-        kwargs["experts_implementation"] = args.experts_implementation
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if not args.model:
+        if args.layers is not None:
+            config.num_hidden_layers = min(args.layers, config.num_hidden_layers)
+            config.layer_types = config.layer_types[: config.num_hidden_layers]
+        config.use_cache = False
+        dtype = torch.float32 if args.cpu else torch.bfloat16
+        kwargs = dict(dtype=dtype, attn_implementation="eager")
+        if args.experts_implementation:
+            kwargs["experts_implementation"] = args.experts_implementation
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
     model.config.use_cache = False
     layers = config.num_hidden_layers
     target_parameters = [
@@ -94,6 +109,7 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--experts-implementation", default=None)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--model", default=None, help="a checkpoint directory instead of random weights")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)

@@ -3,9 +3,10 @@
 //! Builds gpt-oss-20b with random weights directly on the device — experts as random MXFP4
 //! blocks/scales kept packed (as a checkpoint stores them) and decoded per routed expert inside the
 //! grouped matmul, everything else bf16 — applies the cookbook LoRA (r 8, α 16, all attention linears + both expert
-//! weights of layers 7/15/23), and times full optimizer steps (forward + backward through
-//! `gptoss_sft::trainer::forward_backward`, `clip_grad_norm(1.0)`, AdamW) on random token sequences,
-//! batch 1, with and without per-layer gradient checkpointing. Prints per configuration the median
+//! weights of layers 7/15/23), and times full optimizer steps of the trainer itself
+//! (`gptoss_sft::trainer::Trainer::train` with its default options, a [`StepTimer`] observer) on
+//! synthetic rows of random tokens, batch 1, with and without per-layer gradient checkpointing.
+//! `--model DIR` loads a checkpoint instead (MXFP4 experts resident, `--dequantize` for dense). Prints per configuration the median
 //! step time, tokens/s and the peak device memory (CUDA's default memory pool high-water mark of
 //! allocated bytes, which is what `torch.cuda.max_memory_allocated` reports for PyTorch, and of
 //! reserved bytes).
@@ -20,11 +21,14 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
-use gptoss_kernels::profile::scope;
+use gptoss_kernels::{device_memory, MemoryPool};
 use gptoss_lora::{LoraConfig, LoraModel};
-use gptoss_model::{init_random, init_random_packed, Config, GptOssForCausalLM};
-use gptoss_sft::optim::{AdamW, AdamWConfig, Gradients};
-use gptoss_sft::trainer::{forward_backward, BackwardOptions, MicroBatch};
+use gptoss_model::{init_random, init_random_packed, Config, GptOssForCausalLM, LoadOptions};
+use gptoss_sft::config::TrainingConfig;
+use gptoss_sft::trainer::timing::median;
+use gptoss_sft::trainer::{
+    forward_backward, synthetic_rows, BackwardOptions, MicroBatch, StepTimer, Trainer,
+};
 
 type BoxError = Box<dyn std::error::Error>;
 type BoxResult<T> = Result<T, BoxError>;
@@ -47,10 +51,13 @@ struct Args {
     /// Keep only the first N decoder layers (LoRA expert targets beyond them are dropped).
     #[arg(long)]
     layers: Option<usize>,
-    /// A real checkpoint directory (config.json + safetensors) instead of random weights; its
-    /// experts are loaded dense (bf16).
+    /// A checkpoint directory (config.json + safetensors, HF layout) instead of random weights;
+    /// MXFP4 experts stay resident on CUDA.
     #[arg(long)]
     model: Option<std::path::PathBuf>,
+    /// With --model: dequantize MXFP4 experts to dense bf16 at load.
+    #[arg(long)]
+    dequantize: bool,
     /// Random dense bf16 experts instead of MXFP4-resident ones.
     #[arg(long)]
     dense_experts: bool,
@@ -60,7 +67,7 @@ struct Args {
     /// The tiny test configuration instead of gpt-oss-20b.
     #[arg(long)]
     tiny: bool,
-    /// Learning rate of AdamW.
+    /// Learning rate (the trainer's schedule: cosine with min lr 0.1, 3 % warmup).
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
     /// Seed of the weights, the adapters and the tokens.
@@ -90,113 +97,15 @@ struct Args {
     moe_chunk: Option<usize>,
 }
 
-/// Device memory figures in bytes, from CUDA's default memory pool (what candle allocates from).
-#[cfg(feature = "cuda")]
-mod mem {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
-    use candle_core::Device;
-
-    pub struct Pool(sys::CUmemoryPool);
-
-    impl Pool {
-        pub fn of(dev: &Device) -> Option<Pool> {
-            let cd = dev.as_cuda_device().ok()?;
-            let stream = cd.cuda_stream();
-            let ctx = stream.context();
-            ctx.bind_to_thread().ok()?;
-            // SAFETY: the device handle comes from a live context.
-            unsafe { result::device::get_default_mem_pool(ctx.cu_device()) }
-                .ok()
-                .map(Pool)
-        }
-
-        fn get(&self, attr: sys::CUmemPool_attribute) -> u64 {
-            let mut v: u64 = 0;
-            // SAFETY: the attributes read here are 64-bit counters.
-            let _ = unsafe {
-                result::mem_pool::get_attribute(self.0, attr, &mut v as *mut u64 as *mut _)
-            };
-            v
-        }
-
-        /// (allocated now, allocated high-water mark, reserved high-water mark).
-        pub fn stats(&self) -> (u64, u64, u64) {
-            use sys::CUmemPool_attribute::*;
-            (
-                self.get(CU_MEMPOOL_ATTR_USED_MEM_CURRENT),
-                self.get(CU_MEMPOOL_ATTR_USED_MEM_HIGH),
-                self.get(CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH),
-            )
-        }
-
-        /// Never release freed pool memory back to the driver.
-        pub fn keep_memory(&self) {
-            let mut max: u64 = u64::MAX;
-            // SAFETY: the release threshold is a 64-bit value.
-            let _ = unsafe {
-                result::mem_pool::set_attribute(
-                    self.0,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                    &mut max as *mut u64 as *mut _,
-                )
-            };
-        }
-
-        pub fn reset_high(&self) {
-            use sys::CUmemPool_attribute::*;
-            for attr in [
-                CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-            ] {
-                let mut zero: u64 = 0;
-                // SAFETY: resetting a high-water mark takes a 64-bit zero.
-                let _ = unsafe {
-                    result::mem_pool::set_attribute(self.0, attr, &mut zero as *mut u64 as *mut _)
-                };
-            }
-        }
-    }
-
-    /// (free, total) bytes of the device.
-    pub fn info() -> (usize, usize) {
-        result::mem_get_info().unwrap_or((0, 0))
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-mod mem {
-    use candle_core::Device;
-    pub struct Pool;
-    impl Pool {
-        pub fn of(_: &Device) -> Option<Pool> {
-            None
-        }
-        pub fn stats(&self) -> (u64, u64, u64) {
-            (0, 0, 0)
-        }
-        pub fn reset_high(&self) {}
-        pub fn keep_memory(&self) {}
-    }
-    pub fn info() -> (usize, usize) {
-        (0, 0)
-    }
-}
-
 const GIB: f64 = (1u64 << 30) as f64;
-
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
 
 fn build_model(args: &Args, dev: &Device) -> BoxResult<GptOssForCausalLM> {
     if let Some(dir) = &args.model {
         if args.layers.is_some() {
             return Err("--layers applies to random models only, not --model".into());
         }
-        return Ok(gptoss_model::load(dir, DType::BF16, dev)?);
+        let opts = LoadOptions::dequantized_if(DType::BF16, args.dequantize);
+        return Ok(gptoss_model::load_with(dir, dev, &opts)?);
     }
     let mut config = if args.tiny {
         Config::tiny()
@@ -236,62 +145,38 @@ fn lora_config(layers: usize) -> LoraConfig {
     cfg
 }
 
-struct StepStats {
-    secs: f64,
-    loss: f64,
-}
-
-fn step(
+/// `warmup + steps` optimizer steps of the trainer at sequence length `seq`, timed per step.
+fn train_steps(
     model: &GptOssForCausalLM,
-    opt: &mut AdamW,
-    vars: &[Var],
+    lora: &LoraModel,
+    args: &Args,
     seq: usize,
     gc: bool,
-    lr: f64,
-    rng: &mut u64,
-) -> BoxResult<StepStats> {
-    let dev = model.device();
-    let vocab = model.config().vocab_size as u64;
-    let ids: Vec<u32> = (0..seq).map(|_| (xorshift(rng) % vocab) as u32).collect();
-    let batch = MicroBatch::causal(&ids, dev)?;
-    let opts = BackwardOptions {
-        num_items_in_batch: seq - 1,
-        aux_scale: 0.0,
+) -> BoxResult<StepTimer> {
+    let n = args.warmup + args.steps;
+    let out = std::env::temp_dir().join(format!("bench_train_step_{}", std::process::id()));
+    let cfg = TrainingConfig {
+        learning_rate: args.lr,
+        max_steps: Some(n as u64),
+        max_length: seq,
         gradient_checkpointing: gc,
-        lm_head_chunk: 1024,
+        // One micro-batch of `seq` tokens per optimizer step: the table's tokens/s is seq / step.
+        gradient_accumulation_steps: 1,
+        shuffle: false,
+        save_steps: 0,
+        logging_steps: n as u64,
+        output_dir: out.clone(),
+        seed: args.seed,
+        ..TrainingConfig::default()
     };
-    dev.synchronize()?;
-    let t0 = Instant::now();
-    let out = scope("step.forward_backward", dev, || {
-        forward_backward(model, vars, &batch, &opts).map_err(BoxError::from)
-    })?;
-    let mut grads = Gradients::new(vars.len());
-    for (i, g) in out.grads.into_iter().enumerate() {
-        if let Some(g) = g {
-            grads.set(i, g)?;
-        }
-    }
-    scope("step.clip+adamw", dev, || -> BoxResult<()> {
-        // as the trainer: the norm is read after the optimizer step is enqueued
-        if let Some(n) = opt.clip_and_step(&mut grads, lr, Some(1.0))? {
-            n.to_scalar::<f32>()?;
-        }
-        Ok(())
-    })?;
-    scope("step.final_sync", dev, || dev.synchronize())?;
-    Ok(StepStats {
-        secs: t0.elapsed().as_secs_f64(),
-        loss: out.nll_sum / out.count.max(1) as f64,
-    })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-    }
+    let rows = synthetic_rows(n, seq, model.config().vocab_size, args.seed);
+    let trainer = Trainer::new(model, lora, cfg, rows, model.device().clone())?;
+    let mut timer = StepTimer::new(true);
+    timer.profile_after = Some(args.warmup as u64);
+    let res = trainer.train(&mut timer);
+    let _ = std::fs::remove_dir_all(&out);
+    res?;
+    Ok(timer)
 }
 
 /// Loss and LoRA gradients (f32, on the CPU) of one fixed micro-batch on the tiny model saved in
@@ -534,7 +419,7 @@ fn main() -> BoxResult<()> {
     } else {
         gptoss_kernels::cuda_device(0)?
     };
-    let pool = mem::Pool::of(&dev);
+    let pool = MemoryPool::of(&dev);
     if let (true, Some(p)) = (args.pool_keep, &pool) {
         p.keep_memory();
     }
@@ -548,19 +433,22 @@ fn main() -> BoxResult<()> {
     dev.synchronize()?;
     let n_layers = model.model.layers.len();
     let lora = LoraModel::new(&mut model, lora_config(n_layers), args.seed)?;
-    let named = lora.trainable_vars();
-    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     dev.synchronize()?;
-    let weights_now = pool.as_ref().map(|p| p.stats().0).unwrap_or(0);
-    let (free, total) = mem::info();
+    let weights_now = pool.as_ref().map(|p| p.stats().allocated).unwrap_or(0);
+    let (free, total) = device_memory();
     println!(
         "model: {} layers, experts {}, {} trainable LoRA parameters; built in {:.1} s; \
          weights+adapters allocated {:.2} GiB; device free {:.2} / {:.2} GiB",
         n_layers,
-        if args.model.is_some() || args.dense_experts {
-            "dense bf16"
-        } else {
+        if model
+            .model
+            .layers
+            .iter()
+            .any(|l| l.mlp.experts.packed().is_some())
+        {
             "MXFP4-resident"
+        } else {
+            "dense bf16"
         },
         lora.trainable_params(),
         t_build.elapsed().as_secs_f64(),
@@ -573,61 +461,39 @@ fn main() -> BoxResult<()> {
         "off" => vec![false],
         _ => vec![true, false],
     };
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ args.seed;
     println!(
         "{:>6} {:>4} {:>10} {:>10} {:>12} {:>12} {:>8}",
         "seq", "gc", "median_s", "tokens/s", "peak_alloc", "peak_resv", "loss"
     );
     for &gc in &modes {
         for &seq in &args.seq {
-            let mut opt = AdamW::new(named.clone(), AdamWConfig::default())?;
             if let Some(p) = &pool {
                 p.reset_high();
             }
             gptoss_kernels::profile::reset();
-            let mut times = Vec::new();
-            let mut loss = f64::NAN;
-            let mut failed = None;
-            for i in 0..args.warmup + args.steps {
-                match step(&model, &mut opt, &vars, seq, gc, args.lr, &mut rng) {
-                    Ok(s) => {
-                        if i >= args.warmup {
-                            times.push(s.secs);
-                        }
-                        if i + 1 == args.warmup {
-                            // the profile covers the timed steps only (not compilation, pool growth)
-                            gptoss_kernels::profile::reset();
-                        }
-                        eprintln!(
-                            "  seq {seq} gc {gc} step {i}: {:.3} s loss {:.4}",
-                            s.secs, s.loss
-                        );
-                        loss = s.loss;
-                    }
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        break;
-                    }
+            let res = train_steps(&model, &lora, &args, seq, gc);
+            let st = pool.as_ref().map(|p| p.stats()).unwrap_or_default();
+            let timer = match res {
+                Ok(t) => t,
+                Err(e) => {
+                    let short: String = e.to_string().chars().take(160).collect();
+                    println!(
+                        "{seq:>6} {:>4} FAILED ({short}); peak_alloc {:.2} GiB",
+                        if gc { "on" } else { "off" },
+                        st.peak_allocated as f64 / GIB
+                    );
+                    continue;
                 }
-            }
-            let (_, high, resv) = pool.as_ref().map(|p| p.stats()).unwrap_or((0, 0, 0));
-            if let Some(e) = failed {
-                let short: String = e.chars().take(160).collect();
-                println!(
-                    "{seq:>6} {:>4} FAILED ({short}); peak_alloc {:.2} GiB",
-                    if gc { "on" } else { "off" },
-                    high as f64 / GIB
-                );
-                continue;
-            }
-            let m = median(times);
+            };
+            let m = timer.median_secs(args.warmup);
+            let loss = timer.steps.last().map_or(f64::NAN, |s| s.loss);
             println!(
                 "{seq:>6} {:>4} {:>10.4} {:>10.0} {:>9.2} GiB {:>8.2} GiB {:>8.4}",
                 if gc { "on" } else { "off" },
                 m,
                 seq as f64 / m,
-                high as f64 / GIB,
-                resv as f64 / GIB,
+                st.peak_allocated as f64 / GIB,
+                st.peak_reserved as f64 / GIB,
                 loss
             );
             print_profile(args.steps);

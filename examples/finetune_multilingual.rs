@@ -69,8 +69,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "bf16" => candle_core::DType::BF16,
                 other => return Err(format!("--dtype: expected bf16 or f32, got {other}").into()),
             };
-            println!("loading {} ({dtype:?}) ...", dir.display());
-            gptoss_model::load(dir, dtype, &device)?
+            let opts = gptoss_model::LoadOptions::dequantized_if(dtype, cfg.dequantize);
+            println!(
+                "loading {} ({dtype:?}, MXFP4 experts {}) ...",
+                dir.display(),
+                if opts.resident_on(&device) {
+                    "resident"
+                } else {
+                    "dequantized"
+                }
+            );
+            let t = std::time::Instant::now();
+            let model = gptoss_model::load_with(dir, &device, &opts)?;
+            println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+            model
         }
         None => {
             println!(
@@ -90,6 +102,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(loc) = &out.mlflow {
         println!("MLflow run: {loc}");
         println!("  view: MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file://$(realpath mlruns)");
+    }
+    if let Some((secs, n)) = out.steady_step_secs {
+        println!(
+            "steady-state step: {secs:.4} s (median of {n} steps after the first two, {} tokens at most per micro-batch)",
+            cfg.max_length
+        );
+    }
+    if let Some(m) = out.peak_memory {
+        const GIB: f64 = (1u64 << 30) as f64;
+        println!(
+            "peak device memory: {:.2} GiB allocated, {:.2} GiB reserved",
+            m.peak_allocated as f64 / GIB,
+            m.peak_reserved as f64 / GIB
+        );
     }
     println!("adapter saved to {}", out.adapter_dir.display());
     if out.outcome.interrupted {

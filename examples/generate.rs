@@ -27,6 +27,9 @@ struct Cli {
     /// Base model directory (HF layout). Default: the random demo model of `finetune_multilingual`.
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
+    /// Dequantize MXFP4 experts to dense bf16 at load (default: resident on CUDA).
+    #[arg(long)]
+    dequantize: bool,
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
@@ -79,7 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 HarmonyTokenizer::o200k_harmony()?
             };
-            (gptoss_model::load(dir, dtype, &device)?, tok)
+            let opts = gptoss_model::LoadOptions::dequantized_if(dtype, cli.dequantize);
+            (gptoss_model::load_with(dir, &device, &opts)?, tok)
         }
         None => {
             eprintln!("no --model: using the random demo model (its output is gibberish)");

@@ -54,5 +54,6 @@ pub use norm::rms_norm;
 pub use rope::{rotary, rotary_tokens_first};
 pub use runtime::device::{cuda_device, cuda_if_available};
 pub use runtime::fast_path::FastPath;
+pub use runtime::memory::{device_memory, MemoryPool, PoolStats};
 pub use scaled_delta::{add_scaled_delta, scaled_delta_grad};
 pub use seed_grad::seed_gradient;

@@ -16,13 +16,15 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{hash_map::Entry, BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
-use gptoss_model::{ExpertAdapter, GptOssForCausalLM, LinearAdapter, SaveOptions};
+use gptoss_model::{
+    ExpertAdapter, ExpertParam, GptOssForCausalLM, LinearAdapter, PackedExperts, SaveOptions,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::json;
@@ -46,6 +48,9 @@ pub struct LoraModel {
     experts: Vec<(ExpertTarget, Arc<LoraExperts>)>,
     training: Arc<AtomicBool>,
     merged: bool,
+    /// The MXFP4-resident weights of the expert modules that merging made dense (by module name),
+    /// restored exactly by unmerging.
+    resident: HashMap<String, Arc<PackedExperts>>,
 }
 
 fn model_err(e: gptoss_model::ModelError) -> LoraError {
@@ -137,6 +142,7 @@ impl LoraModel {
             experts,
             training,
             merged: false,
+            resident: HashMap::new(),
         };
         me.install(model, true);
         Ok(me)
@@ -313,7 +319,7 @@ impl LoraModel {
     }
 
     /// Removes the adapters without merging (PEFT `unload`); if merged, unmerges first.
-    pub fn unload(self, model: &mut GptOssForCausalLM) -> Result<()> {
+    pub fn unload(mut self, model: &mut GptOssForCausalLM) -> Result<()> {
         if self.merged {
             self.apply_delta(model, -1.0)?;
         }
@@ -322,9 +328,12 @@ impl LoraModel {
     }
 
     /// All new weights are computed first, then written; a failing computation changes nothing.
-    fn apply_delta(&self, model: &mut GptOssForCausalLM, sign: f64) -> Result<()> {
+    ///
+    /// MXFP4-resident experts (`Experts::packed`) are dequantized, merged and kept dense (merging
+    /// into blocks would need a requantization that loses the delta); unmerging (`sign < 0`)
+    /// restores their packed weights exactly instead of subtracting.
+    fn apply_delta(&mut self, model: &mut GptOssForCausalLM, sign: f64) -> Result<()> {
         let mut new_linear: HashMap<String, Tensor> = HashMap::new();
-        let mut new_expert: HashMap<(String, &'static str), Tensor> = HashMap::new();
         {
             let linears: HashMap<String, &mut gptoss_model::Linear> =
                 model.named_linears_mut().into_iter().collect();
@@ -335,36 +344,92 @@ impl LoraModel {
                 new_linear.insert(t.shape.name.clone(), merged);
             }
         }
-        {
-            let experts: HashMap<String, &mut gptoss_model::Experts> =
-                model.named_experts_mut().into_iter().collect();
-            for (t, a) in &self.experts {
-                let w = experts[&t.shape.module].param(t.shape.param);
-                // expert by expert: the peak extra memory is one expert's ΔW, not the whole [E, in, out] stack
-                let mut rows = Vec::with_capacity(a.num_experts());
-                for e in 0..a.num_experts() {
-                    let dw = (a.expert_delta_weight(e)?.detach() * sign)?.to_dtype(w.dtype())?;
-                    rows.push((w.get(e)? + dw)?);
-                }
-                new_expert.insert(
-                    (t.shape.module.clone(), t.shape.param.name()),
-                    Tensor::stack(&rows, 0)?,
-                );
-            }
-        }
+        let restore = sign < 0.0;
+        let new_expert = self.merged_experts(model, sign)?;
         for (name, lin) in model.named_linears_mut() {
             if let Some(w) = new_linear.remove(&name) {
                 lin.set_weight(w).map_err(model_err)?;
             }
         }
         for (name, ex) in model.named_experts_mut() {
+            if restore {
+                if let Some(p) = self.resident.remove(&name) {
+                    ex.set_resident(p).map_err(model_err)?;
+                    continue;
+                }
+            }
+            let key = |p: ExpertParam| (name.clone(), p.name());
+            if ex.packed().is_some() && new_expert.contains_key(&key(ExpertParam::GateUp)) {
+                let (Some(gu), Some(down)) = (
+                    new_expert.get(&key(ExpertParam::GateUp)),
+                    new_expert.get(&key(ExpertParam::Down)),
+                ) else {
+                    return Err(LoraError::State(format!(
+                        "{name}: both expert weights expected"
+                    )));
+                };
+                if let Some(p) = ex.set_dense(gu.clone(), down.clone()).map_err(model_err)? {
+                    self.resident.insert(name.clone(), p);
+                }
+                continue;
+            }
             for (t, _) in self.experts.iter().filter(|(t, _)| t.shape.module == name) {
-                if let Some(w) = new_expert.remove(&(name.clone(), t.shape.param.name())) {
-                    ex.set_param(t.shape.param, w).map_err(model_err)?;
+                if let Some(w) = new_expert.get(&key(t.shape.param)) {
+                    ex.set_param(t.shape.param, w.clone()).map_err(model_err)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// `W[e] + sign·ΔW[e]` of every targeted expert parameter, by (module, parameter name); for a
+    /// module whose experts are MXFP4-resident, both parameters dense (the untargeted one only
+    /// dequantized), since the module then goes dense as a whole.
+    fn merged_experts(
+        &self,
+        model: &mut GptOssForCausalLM,
+        sign: f64,
+    ) -> Result<HashMap<(String, &'static str), Tensor>> {
+        let experts: HashMap<String, &mut gptoss_model::Experts> =
+            model.named_experts_mut().into_iter().collect();
+        let dense = |ex: &gptoss_model::Experts, p: ExpertParam| -> Result<Tensor> {
+            match ex.packed() {
+                Some(packed) => Ok(packed
+                    .dequantize(p, ex.param(p).dtype())
+                    .map_err(model_err)?
+                    .contiguous()?),
+                None => Ok(ex.param(p).clone()),
+            }
+        };
+        let mut out = HashMap::new();
+        for (t, a) in &self.experts {
+            if sign < 0.0 && self.resident.contains_key(&t.shape.module) {
+                continue; // restored from its packed weights instead
+            }
+            let ex = &experts[&t.shape.module];
+            let w = dense(ex, t.shape.param)?;
+            // expert by expert: the peak extra memory is one expert's ΔW, not the whole [E, in, out] stack
+            let mut rows = Vec::with_capacity(a.num_experts());
+            for e in 0..a.num_experts() {
+                let dw = (a.expert_delta_weight(e)?.detach() * sign)?.to_dtype(w.dtype())?;
+                rows.push((w.get(e)? + dw)?);
+            }
+            out.insert(
+                (t.shape.module.clone(), t.shape.param.name()),
+                Tensor::stack(&rows, 0)?,
+            );
+        }
+        for (module, ex) in &experts {
+            if ex.packed().is_none() || !out.keys().any(|(m, _)| m == module) {
+                continue;
+            }
+            for p in [ExpertParam::GateUp, ExpertParam::Down] {
+                if let Entry::Vacant(slot) = out.entry((module.clone(), p.name())) {
+                    slot.insert(dense(ex, p)?);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

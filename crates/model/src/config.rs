@@ -335,6 +335,25 @@ impl Config {
         c
     }
 
+    /// The gpt-oss architecture at tiny dims with the real o200k_harmony vocabulary (201,088, so
+    /// the real tokenizer and chat format apply): hidden 128, 4 layers alternating sliding (window
+    /// 128) and full attention, 4 query heads over 2 kv heads of width 32, 8 experts top-2 with
+    /// intermediate 128, pad `<|endoftext|>` and eos `<|return|>` as the released checkpoints. The
+    /// model of the CPU demo and of `make_checkpoint --arch tiny`.
+    pub fn gpt_oss_tiny() -> Self {
+        let mut c = Self::small();
+        c.hidden_size = 128;
+        c.num_attention_heads = 4;
+        c.num_key_value_heads = 2;
+        c.head_dim = Some(32);
+        c.intermediate_size = 128;
+        c.vocab_size = 201_088;
+        c.sliding_window = Some(128);
+        c.pad_token_id = Some(199_999);
+        c.eos_token_id = Some(TokenIds::One(200_002));
+        c
+    }
+
     /// A small config for CPU benchmarks: V=1024, H=256, 4 layers, 8 q-heads over 2 kv-heads of width 32,
     /// 8 experts top-2 with I=256, window 32.
     pub fn small() -> Self {

@@ -30,7 +30,7 @@
 //!   → packed_experts → moe                          (router + experts, dense or MXFP4-resident)
 //!   → model                                         (DecoderLayer, GptOssModel, GptOssForCausalLM)
 //!   → spec                                          (named parameters and their shapes)
-//!   → init, checkpoint, memory                      (random init, HF checkpoints, size estimates)
+//!   → init, checkpoint, memory, synthetic           (random init, HF checkpoints, sizes, synthetic checkpoints)
 //! loss, generate                                    (on top of model)
 //! ```
 
@@ -52,9 +52,13 @@ mod packed_experts;
 mod rope;
 pub mod route_replay;
 mod spec;
+pub mod synthetic;
 
 pub use attention::{Attention, LayerCache};
-pub use checkpoint::{checkpoint_files, load, save, SaveOptions, INDEX_FILE, SINGLE_FILE};
+pub use checkpoint::{
+    checkpoint_files, load, load_with, save, ExpertLoading, LoadOptions, SaveOptions, INDEX_FILE,
+    SINGLE_FILE,
+};
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
 pub use error::{ModelError, Result};
 pub use generate::{
@@ -77,3 +81,4 @@ pub use packed_experts::PackedExperts;
 pub use rope::{apply_rotary, RopeParams};
 pub use route_replay::RouteReplay;
 pub use spec::{named_parameters, num_parameters, tensor_specs, ParamKind, TensorSpec};
+pub use synthetic::{write_synthetic_checkpoint, SyntheticOptions, SyntheticSummary};

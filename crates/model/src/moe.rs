@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::hooks::{ExpertAdapter, ExpertParam};
-use crate::packed_experts::PackedExperts;
+use crate::packed_experts::{placeholder, PackedExperts};
 use crate::route_replay;
 use gptoss_kernels::frozen_matmul;
 use gptoss_kernels::grouped::{grouped_matmul, GroupedWeight, Spans};
@@ -132,6 +132,47 @@ impl Experts {
     /// parameters are then placeholders (see [`crate::init_random_packed`]). `None` goes back to them.
     pub fn set_packed(&mut self, packed: Option<Arc<PackedExperts>>) {
         self.packed = packed;
+    }
+
+    /// Makes MXFP4-resident experts dense (for merging an adapter into them): the parameters become
+    /// `gate_up` `[E, H, 2I]` and `down` `[E, I, H]` (run dtype and device, as the placeholders they
+    /// replace) and the packed weights are returned; dense experts just take the new parameters
+    /// (`None`).
+    pub fn set_dense(
+        &mut self,
+        gate_up: Tensor,
+        down: Tensor,
+    ) -> Result<Option<Arc<PackedExperts>>> {
+        for (p, w) in [(ExpertParam::GateUp, &gate_up), (ExpertParam::Down, &down)] {
+            let cur = self.param(p);
+            if w.dims() != cur.dims() || w.dtype() != cur.dtype() {
+                return Err(ModelError::arg(
+                    p.name(),
+                    format!(
+                        "expected {:?} {:?}, got {:?} {:?}",
+                        cur.dims(),
+                        cur.dtype(),
+                        w.dims(),
+                        w.dtype()
+                    ),
+                ));
+            }
+        }
+        self.set_param(ExpertParam::GateUp, gate_up)?;
+        self.set_param(ExpertParam::Down, down)?;
+        Ok(self.packed.take())
+    }
+
+    /// Makes the experts MXFP4-resident again with `packed` (what [`Self::set_dense`] returned); the
+    /// dense parameters become placeholders of their shapes.
+    pub fn set_resident(&mut self, packed: Arc<PackedExperts>) -> Result<()> {
+        for p in [ExpertParam::GateUp, ExpertParam::Down] {
+            let cur = self.param(p);
+            let stand_in = placeholder(cur.dims(), cur.dtype(), cur.device())?;
+            self.set_param(p, stand_in)?;
+        }
+        self.packed = Some(packed);
+        Ok(())
     }
 
     /// The MXFP4-resident weights, if any.

@@ -105,15 +105,21 @@ impl PackedExperts {
     /// The parameter as the MoE's grouped matmul takes it: still packed, dequantized to `dtype` one
     /// expert at a time inside the matmul (see [`gptoss_kernels::grouped`]).
     pub(crate) fn grouped_weight(&self, p: ExpertParam, dtype: DType) -> GroupedWeight {
-        let (blocks, scales) = match p {
-            ExpertParam::GateUp => (&self.gate_up_blocks, &self.gate_up_scales),
-            ExpertParam::Down => (&self.down_blocks, &self.down_scales),
-        };
+        let (blocks, scales) = self.blocks_and_scales(p);
         GroupedWeight::Packed {
             blocks: blocks.clone(),
             scales: scales.clone(),
             dtype,
             transposed: false,
+        }
+    }
+
+    /// The `*_blocks` `[E, out, in/32, 16]` and `*_scales` `[E, out, in/32]` (u8) of a parameter, as
+    /// the checkpoint stores them.
+    pub fn blocks_and_scales(&self, p: ExpertParam) -> (&Tensor, &Tensor) {
+        match p {
+            ExpertParam::GateUp => (&self.gate_up_blocks, &self.gate_up_scales),
+            ExpertParam::Down => (&self.down_blocks, &self.down_scales),
         }
     }
 

@@ -175,3 +175,126 @@ fn loader_errors_name_tensor_file_and_shapes() {
         let _ = std::fs::remove_dir_all(tmp(t));
     }
 }
+
+/// The transformers fixtures loaded with MXFP4-resident experts (decoded inside the expert
+/// matmuls) give transformers' logits, as the dequantized load does.
+#[test]
+fn resident_experts_match_transformers() {
+    use gptoss_model::{load_with, ExpertLoading, LoadOptions};
+    for name in ["tiny-gpt-oss", "tiny-gpt-oss-w128"] {
+        let r = reference(name);
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            experts: ExpertLoading::Resident,
+        };
+        let model = load_with(fixture(name), &Device::Cpu, &opts).unwrap();
+        assert!(model
+            .model
+            .layers
+            .iter()
+            .all(|l| l.mlp.experts.packed().is_some()));
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let d = max_abs(&model.forward(&ids, None).unwrap(), &r["logits"]);
+        assert!(
+            d <= 1e-4,
+            "{name}: resident logits differ from transformers by {d}"
+        );
+    }
+}
+
+/// A copy of the sharded fixture in a fresh directory, for breaking one file of it.
+fn sharded_copy(tag: &str) -> PathBuf {
+    let src = fixture("tiny-gpt-oss");
+    let dir = tmp(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// Broken checkpoints (a shard missing, a truncated shard, a tensor of the wrong dtype, a config
+/// that does not match the shards) give an error naming the file and the tensor, in both loading
+/// modes.
+#[test]
+fn broken_checkpoints_name_file_and_tensor() {
+    use gptoss_model::{load_with, ExpertLoading, LoadOptions};
+    let modes = [ExpertLoading::Resident, ExpertLoading::Dequantize];
+    let load_all = |dir: &std::path::Path| -> Vec<String> {
+        modes
+            .iter()
+            .map(|&experts| {
+                let opts = LoadOptions {
+                    dtype: DType::F32,
+                    experts,
+                };
+                match load_with(dir, &Device::Cpu, &opts) {
+                    Ok(_) => panic!("{}: a broken checkpoint loaded", dir.display()),
+                    Err(e) => e.to_string(),
+                }
+            })
+            .collect()
+    };
+    // a shard named by the index is missing
+    let dir = sharded_copy("noshard");
+    std::fs::remove_file(dir.join("model-00002-of-00005.safetensors")).unwrap();
+    for s in load_all(&dir) {
+        assert!(s.contains("model-00002-of-00005.safetensors"), "{s}");
+    }
+    // a truncated shard
+    let dir = sharded_copy("truncated");
+    let f = dir.join("model-00003-of-00005.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    for s in load_all(&dir) {
+        assert!(s.contains("model-00003-of-00005.safetensors"), "{s}");
+    }
+    // MXFP4 scales stored as f32, a sink stored as u8
+    for (tag, name, t) in [
+        (
+            "scales_dtype",
+            "model.layers.2.mlp.experts.down_proj_scales",
+            Tensor::zeros((4, 64, 2), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "sink_dtype",
+            "model.layers.1.self_attn.sinks",
+            Tensor::zeros(4, DType::U8, &Device::Cpu).unwrap(),
+        ),
+    ] {
+        let dir = edited(tag, |m| {
+            m.insert(name.into(), t);
+        });
+        for s in load_all(&dir) {
+            assert!(s.contains(name) && s.contains("model.safetensors"), "{s}");
+        }
+    }
+    // a config of another size than the shards (as a 120b config over 20b shards)
+    let dir = sharded_copy("config");
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["num_local_experts"] = 8.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    for s in load_all(&dir) {
+        assert!(
+            s.contains("model.layers.0.") && s.contains(".safetensors"),
+            "{s}"
+        );
+    }
+    for t in [
+        "noshard",
+        "truncated",
+        "scales_dtype",
+        "sink_dtype",
+        "config",
+    ] {
+        let _ = std::fs::remove_dir_all(tmp(t));
+    }
+}

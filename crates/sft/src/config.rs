@@ -76,6 +76,10 @@ pub struct TrainingConfig {
     pub model_name_or_path: Option<PathBuf>,
     /// Truncate tokenized rows to this many tokens, keeping the start (default 2048).
     pub max_length: usize,
+    /// Dequantize MXFP4 experts to dense parameters at load (transformers'
+    /// `Mxfp4Config(dequantize=True)`); by default they stay resident on CUDA. YAML
+    /// `model.dequantize`, flag `--dequantize`.
+    pub dequantize: bool,
     // ---- data
     /// Dataset path or HF id in the local cache; `None` = the bundled sample dataset.
     pub dataset: Option<String>,
@@ -161,6 +165,7 @@ impl Default for TrainingConfig {
         Self {
             model_name_or_path: None,
             max_length: 2048,
+            dequantize: false,
             dataset: None,
             skip_malformed_rows: false,
             loss_mask: LossMaskMode::All,
@@ -462,6 +467,8 @@ pub struct ModelSection {
     pub name_or_path: Option<PathBuf>,
     /// Truncation length.
     pub max_length: Option<usize>,
+    /// Dequantize MXFP4 experts at load.
+    pub dequantize: Option<bool>,
 }
 
 /// `data:` keys.
@@ -658,6 +665,7 @@ impl YamlConfig {
         if let Some(m) = self.model {
             set_opt(&mut cfg.model_name_or_path, m.name_or_path);
             set(&mut cfg.max_length, m.max_length);
+            set(&mut cfg.dequantize, m.dequantize);
         }
         if let Some(d) = self.data {
             set_opt(&mut cfg.dataset, d.dataset);
@@ -738,6 +746,10 @@ pub struct TrainingArgs {
     /// Truncation length in tokens. [default: 2048]
     #[arg(long)]
     pub max_length: Option<usize>,
+    /// Dequantize MXFP4 experts to dense bf16 at load (default: resident on CUDA, decoded inside
+    /// the expert GEMMs). [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub dequantize: Option<bool>,
     /// Dataset: .jsonl/.json/.parquet file, directory, or HF id in the local cache. [default: bundled sample]
     #[arg(long)]
     pub dataset: Option<String>,
@@ -871,6 +883,7 @@ impl TrainingArgs {
         let a = self.clone();
         set_opt(&mut cfg.model_name_or_path, a.model_name_or_path);
         set(&mut cfg.max_length, a.max_length);
+        set(&mut cfg.dequantize, a.dequantize);
         set_opt(&mut cfg.dataset, a.dataset);
         set(&mut cfg.skip_malformed_rows, a.skip_malformed_rows);
         set(&mut cfg.loss_mask, a.loss_mask);

@@ -9,6 +9,7 @@
 //! - [`adapters`]: what the loop needs from the LoRA adapters; restoring them on resume.
 //! - [`interrupt`]: the Ctrl-C flag.
 //! - [`report`]: console lines, progress bar and MLflow run ([`report::StandardObserver`]).
+//! - [`timing`]: what benchmarks time: the trainer's own steps on synthetic rows.
 //!
 //! Checkpoint files come from [`crate::checkpoint`], log records from [`crate::logging`].
 //! - [`chat`]: prompting and streaming generation split by harmony channel.
@@ -25,6 +26,7 @@ pub mod model_adapter;
 pub mod pipeline;
 pub mod report;
 pub mod run;
+pub mod timing;
 
 pub use adapters::{load_adapter_weights, TrainableAdapters};
 pub use backward::{
@@ -39,3 +41,4 @@ pub use report::StandardObserver;
 pub use run::{
     NoObserver, RunState, StepOutput, TrainObserver, TrainOutcome, Trainer, TrainerOptions,
 };
+pub use timing::{synthetic_rows, StepTimer, TimedStep};

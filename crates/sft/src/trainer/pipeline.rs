@@ -92,6 +92,52 @@ pub fn write_processor_files(dir: &Path, model_dir: Option<&Path>) -> Result<()>
     Ok(())
 }
 
+/// The tokenizer files of a gpt-oss checkpoint, written into `dir`: `chat_template.jinja`,
+/// `tokenizer_config.json` (added tokens, bos `<|startoftext|>`, eos `<|return|>`, pad
+/// `<|endoftext|>`, `PreTrainedTokenizerFast`) and `special_tokens_map.json`, as the released
+/// checkpoints ship them (used by `make_checkpoint`).
+pub fn write_tokenizer_files(dir: &Path) -> Result<()> {
+    crate::atomic::write_bytes(
+        &dir.join("chat_template.jinja"),
+        gptoss_harmony::hf::CHAT_TEMPLATE.as_bytes(),
+    )?;
+    let tok = HarmonyTokenizer::o200k_harmony()?;
+    let mut specials: Vec<(u32, &str)> = tok
+        .special_tokens()
+        .into_iter()
+        .filter_map(|t| tok.special_token_id(t).map(|id| (id, t)))
+        .collect();
+    specials.sort();
+    let mut added = serde_json::Map::new();
+    for (id, text) in specials {
+        added.insert(
+            id.to_string(),
+            serde_json::json!({
+                "content": text, "lstrip": false, "normalized": false,
+                "rstrip": false, "single_word": false, "special": true
+            }),
+        );
+    }
+    let config = serde_json::json!({
+        "added_tokens_decoder": added,
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": false,
+        "eos_token": "<|return|>",
+        "extra_special_tokens": {},
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 1e30,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast"
+    });
+    crate::atomic::write_json(&dir.join("tokenizer_config.json"), &config)?;
+    let map = serde_json::json!({
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|return|>",
+        "pad_token": "<|endoftext|>"
+    });
+    crate::atomic::write_json(&dir.join("special_tokens_map.json"), &map)
+}
+
 /// What [`finetune`] produced.
 pub struct FinetuneOutput {
     /// The trained adapters (still installed on the model).
@@ -102,6 +148,11 @@ pub struct FinetuneOutput {
     pub adapter_dir: PathBuf,
     /// Where the MLflow run went, if any.
     pub mlflow: Option<String>,
+    /// Median wall seconds of the optimizer steps after the first two (compilation, pool
+    /// growth), and how many steps that is (`None` with fewer than three steps).
+    pub steady_step_secs: Option<(f64, usize)>,
+    /// Peak device memory of the run (CUDA's pool high-water marks; `None` off CUDA).
+    pub peak_memory: Option<gptoss_kernels::PoolStats>,
 }
 
 /// Runs the recipe on `model`: data, LoRA (seeded by `cfg.seed`), training with console,
@@ -130,12 +181,16 @@ pub fn finetune(
     let pad = model.config().pad_token_id.unwrap_or(199_999);
     let device = model.device().clone();
     let model: &GptOssForCausalLM = model;
-    let trainer = Trainer::new(model, &lora, cfg.clone(), data.examples, device)?
+    let trainer = Trainer::new(model, &lora, cfg.clone(), data.examples, device.clone())?
         .with_options(TrainerOptions {
             pad_token_id: pad,
             ..TrainerOptions::default()
         })
         .with_extra_files(&extra);
+    let pool = gptoss_kernels::MemoryPool::of(&device);
+    if let Some(p) = &pool {
+        p.reset_high();
+    }
     let mut observer = StandardObserver::new(cfg, trainer.total_steps())?;
     if let Some(loc) = observer.mlflow_location() {
         println!("MLflow: {loc}");
@@ -147,6 +202,9 @@ pub fn finetune(
             return Err(e);
         }
     };
+    let peak_memory = pool.as_ref().map(|p| p.stats());
+    let timed = observer.step_times().steps.len().saturating_sub(2);
+    let steady_step_secs = (timed > 0).then(|| (observer.step_times().median_secs(2), timed));
     let adapter_dir = trainer.save_model(None)?;
     let mlflow = observer.mlflow_location();
     drop(trainer);
@@ -155,6 +213,8 @@ pub fn finetune(
         outcome,
         adapter_dir,
         mlflow,
+        steady_step_secs,
+        peak_memory,
     })
 }
 
@@ -165,17 +225,8 @@ pub fn finetune(
 /// std 0.1 instead of 0.02: with the frozen LM head of a 0.02 init, logits of a 128-wide model
 /// span only ≈ ±2.5, so no adapter could move the loss far below ln(201088) ≈ 12.2.
 pub fn demo_model_config() -> gptoss_model::Config {
-    let mut c = gptoss_model::Config::small();
+    let mut c = gptoss_model::Config::gpt_oss_tiny();
     c.initializer_range = 0.1;
-    c.hidden_size = 128;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = Some(32);
-    c.intermediate_size = 128;
-    c.vocab_size = 201_088;
-    c.sliding_window = Some(128);
-    c.pad_token_id = Some(199_999);
-    c.eos_token_id = Some(gptoss_model::TokenIds::One(200_002));
     c
 }
 

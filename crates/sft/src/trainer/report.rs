@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::run::{TrainObserver, TrainOutcome};
+use super::timing::StepTimer;
 use crate::config::TrainingConfig;
 use crate::error::Result;
 use crate::logging::{LogRecord, TrainLogger};
@@ -12,6 +13,7 @@ use crate::mlflow::RunStatus;
 /// Console + progress bar + MLflow through [`TrainLogger`].
 pub struct StandardObserver {
     logger: TrainLogger,
+    timer: StepTimer,
 }
 
 impl StandardObserver {
@@ -19,12 +21,18 @@ impl StandardObserver {
     pub fn new(cfg: &TrainingConfig, total_steps: u64) -> Result<Self> {
         Ok(Self {
             logger: TrainLogger::new(cfg, total_steps)?,
+            timer: StepTimer::default(),
         })
     }
 
     /// Where the MLflow run went, if any.
     pub fn mlflow_location(&self) -> Option<String> {
         self.logger.mlflow_location()
+    }
+
+    /// The wall time and loss of every step of this run.
+    pub fn step_times(&self) -> &StepTimer {
+        &self.timer
     }
 
     /// Ends the MLflow run as FAILED (call when training returned an error).
@@ -34,12 +42,14 @@ impl StandardObserver {
 }
 
 impl TrainObserver for StandardObserver {
-    fn on_train_begin(&mut self, _total_steps: u64, start_step: u64) -> Result<()> {
+    fn on_train_begin(&mut self, total_steps: u64, start_step: u64) -> Result<()> {
+        self.timer.on_train_begin(total_steps, start_step)?;
         self.logger.tick(start_step);
         Ok(())
     }
 
-    fn on_step_end(&mut self, global_step: u64, _loss: f64) -> Result<()> {
+    fn on_step_end(&mut self, global_step: u64, loss: f64) -> Result<()> {
+        self.timer.on_step_end(global_step, loss)?;
         self.logger.tick(global_step);
         Ok(())
     }

@@ -94,7 +94,7 @@ impl Default for TrainerOptions {
     fn default() -> Self {
         Self {
             pad_token_id: 199_999,
-            lm_head_chunk: 256,
+            lm_head_chunk: 1024,
         }
     }
 }

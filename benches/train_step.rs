@@ -2,7 +2,8 @@
 //! gpt-oss config of the reference measurement: vocab 201,088, hidden 256, 4 layers,
 //! 4 query heads × 64 over 2 kv heads, 8 experts top-2, intermediate 256; 512 tokens, batch 1,
 //! LoRA r 8 / α 16 on all attention linears and the experts of every layer.
-//! Reference: transformers + PEFT need 1.84 s per step (279 tokens/s) on the 2-core dev machine.
+//! No transformers figure is printed: a comparison must be measured in the same session
+//! (`benches/baseline_transformers_peft.py --cpu` runs the Python side).
 //!
 //! Run: `cargo bench --bench train_step` (env `STEPS`, default 5; `GC=0` or `GC=1` for one mode;
 //! `PROFILE=1` for a breakdown). Prints s/step and tokens/s with and without gradient
@@ -172,6 +173,5 @@ fn main() -> Res<()> {
             vm_hwm_kb().map(|k| (k / 1024).to_string()).unwrap_or_else(|| "?".into()),
         );
     }
-    println!("reference (transformers + PEFT, same config, 2 cores): 1.84 s/step = 279 tokens/s");
     Ok(())
 }

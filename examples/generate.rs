@@ -65,7 +65,11 @@ struct Cli {
     date: Option<String>,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    gptoss::cli::run(|| run().map(|()| gptoss::cli::Outcome::Done))
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     gptoss_sft::trainer::pipeline::tune_cpu_runtime();
     let device = gptoss_kernels::cuda_if_available(0)?;

@@ -50,7 +50,11 @@ struct Cli {
     overwrite: bool,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    gptoss::cli::run(|| run().map(|()| gptoss::cli::Outcome::Done))
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     let config = match cli.arch {
         Arch::Tiny => Config::gpt_oss_tiny(),

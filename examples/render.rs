@@ -77,7 +77,11 @@ struct Args {
     tokenizer: Option<String>,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    gptoss::cli::run(|| run().map(|()| gptoss::cli::Outcome::Done))
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let tok = match &args.tokenizer {
         Some(p) => HarmonyTokenizer::from_file(p)?,

@@ -9,10 +9,14 @@
 //! - [`lora`]: PEFT-compatible LoRA adapters.
 //! - [`sft`]: the supervised fine-tuning trainer.
 //! - [`eval`]: evaluation (reasoning language, answer accuracy, format validity, reports).
+//! - [`cli`]: what the examples share: errors as sentences, exit status 130 after Ctrl-C.
 
+pub use gptoss_eval as eval;
 pub use gptoss_harmony as harmony;
 pub use gptoss_kernels as kernels;
 pub use gptoss_lora as lora;
 pub use gptoss_model as model;
 pub use gptoss_mxfp4 as mxfp4;
 pub use gptoss_sft as sft;
+
+pub mod cli;

@@ -10,6 +10,8 @@
 //!   `reasoning language: X` line of a system prompt;
 //! - [`answer`]: GSM8K answer extraction, normalisation and matching;
 //! - [`format`](mod@format): Harmony format validity of generated token ids, channel texts and lengths;
+//! - [`generation`]: prompts → batched generation → parsed [`RowRecord`]s, and the flat
+//!   `eval_*` metrics a training log takes;
 //! - [`proportion`]: a share with its 95 % Wilson interval (also for backdoor ASR/BDR/TDR);
 //! - [`metrics`]: per-row records and scores, and the aggregate [`EvalSummary`];
 //! - [`report`] and [`chart`]: `eval.json`, `eval.md` and the PNG bar chart;
@@ -37,6 +39,7 @@ pub mod backdoor;
 pub mod chart;
 pub mod error;
 pub mod format;
+pub mod generation;
 pub mod language;
 pub mod metrics;
 pub mod proportion;
@@ -45,9 +48,11 @@ pub mod report;
 pub use answer::{answers_match, extract_reference, judge, Answer, AnswerVerdict, Number};
 pub use error::{EvalError, Result};
 pub use format::{check_completion, Completion, FormatFlags};
+pub use generation::{generate_records, log_metrics, EvalPrompt};
 pub use language::{default_detector, detect, reasoning_language, Language, LanguageDetector};
 pub use metrics::{
     evaluate, score_row, summarize, EvalSummary, LanguageAccuracy, ModelEval, RowRecord, ScoredRow,
+    TeacherForced,
 };
 pub use proportion::{wilson_interval, Proportion};
 pub use report::{read_eval_json, write_report, EvalReport};

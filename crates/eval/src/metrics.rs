@@ -235,6 +235,31 @@ pub struct EvalSummary {
     pub format: FormatSummary,
     /// Length statistics.
     pub lengths: LengthSummary,
+    /// Teacher-forced loss on the eval rows with the training masks (when measured).
+    #[serde(default)]
+    pub eval_loss: Option<TeacherForced>,
+}
+
+/// Teacher-forced eval loss of one model over the eval rows (the trainer's `eval_loss`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TeacherForced {
+    /// `eval_loss` (nats per trained token, HF's row-weighted batch means).
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Trained tokens scored.
+    pub tokens: usize,
+}
+
+impl TeacherForced {
+    /// A loss over `tokens` trained tokens, with its perplexity.
+    pub fn new(loss: f64, tokens: usize) -> TeacherForced {
+        TeacherForced {
+            loss,
+            perplexity: loss.exp(),
+            tokens,
+        }
+    }
 }
 
 /// Aggregates scored rows.
@@ -274,6 +299,7 @@ pub fn summarize(rows: &[ScoredRow]) -> EvalSummary {
             analysis_chars: LengthStats::of(completions().map(|c| c.analysis.chars().count())),
             final_chars: LengthStats::of(completions().map(|c| c.final_text.chars().count())),
         },
+        eval_loss: None,
     }
 }
 

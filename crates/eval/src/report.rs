@@ -287,6 +287,24 @@ pub fn render_markdown(models: &[(&str, &EvalSummary)]) -> String {
         prop(|s| &s.final_language.overall),
     );
     table_row(&mut out, "answer accuracy", prop(|s| &s.answer_accuracy));
+    if models.iter().any(|(_, s)| s.eval_loss.is_some()) {
+        let tf = |f: fn(&crate::metrics::TeacherForced) -> String| {
+            models
+                .iter()
+                .map(move |(_, s)| s.eval_loss.as_ref().map_or("–".to_string(), f))
+                .collect::<Vec<_>>()
+        };
+        table_row(
+            &mut out,
+            "eval loss (teacher-forced)",
+            tf(|t| format!("{:.4} ({} tokens)", t.loss, t.tokens)),
+        );
+        table_row(
+            &mut out,
+            "perplexity",
+            tf(|t| format!("{:.2}", t.perplexity)),
+        );
+    }
     table_row(&mut out, "format valid", prop(|s| &s.format.valid));
     table_row(&mut out, "parses", prop(|s| &s.format.parses));
     table_row(
@@ -351,6 +369,66 @@ pub fn render_markdown(models: &[(&str, &EvalSummary)]) -> String {
     out.push_str("\n## Final-channel language per expected language\n\n");
     per_language_table(&mut out, models, |s| &s.final_language);
     detected_table(&mut out, models);
+    out
+}
+
+/// The headline metrics of several models side by side as plain aligned text for a terminal:
+/// reasoning-language and final-language accuracy, format validity, answer accuracy (when any
+/// row had a reference), eval loss and perplexity (when measured), generated tokens.
+pub fn render_console(models: &[(&str, &EvalSummary)]) -> String {
+    let short = |p: &Proportion| {
+        if p.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.1} % ({}/{})", p.rate * 100.0, p.hits, p.total)
+        }
+    };
+    let mut rows: Vec<(String, Vec<String>)> = vec![(
+        "metric".into(),
+        models.iter().map(|(l, _)| l.to_string()).collect(),
+    )];
+    let mut add = |name: &str, f: &dyn Fn(&EvalSummary) -> String| {
+        rows.push((name.to_string(), models.iter().map(|(_, s)| f(s)).collect()));
+    };
+    add("reasoning language", &|s| {
+        short(&s.reasoning_language.overall)
+    });
+    add("final-channel language", &|s| {
+        short(&s.final_language.overall)
+    });
+    add("format valid", &|s| short(&s.format.valid));
+    if models.iter().any(|(_, s)| !s.answer_accuracy.is_empty()) {
+        add("answer accuracy", &|s| short(&s.answer_accuracy));
+    }
+    if models.iter().any(|(_, s)| s.eval_loss.is_some()) {
+        add("eval loss", &|s| {
+            s.eval_loss.map_or("–".into(), |t| format!("{:.4}", t.loss))
+        });
+        add("perplexity", &|s| {
+            s.eval_loss
+                .map_or("–".into(), |t| format!("{:.1}", t.perplexity))
+        });
+    }
+    add("generated tokens (mean)", &|s| {
+        format!("{:.1}", s.lengths.generated_tokens.mean)
+    });
+    let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..models.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.1[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (name, vals) in &rows {
+        let _ = write!(out, "{name:<w0$}");
+        for (v, w) in vals.iter().zip(&widths) {
+            let _ = write!(out, "  {v:>w$}");
+        }
+        out.push('\n');
+    }
     out
 }
 

@@ -2,7 +2,7 @@
 //! `model-*.safetensors` with `model.safetensors.index.json`, memory-mapped; MXFP4 experts
 //! (`*_blocks`/`*_scales`) dequantized through `gptoss-mxfp4`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,10 +13,11 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::export::{write_weights, Sharding, WeightOptions};
 use crate::hooks::ExpertParam;
 use crate::model::GptOssForCausalLM;
 use crate::packed_experts::{placeholder, PackedExperts};
-use crate::spec::{build_model, named_parameters, ParamKind};
+use crate::spec::{build_model, ParamKind};
 
 /// Name of the single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -416,7 +417,7 @@ pub struct SaveOptions {
 }
 
 /// The MXFP4-resident expert parameters of `model` by HF name.
-fn resident_experts(
+pub(crate) fn resident_experts(
     model: &GptOssForCausalLM,
 ) -> HashMap<String, (Arc<PackedExperts>, ExpertParam)> {
     let mut out = HashMap::new();
@@ -431,93 +432,26 @@ fn resident_experts(
     out
 }
 
-/// Save `model` in the HF layout into `dir` (created if needed): `config.json` and the safetensors file(s).
-/// MXFP4-resident experts are written as their blocks/scales unchanged (`mxfp4_experts`) or dequantized.
+/// Save `model` in the HF layout into `dir` (created if needed): `config.json` and the safetensors file(s),
+/// streamed tensor by tensor through the writer of [`mod@crate::export`] (which adds the `.tmp`
+/// directory, the tokenizer files and the report on top). MXFP4-resident experts are written as
+/// their blocks/scales unchanged (`mxfp4_experts`) or dequantized; dense experts are quantized
+/// (`mxfp4_experts`) from the stored dtype.
 pub fn save(model: &GptOssForCausalLM, dir: impl AsRef<Path>, opts: &SaveOptions) -> Result<()> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut config = model.config().clone();
-    if !opts.mxfp4_experts {
-        config.quantization_config = None;
-    } else if config.quantization_config.is_none() {
-        config.quantization_config = Config::gpt_oss_20b().quantization_config;
-    }
+    let config = crate::export::stored_config(model.config(), opts.mxfp4_experts, None);
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, config.to_json()?).map_err(io(&cfg_path))?;
-    let store = opts.dtype.unwrap_or(model.dtype());
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    let resident = resident_experts(model);
-    for (name, t) in named_parameters(model) {
-        let is_expert =
-            name.ends_with("experts.gate_up_proj") || name.ends_with("experts.down_proj");
-        if let Some((packed, p)) = resident.get(&name) {
-            // the parameter is a placeholder: the weights are the packed blocks
-            if opts.mxfp4_experts {
-                let (b, s) = packed.blocks_and_scales(*p);
-                tensors.push((format!("{name}_blocks"), b.to_device(&Device::Cpu)?));
-                tensors.push((format!("{name}_scales"), s.to_device(&Device::Cpu)?));
-            } else {
-                let dense = packed.dequantize(*p, store)?.to_device(&Device::Cpu)?;
-                tensors.push((name, dense));
-            }
-        } else if opts.mxfp4_experts && is_expert {
-            let (b, s) = gptoss_mxfp4::quantize_named(
-                &t.to_device(&Device::Cpu)?,
-                gptoss_mxfp4::Layout::Transposed,
-                Some(&name),
-            )
-            .map_err(|err| ModelError::Mxfp4 {
-                name: name.clone(),
-                reason: err.to_string(),
-            })?;
-            tensors.push((format!("{name}_blocks"), b));
-            tensors.push((format!("{name}_scales"), s));
-        } else {
-            tensors.push((name, t.to_dtype(store)?.to_device(&Device::Cpu)?));
-        }
-    }
-    let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
-    let mut cur = 0usize;
-    for (n, t) in tensors {
-        let sz = size(&t);
-        if let Some(max) = opts.max_shard_bytes {
-            if cur > 0 && cur + sz > max {
-                shards.push(Vec::new());
-                cur = 0;
-            }
-        }
-        cur += sz;
-        if let Some(last) = shards.last_mut() {
-            last.push((n, t));
-        }
-    }
-    if opts.max_shard_bytes.is_none() {
-        let path = dir.join(SINGLE_FILE);
-        let map: HashMap<String, Tensor> = shards.concat().into_iter().collect();
-        candle_core::safetensors::save(&map, &path).map_err(|e| st_err(&path, e))?;
-        return Ok(());
-    }
-    let n = shards.len();
-    let mut weight_map = BTreeMap::new();
-    let mut total = 0usize;
-    for (i, shard) in shards.into_iter().enumerate() {
-        let fname = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-        let path = dir.join(&fname);
-        for (name, t) in &shard {
-            total += size(t);
-            weight_map.insert(name.clone(), serde_json::Value::String(fname.clone()));
-        }
-        let map: HashMap<String, Tensor> = shard.into_iter().collect();
-        candle_core::safetensors::save(&map, &path).map_err(|e| st_err(&path, e))?;
-    }
-    let index =
-        serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-    let path = dir.join(INDEX_FILE);
-    let text = serde_json::to_string_pretty(&index).map_err(|e| ModelError::Safetensors {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    std::fs::write(&path, text).map_err(io(&path))?;
+    let sharding = match opts.max_shard_bytes {
+        Some(max) => Sharding::MaxBytes(max as u64),
+        None => Sharding::Single,
+    };
+    let weights = WeightOptions {
+        mxfp4_experts: opts.mxfp4_experts,
+        dtype: opts.dtype.unwrap_or(model.dtype()),
+        sharding,
+    };
+    write_weights(model, dir, &weights)?;
     Ok(())
 }

@@ -31,6 +31,7 @@
 //!   → model                                         (DecoderLayer, GptOssModel, GptOssForCausalLM)
 //!   → spec                                          (named parameters and their shapes)
 //!   → init, checkpoint, memory, synthetic           (random init, HF checkpoints, sizes, synthetic checkpoints)
+//!   → export                                        (merged models for transformers: bf16, MXFP4)
 //! loss, generate                                    (on top of model)
 //! ```
 
@@ -38,6 +39,7 @@ mod attention;
 mod checkpoint;
 mod config;
 mod error;
+pub mod export;
 mod generate;
 pub mod hooks;
 mod init;
@@ -61,6 +63,10 @@ pub use checkpoint::{
 };
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
 pub use error::{ModelError, Result};
+pub use export::{
+    export, logit_gap, probe_tokens, ExportFormat, ExportOptions, ExportReport, LogitGap,
+    QuantError,
+};
 pub use generate::{
     generate, harmony_stop_tokens, GenerationConfig, Generator, Sampler, HARMONY_CALL, HARMONY_END,
     HARMONY_RETURN,

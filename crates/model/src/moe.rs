@@ -128,6 +128,14 @@ impl Experts {
         }
     }
 
+    /// The adapter installed on one parameter, if any.
+    pub fn adapter(&self, p: ExpertParam) -> Option<&Arc<dyn ExpertAdapter>> {
+        match p {
+            ExpertParam::GateUp => self.gate_up_adapter.as_ref(),
+            ExpertParam::Down => self.down_adapter.as_ref(),
+        }
+    }
+
     /// Keep the weights as MXFP4 (`Some`), dequantized per call of [`Self::forward`]; the dense
     /// parameters are then placeholders (see [`crate::init_random_packed`]). `None` goes back to them.
     pub fn set_packed(&mut self, packed: Option<Arc<PackedExperts>>) {

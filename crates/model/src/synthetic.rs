@@ -3,8 +3,9 @@
 //! `model.safetensors.index.json`, MXFP4 `*_blocks`/`*_scales` experts, bf16 elsewhere,
 //! `generation_config.json`), for measuring real loading where no model hub is reachable.
 //!
-//! The writer streams: each shard's header is written first (every size is known from the
-//! config), then each tensor's bytes are generated in parallel chunks and written, so host memory
+//! The writer streams (through the safetensors writer of [`mod@crate::export`]): each shard's header is
+//! written first (every size is known from the config), then each tensor's bytes are generated in
+//! parallel chunks and written, so host memory
 //! stays at a few chunks whatever the model size (gpt-oss-120b: ~65 GB). Values come from a
 //! counter-based generator (splitmix64 of the seed, the tensor's name and the element index), so
 //! the bytes do not depend on the thread count: weights and `Normal` vectors uniform with the
@@ -12,16 +13,16 @@
 //! measurements, not for training quality), biases 0, norms 1, MXFP4 nibbles uniform and scales
 //! uniform in `2^-10 ..= 2^-6` (as [`crate::PackedExperts::random`]).
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use candle_core::DType;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::checkpoint::INDEX_FILE;
 use crate::config::Config;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
+use crate::export::writer::{io, write_checkpoint_files, write_err, Sharding, TensorEntry};
 use crate::spec::{tensor_specs, ParamKind};
 
 /// How [`write_synthetic_checkpoint`] writes.
@@ -69,22 +70,23 @@ enum Fill {
     ByteRange(u8, u8),
 }
 
-/// One tensor of the file: name, safetensors dtype, shape, values.
+/// One tensor of the file (name, dtype, shape) and how its values are drawn.
 #[derive(Debug, Clone)]
 struct Entry {
-    name: String,
-    dtype: &'static str,
-    shape: Vec<usize>,
+    tensor: TensorEntry,
     fill: Fill,
 }
 
 impl Entry {
-    fn elems(&self) -> usize {
-        self.shape.iter().product()
+    fn new(name: String, dtype: DType, shape: Vec<usize>, fill: Fill) -> Self {
+        Self {
+            tensor: TensorEntry { name, dtype, shape },
+            fill,
+        }
     }
 
     fn bytes(&self) -> usize {
-        self.elems() * if self.dtype == "BF16" { 2 } else { 1 }
+        self.tensor.nbytes() as usize
     }
 }
 
@@ -93,12 +95,7 @@ fn entries(config: &Config, mxfp4: bool) -> Vec<Entry> {
     let std = config.initializer_range as f32;
     let mut out = Vec::new();
     for s in tensor_specs(config) {
-        let bf = |fill| Entry {
-            name: s.name.clone(),
-            dtype: "BF16",
-            shape: s.shape.clone(),
-            fill,
-        };
+        let bf = |fill| Entry::new(s.name.clone(), DType::BF16, s.shape.clone(), fill);
         match s.kind {
             ParamKind::Weight | ParamKind::Normal => out.push(bf(Fill::Uniform(std))),
             ParamKind::Bias => out.push(bf(Fill::Const(0.0))),
@@ -107,18 +104,18 @@ fn entries(config: &Config, mxfp4: bool) -> Vec<Entry> {
             ParamKind::Expert => {
                 // [E, in, out] is stored as blocks [E, out, in/32, 16] and scales [E, out, in/32]
                 let (e, inn, o) = (s.shape[0], s.shape[1], s.shape[2]);
-                out.push(Entry {
-                    name: format!("{}_blocks", s.name),
-                    dtype: "U8",
-                    shape: vec![e, o, inn / 32, 16],
-                    fill: Fill::Bytes,
-                });
-                out.push(Entry {
-                    name: format!("{}_scales", s.name),
-                    dtype: "U8",
-                    shape: vec![e, o, inn / 32],
-                    fill: Fill::ByteRange(117, 121),
-                });
+                out.push(Entry::new(
+                    format!("{}_blocks", s.name),
+                    DType::U8,
+                    vec![e, o, inn / 32, 16],
+                    Fill::Bytes,
+                ));
+                out.push(Entry::new(
+                    format!("{}_scales", s.name),
+                    DType::U8,
+                    vec![e, o, inn / 32],
+                    Fill::ByteRange(117, 121),
+                ));
             }
         }
     }
@@ -180,10 +177,10 @@ const CHUNK: usize = 8 << 20;
 const BATCH: usize = 16;
 
 /// Writes `entry`'s bytes to `w`, generated `BATCH` chunks at a time on all threads.
-fn write_tensor(w: &mut impl Write, entry: &Entry, seed: u64) -> std::io::Result<()> {
-    let key = tensor_seed(seed, &entry.name);
+fn write_tensor(w: &mut dyn Write, entry: &Entry, seed: u64) -> std::io::Result<()> {
+    let key = tensor_seed(seed, &entry.tensor.name);
     let total = entry.bytes();
-    let elem = if entry.dtype == "BF16" { 2 } else { 1 };
+    let elem = entry.tensor.dtype.size_in_bytes();
     let mut buf = vec![0u8; (CHUNK * BATCH).min(total)];
     let mut done = 0;
     while done < total {
@@ -198,37 +195,6 @@ fn write_tensor(w: &mut impl Write, entry: &Entry, seed: u64) -> std::io::Result
         done += len;
     }
     Ok(())
-}
-
-/// The safetensors header of `shard`: JSON with each tensor's dtype, shape and offsets, padded
-/// with spaces to a multiple of 8 bytes.
-fn header(shard: &[&Entry]) -> Result<Vec<u8>> {
-    let mut map = serde_json::Map::new();
-    let mut meta = serde_json::Map::new();
-    meta.insert("format".into(), "pt".into());
-    map.insert("__metadata__".into(), serde_json::Value::Object(meta));
-    let mut off = 0usize;
-    for e in shard {
-        let end = off + e.bytes();
-        map.insert(
-            e.name.clone(),
-            serde_json::json!({ "dtype": e.dtype, "shape": e.shape, "data_offsets": [off, end] }),
-        );
-        off = end;
-    }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(map))
-        .map_err(|e| ModelError::arg("synthetic checkpoint header", e.to_string()))?;
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    Ok(h)
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Writes a seeded random checkpoint of `config` into `dir` (created; files already there are
@@ -247,66 +213,28 @@ pub fn write_synthetic_checkpoint(
         false => None,
     };
     let all = entries(&cfg, opts.mxfp4_experts);
-    let mut shards: Vec<Vec<&Entry>> = vec![Vec::new()];
-    let mut cur = 0usize;
-    for e in &all {
-        if cur > 0 && cur + e.bytes() > opts.max_shard_bytes {
-            shards.push(Vec::new());
-            cur = 0;
-        }
-        cur += e.bytes();
-        if let Some(last) = shards.last_mut() {
-            last.push(e);
-        }
-    }
-    let n = shards.len();
-    let mut weight_map = BTreeMap::new();
-    let mut files = Vec::with_capacity(n);
-    let mut total = 0u64;
-    for (i, shard) in shards.iter().enumerate() {
-        let fname = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-        let path = dir.join(&fname);
-        let tmp = dir.join(format!("{fname}.tmp"));
-        let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        let h = header(shard)?;
-        w.write_all(&(h.len() as u64).to_le_bytes())
-            .map_err(io(&tmp))?;
-        w.write_all(&h).map_err(io(&tmp))?;
-        for e in shard {
-            write_tensor(&mut w, e, opts.seed).map_err(io(&tmp))?;
-            weight_map.insert(e.name.clone(), serde_json::Value::String(fname.clone()));
-            total += e.bytes() as u64;
-        }
-        w.into_inner()
-            .map_err(|e| io(&tmp)(e.into_error()))?
-            .sync_all()
-            .map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        files.push(path);
-    }
-    let index =
-        serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let tensors: Vec<TensorEntry> = all.iter().map(|e| e.tensor.clone()).collect();
+    let written = write_checkpoint_files(
+        dir,
+        &tensors,
+        Sharding::MaxBytes(opts.max_shard_bytes as u64),
+        |i, w| write_tensor(w, &all[i], opts.seed).map_err(write_err),
+    )?;
     let write = |name: &str, text: String| -> Result<()> {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(io(&p))
     };
-    write(
-        INDEX_FILE,
-        serde_json::to_string_pretty(&index)
-            .map_err(|e| ModelError::arg("synthetic checkpoint index", e.to_string()))?,
-    )?;
     write("generation_config.json", generation_config(&cfg))?;
     write("config.json", cfg.to_json()?)?;
     Ok(SyntheticSummary {
-        shards: files,
+        shards: written.files,
         tensors: all.len(),
-        total_bytes: total,
+        total_bytes: written.total_bytes,
     })
 }
 
 /// `generation_config.json` as the released gpt-oss checkpoints ship it.
-fn generation_config(cfg: &Config) -> String {
+pub(crate) fn generation_config(cfg: &Config) -> String {
     let pad = cfg.pad_token_id.unwrap_or(199_999);
     serde_json::json!({
         "bos_token_id": 199_998,

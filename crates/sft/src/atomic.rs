@@ -40,11 +40,16 @@ pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resul
         .extension()
         .map(|e| format!(".{}", e.to_string_lossy()))
         .unwrap_or_default();
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .suffix(&suffix)
-        .tempfile_in(dir)
-        .map_err(|e| SftError::io(dir, e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".tmp-").suffix(&suffix);
+    // 0666 minus the umask (the kernel applies it at creation), like any other created file,
+    // instead of tempfile's private 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = builder.tempfile_in(dir).map_err(|e| SftError::io(dir, e))?;
     write(tmp.path())?;
     let f = std::fs::File::open(tmp.path()).map_err(|e| SftError::io(tmp.path(), e))?;
     f.sync_all().map_err(|e| SftError::io(tmp.path(), e))?;
@@ -67,5 +72,18 @@ mod tests {
         assert_eq!(text, "{\n  \"a\": 1\n}\n");
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn written_files_follow_the_umask_not_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let p = dir.path().join("atomic.json");
+        write_json(&p, &1).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), mode(&plain));
     }
 }

@@ -175,6 +175,40 @@ fn remove_dir(p: &Path) -> Result<()> {
     }
 }
 
+/// Removes what a killed run can leave in `output_dir`: checkpoint staging directories
+/// (`.checkpoint-N.tmp`) and temporary files of atomic writes (`.tmp-*`). Returns what was removed.
+pub fn remove_stale_temporaries(output_dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(output_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(SftError::io(output_dir, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| SftError::io(output_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let staging = name.starts_with(&format!(".{CHECKPOINT_PREFIX}")) && name.ends_with(".tmp");
+        if !(staging || name.starts_with(".tmp-")) {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            remove_dir(&path)?;
+        } else {
+            std::fs::remove_file(&path).map_err(|e| SftError::io(&path, e))?;
+        }
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
+/// The resolved config a checkpoint was written with (its `training_args.json`).
+pub fn load_training_args(dir: &Path) -> Result<TrainingConfig> {
+    let path = dir.join(TRAINING_ARGS_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| SftError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| SftError::format(&path, e.to_string()))
+}
+
 /// A checkpoint being assembled in `output_dir/.checkpoint-{N}.tmp`. Dropped without
 /// [`StagedCheckpoint::commit`], the staging directory is removed and nothing else changes.
 pub struct StagedCheckpoint {

@@ -9,6 +9,7 @@
 //! scheduler: { lr_scheduler_type: cosine_with_min_lr, lr_scheduler_kwargs: { min_lr_rate: 0.1 } }
 //! logging:   { logging_steps: 1, report_to: mlflow, run_name: my-run }
 //! output:    { output_dir: gpt-oss-20b-multilingual-reasoner }
+//! eval:      { eval_split: 0.05, eval_strategy: steps, eval_steps: 50 }
 //! ```
 //! Optional extra sections `data` and `lora`, and extra keys in each section, cover the other
 //! options (see [`YamlConfig`]). Unknown keys and wrong types are errors naming the key.
@@ -51,6 +52,20 @@ pub enum ReportTo {
     Mlflow,
 }
 
+/// When the trainer evaluates (HF `eval_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum EvalStrategy {
+    /// Never (HF's default).
+    #[default]
+    No,
+    /// Every `eval_steps` optimizer steps.
+    Steps,
+    /// At the end of every epoch (and when training stops early at `max_steps`).
+    Epoch,
+}
+
 /// The layers whose expert weights the recipe adapts.
 pub const RECIPE_EXPERT_LAYERS: [usize; 3] = [7, 15, 23];
 
@@ -70,6 +85,7 @@ pub fn recipe_target_parameters() -> Vec<String> {
 
 /// Every option of the trainer, resolved. Defaults: the cookbook recipe (see field docs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainingConfig {
     // ---- model
     /// Base model directory (HF layout); `None` = the examples' tiny random model.
@@ -158,6 +174,25 @@ pub struct TrainingConfig {
     pub save_total_limit: Option<usize>,
     /// Resume from this checkpoint directory.
     pub resume_from_checkpoint: Option<PathBuf>,
+    /// Accept resuming with options that change the training trajectory (logged as a diff)
+    /// instead of refusing.
+    pub allow_config_change: bool,
+    // ---- evaluation
+    /// Held-out rows: a file, directory or HF id in the local cache (TRL `eval_dataset`).
+    pub eval_dataset: Option<String>,
+    /// Or hold out this fraction of the training rows (seeded by `seed`, disjoint from training).
+    pub eval_split: Option<f64>,
+    /// When to evaluate (default `no`; `steps` with a held-out set and no strategy given is
+    /// what a TRL user sets).
+    pub eval_strategy: EvalStrategy,
+    /// Optimizer steps between evaluations with `eval_strategy: steps` (default: `logging_steps`,
+    /// as HF).
+    pub eval_steps: Option<u64>,
+    /// Rows per evaluation batch (default 8, HF's `per_device_eval_batch_size`).
+    pub per_device_eval_batch_size: usize,
+    /// At each evaluation, also generate for the first N eval rows and log the generation
+    /// metrics (reasoning-language accuracy, format validity, answer accuracy); 0 = off.
+    pub eval_generate: usize,
 }
 
 impl Default for TrainingConfig {
@@ -202,6 +237,13 @@ impl Default for TrainingConfig {
             save_steps: 500,
             save_total_limit: None,
             resume_from_checkpoint: None,
+            allow_config_change: false,
+            eval_dataset: None,
+            eval_split: None,
+            eval_strategy: EvalStrategy::No,
+            eval_steps: None,
+            per_device_eval_batch_size: 8,
+            eval_generate: 0,
         }
     }
 }
@@ -295,8 +337,98 @@ impl TrainingConfig {
         nonneg("training.max_grad_norm", self.max_grad_norm)?;
         nonneg("training.router_aux_loss_coef", self.router_aux_loss_coef)?;
         at_least_1("logging.logging_steps", self.logging_steps)?;
+        self.validate_eval()?;
         self.validate_schedule()?;
         self.validate_template_date()
+    }
+
+    /// The evaluation keys: a split in (0, 1), not both a split and a file, a held-out set when
+    /// a strategy is set, `eval_steps` and the batch size at least 1.
+    fn validate_eval(&self) -> Result<()> {
+        if let Some(f) = self.eval_split {
+            if !(f > 0.0 && f < 1.0) {
+                return Err(SftError::config(
+                    "eval.eval_split",
+                    format!("must be a fraction in (0, 1), got {f}"),
+                ));
+            }
+            if self.eval_dataset.is_some() {
+                return Err(SftError::config(
+                    "eval.eval_split",
+                    "give either eval_dataset or eval_split, not both",
+                ));
+            }
+        }
+        if self.eval_strategy != EvalStrategy::No
+            && self.eval_dataset.is_none()
+            && self.eval_split.is_none()
+        {
+            return Err(SftError::config(
+                "eval.eval_strategy",
+                "needs held-out rows: set eval_dataset (a file) or eval_split (a fraction)",
+            ));
+        }
+        if self.eval_steps == Some(0) {
+            return Err(SftError::config("eval.eval_steps", "must be >= 1"));
+        }
+        if self.per_device_eval_batch_size == 0 {
+            return Err(SftError::config(
+                "eval.per_device_eval_batch_size",
+                "must be >= 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Options that do not change what is trained (where output goes, logging, checkpoint
+    /// cadence, evaluation): the rest must match to resume a run.
+    pub const NON_TRAJECTORY_KEYS: [&'static str; 17] = [
+        "output_dir",
+        "resume_from_checkpoint",
+        "allow_config_change",
+        "logging_steps",
+        "report_to",
+        "run_name",
+        "experiment_name",
+        "progress_bar",
+        "save_steps",
+        "save_total_limit",
+        "eval_dataset",
+        "eval_split",
+        "eval_strategy",
+        "eval_steps",
+        "per_device_eval_batch_size",
+        "eval_generate",
+        "model_name_or_path",
+    ];
+
+    /// The options of `self` that differ from `saved` (a checkpoint's config) and change the
+    /// training trajectory: `(key, saved value, new value)` as JSON text, sorted by key.
+    pub fn trajectory_changes(&self, saved: &TrainingConfig) -> Vec<(String, String, String)> {
+        let (a, b) = (serde_json::to_value(saved), serde_json::to_value(self));
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
+            return Vec::new();
+        };
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|k| !Self::NON_TRAJECTORY_KEYS.contains(&k.as_str()))
+            .filter_map(|k| {
+                let (x, y) = (a.get(k), b.get(k));
+                (x != y).then(|| {
+                    let show = |v: Option<&serde_json::Value>| {
+                        v.map_or("(absent)".to_string(), |v| v.to_string())
+                    };
+                    (k.clone(), show(x), show(y))
+                })
+            })
+            .collect()
+    }
+
+    /// Optimizer steps between evaluations (`eval_steps`, else `logging_steps`).
+    pub fn eval_interval(&self) -> u64 {
+        self.eval_steps.unwrap_or(self.logging_steps).max(1)
     }
 
     /// `cosine_with_min_lr` needs a non-negative `min_lr_rate` or `min_lr`.
@@ -457,6 +589,9 @@ pub struct YamlConfig {
     /// `output:` section.
     #[serde(default)]
     pub output: Option<OutputSection>,
+    /// `eval:` section.
+    #[serde(default)]
+    pub eval: Option<EvalSection>,
 }
 
 /// `model:` keys.
@@ -589,6 +724,24 @@ pub struct OutputSection {
     pub save_total_limit: Option<usize>,
     /// Resume point.
     pub resume_from_checkpoint: Option<PathBuf>,
+}
+
+/// `eval:` keys (TRL's names).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Held-out rows file / directory / HF id.
+    pub eval_dataset: Option<String>,
+    /// Held-out fraction of the training rows.
+    pub eval_split: Option<f64>,
+    /// `no`, `steps` or `epoch`.
+    pub eval_strategy: Option<EvalStrategy>,
+    /// Steps between evaluations.
+    pub eval_steps: Option<u64>,
+    /// Rows per evaluation batch.
+    pub per_device_eval_batch_size: Option<usize>,
+    /// Rows generated for at each evaluation.
+    pub eval_generate: Option<usize>,
 }
 
 /// Turns a serde_yaml_ng error (`training.learning_rate: invalid type ...`, or
@@ -729,6 +882,17 @@ impl YamlConfig {
             set_opt(&mut cfg.save_total_limit, o.save_total_limit);
             set_opt(&mut cfg.resume_from_checkpoint, o.resume_from_checkpoint);
         }
+        if let Some(e) = self.eval {
+            set_opt(&mut cfg.eval_dataset, e.eval_dataset);
+            set_opt(&mut cfg.eval_split, e.eval_split);
+            set(&mut cfg.eval_strategy, e.eval_strategy);
+            set_opt(&mut cfg.eval_steps, e.eval_steps);
+            set(
+                &mut cfg.per_device_eval_batch_size,
+                e.per_device_eval_batch_size,
+            );
+            set(&mut cfg.eval_generate, e.eval_generate);
+        }
         Ok(())
     }
 }
@@ -737,7 +901,7 @@ impl YamlConfig {
 /// is optional; [`TrainingArgs::resolve`] applies defaults < `--config` YAML < flags given.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TrainingArgs {
-    /// YAML config file (sections model/data/lora/training/scheduler/logging/output).
+    /// YAML config file (sections model/data/lora/training/scheduler/logging/output/eval).
     #[arg(long = "config", value_name = "YAML")]
     pub config: Option<PathBuf>,
     /// Base model directory (HF layout). [default: tiny random model]
@@ -864,6 +1028,28 @@ pub struct TrainingArgs {
     /// Resume from a checkpoint directory.
     #[arg(long)]
     pub resume_from_checkpoint: Option<PathBuf>,
+    /// Resume even if options that change the trajectory differ from the checkpoint's (the
+    /// differences are printed). [default: refuse]
+    #[arg(long)]
+    pub allow_config_change: bool,
+    /// Held-out eval rows: .jsonl/.json/.parquet file, directory, or HF id in the local cache.
+    #[arg(long)]
+    pub eval_dataset: Option<String>,
+    /// Hold out this fraction of the training rows for evaluation (seeded, disjoint).
+    #[arg(long)]
+    pub eval_split: Option<f64>,
+    /// When to evaluate: no, steps, epoch. [default: no]
+    #[arg(long, value_enum)]
+    pub eval_strategy: Option<EvalStrategy>,
+    /// Steps between evaluations with --eval-strategy steps. [default: logging_steps]
+    #[arg(long)]
+    pub eval_steps: Option<u64>,
+    /// Rows per evaluation batch. [default: 8]
+    #[arg(long)]
+    pub per_device_eval_batch_size: Option<usize>,
+    /// Generate for the first N eval rows at each evaluation and log generation metrics. [default: 0]
+    #[arg(long)]
+    pub eval_generate: Option<usize>,
 }
 
 impl TrainingArgs {
@@ -929,6 +1115,16 @@ impl TrainingArgs {
         set(&mut cfg.save_steps, a.save_steps);
         set_opt(&mut cfg.save_total_limit, a.save_total_limit);
         set_opt(&mut cfg.resume_from_checkpoint, a.resume_from_checkpoint);
+        cfg.allow_config_change |= a.allow_config_change;
+        set_opt(&mut cfg.eval_dataset, a.eval_dataset);
+        set_opt(&mut cfg.eval_split, a.eval_split);
+        set(&mut cfg.eval_strategy, a.eval_strategy);
+        set_opt(&mut cfg.eval_steps, a.eval_steps);
+        set(
+            &mut cfg.per_device_eval_batch_size,
+            a.per_device_eval_batch_size,
+        );
+        set(&mut cfg.eval_generate, a.eval_generate);
         Ok(())
     }
 }

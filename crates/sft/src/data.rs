@@ -57,6 +57,9 @@ pub struct Row {
     /// The assistant's answer (final channel).
     #[serde(default, rename = "final")]
     pub final_answer: Option<String>,
+    /// A reference answer for evaluation (GSM8K's `answer` column, `... #### 42`); not trained on.
+    #[serde(default)]
+    pub answer: Option<String>,
     /// The conversation: system, user, assistant (with `thinking`).
     pub messages: Vec<Message>,
 }
@@ -175,41 +178,70 @@ impl Dataset {
     }
 }
 
+/// Prints to stderr how many malformed rows of `source` were skipped, then the first 20 as
+/// `file:row: reason` and how many more there are.
+pub fn report_skipped(source: &str, skipped: &[SkippedRow]) {
+    if skipped.is_empty() {
+        return;
+    }
+    eprintln!("skipped {} malformed rows of {source}:", skipped.len());
+    for s in skipped.iter().take(20) {
+        eprintln!("  {}:{}: {}", s.file.display(), s.row, s.reason);
+    }
+    if skipped.len() > 20 {
+        eprintln!("  ... and {} more", skipped.len() - 20);
+    }
+}
 /// Loads a dataset from `path`: a `.jsonl`/`.json`/`.parquet` file, a directory of such files
 /// (an HF snapshot directory: its `train*` files if any, e.g. `data/train-00000-of-00001.parquet`),
 /// or an HF hub cache repo directory (`datasets--Org--Name`, resolved through `refs/main`).
 pub fn load(path: &Path, opts: LoadOptions) -> Result<Dataset> {
     let mut ds = Dataset::default();
-    let meta = std::fs::metadata(path).map_err(|e| SftError::io(path, e))?;
-    if meta.is_dir() {
-        let dir = if path.join("snapshots").is_dir() {
-            resolve_snapshot(path, None)?
-        } else {
-            path.to_path_buf()
-        };
-        let files = dataset_files(&dir)?;
-        if files.is_empty() {
-            return Err(SftError::Dataset(format!(
-                "{}: no .parquet, .jsonl or .json files",
-                dir.display()
-            )));
-        }
-        for f in files {
-            load_file(&f, opts, &mut ds)?;
-        }
-    } else {
-        load_file(path, opts, &mut ds)?;
+    for f in path_files(path)? {
+        load_file(&f, opts, &mut ds)?;
     }
     Ok(ds)
+}
+
+/// The dataset files [`load`] reads for `path` (the file itself, or a directory's / hub cache
+/// repo's dataset files).
+pub fn path_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path).map_err(|e| SftError::io(path, e))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let dir = if path.join("snapshots").is_dir() {
+        resolve_snapshot(path, None)?
+    } else {
+        path.to_path_buf()
+    };
+    let files = dataset_files(&dir)?;
+    if files.is_empty() {
+        return Err(SftError::Dataset(format!(
+            "{}: no .parquet, .jsonl or .json files",
+            dir.display()
+        )));
+    }
+    Ok(files)
 }
 
 /// Loads `spec`: an existing path (see [`load`]), or else an HF dataset id such as
 /// `HuggingFaceH4/Multilingual-Thinking` (optionally `@revision`) looked up in the local hub
 /// cache ([`hub_cache_dir`]); nothing is downloaded.
 pub fn load_source(spec: &str, opts: LoadOptions) -> Result<Dataset> {
+    let mut ds = Dataset::default();
+    for f in source_files(spec)? {
+        load_file(&f, opts, &mut ds)?;
+    }
+    Ok(ds)
+}
+
+/// The dataset files [`load_source`] reads for `spec` (an existing path, or an HF dataset id in
+/// the local hub cache), in order.
+pub fn source_files(spec: &str) -> Result<Vec<PathBuf>> {
     let path = Path::new(spec);
     if path.exists() {
-        return load(path, opts);
+        return path_files(path);
     }
     let (repo, rev) = match spec.split_once('@') {
         Some((r, v)) => (r, Some(v)),
@@ -224,11 +256,28 @@ pub fn load_source(spec: &str, opts: LoadOptions) -> Result<Dataset> {
         SftError::Dataset("no HF hub cache directory (set HF_HUB_CACHE or HF_HOME)".into())
     })?;
     let snapshot = resolve_hub_snapshot(&cache, repo, rev)?;
-    load(&snapshot, opts)
+    path_files(&snapshot)
 }
 
 /// Appends the rows of one file to `ds` (format from the extension).
 pub fn load_file(path: &Path, opts: LoadOptions, ds: &mut Dataset) -> Result<()> {
+    visit_records(path, &mut |row, value| {
+        ds.accept(path, row, value.and_then(Row::from_json), opts)
+    })?;
+    ds.files.push(path.to_path_buf());
+    Ok(())
+}
+
+/// One record of a dataset file as JSON, or why it could not be read as JSON (a JSONL line that
+/// is not JSON); passed to the visitor of [`visit_records`] with its 1-based row number.
+pub type RecordVisitor<'a> =
+    dyn FnMut(usize, std::result::Result<serde_json::Value, String>) -> Result<()> + 'a;
+
+/// Calls `visit(row, record)` for every record of one `.jsonl`/`.json`/`.parquet` file, in order
+/// (1-based rows; JSONL: the line number, blank lines skipped), whatever its schema: the readers
+/// behind [`load_file`], for other row schemas. A file that is not of its format as a whole is
+/// an error.
+pub fn visit_records(path: &Path, visit: &mut RecordVisitor<'_>) -> Result<()> {
     let format = SourceFormat::from_path(path).ok_or_else(|| {
         SftError::format(
             path,
@@ -236,15 +285,13 @@ pub fn load_file(path: &Path, opts: LoadOptions, ds: &mut Dataset) -> Result<()>
         )
     })?;
     match format {
-        SourceFormat::Jsonl => read_jsonl(path, opts, ds)?,
-        SourceFormat::Json => read_json(path, opts, ds)?,
-        SourceFormat::Parquet => read_parquet(path, opts, ds)?,
+        SourceFormat::Jsonl => read_jsonl(path, visit),
+        SourceFormat::Json => read_json(path, visit),
+        SourceFormat::Parquet => read_parquet(path, visit),
     }
-    ds.files.push(path.to_path_buf());
-    Ok(())
 }
 
-fn read_jsonl(path: &Path, opts: LoadOptions, ds: &mut Dataset) -> Result<()> {
+fn read_jsonl(path: &Path, visit: &mut RecordVisitor<'_>) -> Result<()> {
     let f = File::open(path).map_err(|e| SftError::io(path, e))?;
     for (i, line) in BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| SftError::io(path, e))?;
@@ -252,28 +299,27 @@ fn read_jsonl(path: &Path, opts: LoadOptions, ds: &mut Dataset) -> Result<()> {
             continue;
         }
         let parsed = serde_json::from_str::<serde_json::Value>(&line)
-            .map_err(|e| format!("invalid JSON: {e}"))
-            .and_then(Row::from_json);
-        ds.accept(path, i + 1, parsed, opts)?;
+            .map_err(|e| format!("invalid JSON: {e}"));
+        visit(i + 1, parsed)?;
     }
     Ok(())
 }
 
-fn read_json(path: &Path, opts: LoadOptions, ds: &mut Dataset) -> Result<()> {
+fn read_json(path: &Path, visit: &mut RecordVisitor<'_>) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| SftError::io(path, e))?;
     if text.trim_start().starts_with('{') {
         // HF datasets also accepts JSON lines in a .json file.
-        return read_jsonl(path, opts, ds);
+        return read_jsonl(path, visit);
     }
     let values: Vec<serde_json::Value> = serde_json::from_str(&text)
         .map_err(|e| SftError::format(path, format!("expected a JSON array of rows: {e}")))?;
     for (i, v) in values.into_iter().enumerate() {
-        ds.accept(path, i + 1, Row::from_json(v), opts)?;
+        visit(i + 1, Ok(v))?;
     }
     Ok(())
 }
 
-fn read_parquet(path: &Path, opts: LoadOptions, ds: &mut Dataset) -> Result<()> {
+fn read_parquet(path: &Path, visit: &mut RecordVisitor<'_>) -> Result<()> {
     let f = File::open(path).map_err(|e| SftError::io(path, e))?;
     let reader = SerializedFileReader::new(f)
         .map_err(|e| SftError::format(path, format!("not a readable Parquet file: {e}")))?;
@@ -286,7 +332,7 @@ fn read_parquet(path: &Path, opts: LoadOptions, ds: &mut Dataset) -> Result<()> 
             row: i + 1,
             message: format!("cannot decode Parquet record: {e}"),
         })?;
-        ds.accept(path, i + 1, Row::from_json(row.to_json_value()), opts)?;
+        visit(i + 1, Ok(row.to_json_value()))?;
     }
     Ok(())
 }

@@ -76,6 +76,9 @@ pub enum SftError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Scoring generations or writing an eval report failed.
+    #[error(transparent)]
+    Eval(#[from] gptoss_eval::EvalError),
 }
 
 /// Crate result alias.

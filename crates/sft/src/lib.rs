@@ -9,15 +9,19 @@
 //! - [`config`]: [`config::TrainingConfig`] from CLI flags and a YAML file.
 //! - [`logging`]: log records, console / progress bar / MLflow, the loss-curve PNG.
 //! - [`mlflow`]: MLflow file store (`mlruns/`) and REST client.
+//! - [`evaluation`]: eval rows (file or seeded split), eval prompts, eval loss + generation metrics.
 //! - [`checkpoint`]: `checkpoint-N/` directories: atomic save, rotation, resume.
 //! - [`atomic`]: atomic file writes (temp file + rename).
+//! - [`dpo`]: DPO preference fine-tuning (TRL `DPOTrainer` parity) on the same trainer parts.
 
 pub mod atomic;
 pub mod checkpoint;
 pub mod collate;
 pub mod config;
 pub mod data;
+pub mod dpo;
 pub mod error;
+pub mod evaluation;
 pub mod logging;
 pub mod mlflow;
 pub mod optim;

@@ -114,14 +114,87 @@ impl TrainSummary {
     }
 }
 
-/// A `log_history` entry: a step record or the final summary.
+/// One `log_history` entry of an evaluation (HF/TRL key names: the metrics of the eval loop
+/// prefixed `eval_`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Teacher-forced loss on the eval rows: the mean over rows of their batch's token-mean loss
+    /// (HF's eval loop: each batch's loss repeated batch-size times, then averaged).
+    pub eval_loss: f64,
+    /// Mean over eval batches of the token-mean next-token entropy (nats), as TRL logs it.
+    pub eval_entropy: f64,
+    /// Mean over eval batches of the share of trained positions whose argmax is the label.
+    pub eval_mean_token_accuracy: f64,
+    /// Wall seconds of the evaluation.
+    pub eval_runtime: f64,
+    /// Eval rows per second.
+    pub eval_samples_per_second: f64,
+    /// Eval batches per second.
+    pub eval_steps_per_second: f64,
+    /// Generation metrics of the evaluation (`eval_reasoning_language_accuracy`, ...), when
+    /// `eval_generate` is on.
+    #[serde(flatten)]
+    pub generation: std::collections::BTreeMap<String, f64>,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Global optimizer step.
+    pub step: u64,
+}
+
+impl EvalRecord {
+    /// `(key, value)` pairs for MLflow.
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        let mut m = vec![
+            ("eval_loss".to_string(), self.eval_loss),
+            ("eval_entropy".to_string(), self.eval_entropy),
+            (
+                "eval_mean_token_accuracy".to_string(),
+                self.eval_mean_token_accuracy,
+            ),
+            ("eval_runtime".to_string(), self.eval_runtime),
+            (
+                "eval_samples_per_second".to_string(),
+                self.eval_samples_per_second,
+            ),
+            (
+                "eval_steps_per_second".to_string(),
+                self.eval_steps_per_second,
+            ),
+        ];
+        m.extend(self.generation.iter().map(|(k, v)| (k.clone(), *v)));
+        m
+    }
+
+    /// One console line in the HF dict style.
+    pub fn console_line(&self) -> String {
+        let mut s = format!(
+            "{{'eval_loss': {:.4}, 'eval_entropy': {:.4}, 'eval_mean_token_accuracy': {:.4}, \
+             'eval_runtime': {:.2}",
+            self.eval_loss, self.eval_entropy, self.eval_mean_token_accuracy, self.eval_runtime
+        );
+        for (k, v) in &self.generation {
+            s.push_str(&format!(", '{k}': {v:.4}"));
+        }
+        s.push_str(&format!(
+            ", 'epoch': {:.4}, 'step': {}}}",
+            self.epoch, self.step
+        ));
+        s
+    }
+}
+
+/// A `log_history` entry: a step record, an evaluation, or the final summary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum LogEntry {
+    /// A logging step of the DPO trainer (first: its `rewards/*` keys tell it apart).
+    Dpo(crate::dpo::DpoLogRecord),
     /// A logging step.
     Step(LogRecord),
     /// The end-of-training summary.
     Summary(TrainSummary),
+    /// An evaluation.
+    Eval(EvalRecord),
 }
 
 impl LogEntry {
@@ -129,7 +202,7 @@ impl LogEntry {
     pub fn as_step(&self) -> Option<&LogRecord> {
         match self {
             LogEntry::Step(r) => Some(r),
-            LogEntry::Summary(_) => None,
+            LogEntry::Summary(_) | LogEntry::Eval(_) | LogEntry::Dpo(_) => None,
         }
     }
 }
@@ -272,6 +345,33 @@ impl TrainLogger {
         Ok(())
     }
 
+    /// Records a DPO logging step: history, console line, MLflow metrics at `record.step`.
+    pub fn log_dpo(&mut self, record: &crate::dpo::DpoLogRecord) -> Result<()> {
+        if self.print {
+            self.println(&record.console_line());
+        }
+        if let Some(b) = &self.bar {
+            b.set_message(format!("loss {:.4}", record.loss));
+        }
+        if let Some(run) = &self.mlflow {
+            run.log_metrics(record.step as i64, &record.metrics())?;
+        }
+        self.history.push(LogEntry::Dpo(record.clone()));
+        Ok(())
+    }
+
+    /// Records an evaluation: history, console line, MLflow metrics at `record.step`.
+    pub fn log_eval(&mut self, record: &EvalRecord) -> Result<()> {
+        if self.print {
+            self.println(&record.console_line());
+        }
+        if let Some(run) = &self.mlflow {
+            run.log_metrics(record.step as i64, &record.metrics())?;
+        }
+        self.history.push(LogEntry::Eval(record.clone()));
+        Ok(())
+    }
+
     /// Appends the summary, prints it, logs it to MLflow and ends the run FINISHED.
     pub fn finish(&mut self, summary: &TrainSummary) -> Result<()> {
         if let Some(b) = self.bar.take() {
@@ -294,6 +394,11 @@ impl TrainLogger {
         }
         self.history.push(LogEntry::Summary(summary.clone()));
         Ok(())
+    }
+
+    /// The MLflow run, taken out of the logger (to log artifacts after training).
+    pub fn take_mlflow_run(&mut self) -> Option<MlflowRun> {
+        self.mlflow.take()
     }
 
     /// Ends the MLflow run with `status` (FAILED on errors, KILLED on Ctrl-C) without a summary.
@@ -329,67 +434,133 @@ impl TrainLogger {
 pub fn loss_points(history: &[LogEntry]) -> Vec<(u64, f64)> {
     history
         .iter()
-        .filter_map(LogEntry::as_step)
-        .map(|r| (r.step, r.loss))
+        .filter_map(|e| match e {
+            LogEntry::Step(r) => Some((r.step, r.loss)),
+            LogEntry::Dpo(r) => Some((r.step, r.loss)),
+            LogEntry::Summary(_) | LogEntry::Eval(_) => None,
+        })
         .collect()
 }
 
-/// Draws the loss curve (`points` = (step, loss); non-finite losses skipped) as an 800×480 PNG,
-/// written atomically: white background, light grid, axes, the curve in blue. No text is drawn
-/// (no font dependency); the step range and loss range are the plot's extents.
-pub fn write_loss_curve_png(path: &Path, points: &[(u64, f64)]) -> Result<()> {
-    use plotters::prelude::*;
-    let pts: Vec<(f64, f64)> = points
+/// `(step, eval_loss)` of every evaluation of `history`.
+pub fn eval_loss_points(history: &[LogEntry]) -> Vec<(u64, f64)> {
+    history
         .iter()
-        .filter(|(_, l)| l.is_finite())
-        .map(|&(s, l)| (s as f64, l))
-        .collect();
-    if pts.is_empty() {
+        .filter_map(|e| match e {
+            LogEntry::Eval(r) => Some((r.step, r.eval_loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `(step, learning_rate)` of every step record of `history`.
+pub fn learning_rate_points(history: &[LogEntry]) -> Vec<(u64, f64)> {
+    history
+        .iter()
+        .filter_map(|e| e.as_step().map(|r| (r.step, r.learning_rate)))
+        .collect()
+}
+
+/// The `[lo, hi]` range of `v` padded by 5 % (a flat or empty series gets a unit-free pad).
+fn padded_range(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.05).max(hi.abs().max(1e-12) * 1e-3);
+    (lo - pad, hi + pad)
+}
+
+/// Draws the training curves of `history` as a 900×640 PNG, written atomically: on top the
+/// training loss per logged step (blue) and the eval loss per evaluation (red, with markers),
+/// below the learning rate; titled, with labelled axes and ticks (text in the embedded DejaVu
+/// Sans of `gptoss-eval`). Non-finite values are skipped; an error if there is no finite loss.
+pub fn write_loss_curve_png(path: &Path, history: &[LogEntry]) -> Result<()> {
+    use plotters::prelude::*;
+    let finite = |v: Vec<(u64, f64)>| -> Vec<(f64, f64)> {
+        v.into_iter()
+            .filter(|(_, y)| y.is_finite())
+            .map(|(x, y)| (x as f64, y))
+            .collect()
+    };
+    let train = finite(loss_points(history));
+    let eval = finite(eval_loss_points(history));
+    let lr = finite(learning_rate_points(history));
+    if train.is_empty() && eval.is_empty() {
         return Err(SftError::Trainer(format!(
             "{}: no finite loss points to plot",
             path.display()
         )));
     }
-    let (mut x0, mut x1) = (pts[0].0, pts[0].0);
-    let (mut y0, mut y1) = (pts[0].1, pts[0].1);
-    for &(x, y) in &pts {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
-    let pad = ((y1 - y0) * 0.05).max(1e-6);
-    let (y0, y1) = (y0 - pad, y1 + pad);
+    gptoss_eval::chart::register_fonts()?;
+    let steps = train.iter().chain(&eval).chain(&lr).map(|p| p.0);
+    let (x0, x1) = steps.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    let (x0, x1) = (x0.min(1.0), x1.max(x0 + 1.0));
+    let (y0, y1) = padded_range(train.iter().chain(&eval).map(|p| p.1));
+    let (l0, l1) = padded_range(lr.iter().map(|p| p.1));
     let plot_err = |e: String| SftError::format(path, format!("cannot draw the loss curve: {e}"));
     atomic::write_with(path, |tmp| {
-        let root = BitMapBackend::new(tmp, (800, 480)).into_drawing_area();
+        let root = BitMapBackend::new(tmp, (900, 640)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
-        let mut chart = ChartBuilder::on(&root)
-            .margin(30)
+        let (top, bottom) = root.split_vertically(430);
+        let mut chart = ChartBuilder::on(&top)
+            .caption("Training loss", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(|e| plot_err(e.to_string()))?;
-        let grid = RGBColor(225, 225, 225);
-        for i in 1..10 {
-            let fy = y0 + (y1 - y0) * i as f64 / 10.0;
-            let fx = x0 + (x1 - x0) * i as f64 / 10.0;
+        chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc("loss (nats / token)")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| plot_err(e.to_string()))?;
+        if !train.is_empty() {
             chart
-                .draw_series(LineSeries::new(vec![(x0, fy), (x1, fy)], grid))
-                .map_err(|e| plot_err(e.to_string()))?;
+                .draw_series(LineSeries::new(train.clone(), BLUE.stroke_width(2)))
+                .map_err(|e| plot_err(e.to_string()))?
+                .label("train loss")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE));
+        }
+        if !eval.is_empty() {
             chart
-                .draw_series(LineSeries::new(vec![(fx, y0), (fx, y1)], grid))
+                .draw_series(LineSeries::new(eval.clone(), RED.stroke_width(2)))
+                .map_err(|e| plot_err(e.to_string()))?
+                .label("eval loss")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
+            chart
+                .draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled())))
                 .map_err(|e| plot_err(e.to_string()))?;
         }
         chart
-            .draw_series(LineSeries::new(
-                vec![(x0, y1), (x0, y0), (x1, y0)],
-                BLACK.stroke_width(2),
-            ))
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .label_font(("sans-serif", 14))
+            .draw()
             .map_err(|e| plot_err(e.to_string()))?;
-        chart
-            .draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2)))
+        let mut lr_chart = ChartBuilder::on(&bottom)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, l0..l1)
+            .map_err(|e| plot_err(e.to_string()))?;
+        lr_chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc("learning rate")
+            .y_label_formatter(&|v| format!("{v:.1e}"))
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| plot_err(e.to_string()))?;
+        lr_chart
+            .draw_series(LineSeries::new(lr.clone(), GREEN.stroke_width(2)))
             .map_err(|e| plot_err(e.to_string()))?;
         root.present().map_err(|e| plot_err(e.to_string()))?;
         Ok(())
@@ -440,10 +611,12 @@ mod tests {
     fn loss_curve_png_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("loss.png");
-        let pts: Vec<(u64, f64)> = (1..=20).map(|s| (s, 5.0 / s as f64)).collect();
-        write_loss_curve_png(&p, &pts).unwrap();
+        let h: Vec<LogEntry> = (1..=20)
+            .map(|s| LogEntry::Step(rec(s, 5.0 / s as f64)))
+            .collect();
+        write_loss_curve_png(&p, &h).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
-        assert!(write_loss_curve_png(&p, &[(1, f64::NAN)]).is_err());
+        assert!(write_loss_curve_png(&p, &[LogEntry::Step(rec(1, f64::NAN))]).is_err());
     }
 }

@@ -256,6 +256,24 @@ impl MlflowRun {
         Ok(())
     }
 
+    /// Logs the file or directory `local` (recursively) as artifacts under `artifact_path`
+    /// (`""` = the root): copied into the file store's `artifacts/`, or uploaded through the
+    /// tracking server's artifact proxy (`mlflow server` serves artifacts by default).
+    pub fn log_artifacts(&self, local: &Path, artifact_path: &str) -> Result<()> {
+        let files = artifact_files(local, artifact_path)?;
+        for (src, rel) in files {
+            match &self.client {
+                MlflowClient::File(f) => {
+                    f.put_artifact(&self.experiment_id, &self.run_id, &src, &rel)?
+                }
+                MlflowClient::Rest(r) => {
+                    r.put_artifact(&self.experiment_id, &self.run_id, &src, &rel)?
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sets tags.
     pub fn set_tags(&self, tags: &[(String, String)]) -> Result<()> {
         self.client.log_batch(&self.run_id, &[], &[], tags)
@@ -284,6 +302,33 @@ impl Drop for MlflowRun {
                 .set_terminated(&self.run_id, RunStatus::Failed, now_ms());
         }
     }
+}
+
+/// Every file under `local` (itself if a file) with its artifact path (`artifact_path/name/...`).
+fn artifact_files(local: &Path, artifact_path: &str) -> Result<Vec<(PathBuf, String)>> {
+    let join = |a: &str, b: &str| {
+        if a.is_empty() {
+            b.to_string()
+        } else {
+            format!("{a}/{b}")
+        }
+    };
+    let name = local
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let rel = join(artifact_path, &name);
+    if local.is_file() {
+        return Ok(vec![(local.to_path_buf(), rel)]);
+    }
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(local).map_err(|e| SftError::io(local, e))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        out.extend(artifact_files(&p, &rel)?);
+    }
+    Ok(out)
 }
 
 /// A 32-hex run id.
@@ -456,6 +501,27 @@ impl FileStore {
             "run {run_id} not found in {}",
             self.root.display()
         )))
+    }
+
+    /// Copies `src` to `<run>/artifacts/<rel>`.
+    pub fn put_artifact(
+        &self,
+        experiment_id: &str,
+        run_id: &str,
+        src: &Path,
+        rel: &str,
+    ) -> Result<()> {
+        let dst = self
+            .root
+            .join(experiment_id)
+            .join(run_id)
+            .join("artifacts")
+            .join(rel);
+        if let Some(parent) = dst.parent() {
+            mkdirs(parent)?;
+        }
+        std::fs::copy(src, &dst).map_err(|e| SftError::io(&dst, e))?;
+        Ok(())
     }
 
     /// Creates a RUNNING run directory; returns its id.
@@ -663,6 +729,36 @@ impl RestClient {
             )));
         }
         Ok(v)
+    }
+
+    /// PUT `src` to the server's artifact proxy
+    /// (`/api/2.0/mlflow-artifacts/artifacts/<experiment>/<run>/artifacts/<rel>`).
+    pub fn put_artifact(
+        &self,
+        experiment_id: &str,
+        run_id: &str,
+        src: &Path,
+        rel: &str,
+    ) -> Result<()> {
+        let url = format!(
+            "{}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/artifacts/{rel}",
+            self.base_url
+        );
+        let bytes = std::fs::read(src).map_err(|e| SftError::io(src, e))?;
+        let mut req = self.agent.put(&url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = req
+            .send(&bytes[..])
+            .map_err(|e| SftError::Mlflow(format!("PUT {url}: {e}")))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(SftError::Mlflow(format!(
+                "PUT {url}: HTTP {status} (is the server serving artifacts? `mlflow server` does by default)"
+            )));
+        }
+        Ok(())
     }
 
     /// GET experiments/get-by-name, else POST experiments/create.

@@ -197,3 +197,30 @@ fn rest_client_protocol() {
     assert_eq!(body(5)["status"], "FAILED");
     assert!(body(5)["end_time"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn file_store_artifacts_are_copied_under_the_run() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("mlruns");
+    let client = MlflowClient::File(FileStore::new(&root).unwrap());
+    let mut run = MlflowRun::start(client, "artifacts", "a").unwrap();
+    let src = t.path().join("eval");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("eval.json"), b"{}").unwrap();
+    std::fs::write(src.join("sub/x.md"), b"# x").unwrap();
+    let single = t.path().join("loss_curve.png");
+    std::fs::write(&single, b"png").unwrap();
+    run.log_artifacts(&src, "").unwrap();
+    run.log_artifacts(&single, "plots").unwrap();
+    run.finish(RunStatus::Finished).unwrap();
+    let art = root
+        .join(&run.experiment_id)
+        .join(&run.run_id)
+        .join("artifacts");
+    assert_eq!(std::fs::read(art.join("eval/eval.json")).unwrap(), b"{}");
+    assert_eq!(std::fs::read(art.join("eval/sub/x.md")).unwrap(), b"# x");
+    assert_eq!(
+        std::fs::read(art.join("plots/loss_curve.png")).unwrap(),
+        b"png"
+    );
+}

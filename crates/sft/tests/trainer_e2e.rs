@@ -82,6 +82,74 @@ fn resume_reproduces_the_uninterrupted_losses() -> Result<()> {
             .collect::<Vec<_>>()
     );
     assert_eq!(resumed.log_history.len(), 7);
+    // train_loss covers the steps before the resume too: the same as the uninterrupted run's.
+    assert!(
+        (resumed.train_loss - full.train_loss).abs() < 1e-12,
+        "resumed train_loss {} vs uninterrupted {}",
+        resumed.train_loss,
+        full.train_loss
+    );
+    Ok(())
+}
+
+#[test]
+fn resume_refuses_a_changed_trajectory_and_cleans_stale_temporaries() -> Result<()> {
+    let dir = tempfile::tempdir().map_err(|e| SftError::io("tempdir", e))?;
+    let rows = synthetic_rows(8);
+    let mut cfg = test_config(dir.path());
+    cfg.max_steps = Some(4);
+    cfg.save_steps = 2;
+    let (model, adapters) = tiny_model(0, 1)?;
+    Trainer::new(&model, &adapters, cfg.clone(), rows.clone(), Device::Cpu)?
+        .with_options(trainer_support::options())
+        .train(&mut NoObserver)?;
+    // What a killed run leaves behind.
+    let stale_dir = dir.path().join(".checkpoint-3.tmp");
+    let stale_file = dir.path().join(".tmp-abc.json");
+    std::fs::create_dir_all(&stale_dir).map_err(|e| SftError::io(&stale_dir, e))?;
+    std::fs::write(&stale_file, b"{").map_err(|e| SftError::io(&stale_file, e))?;
+    let mut changed = cfg.clone();
+    changed.resume_from_checkpoint = Some(dir.path().join("checkpoint-2"));
+    changed.learning_rate *= 2.0;
+    changed.logging_steps = 3; // not part of the trajectory
+    let err = Trainer::new(
+        &model,
+        &adapters,
+        changed.clone(),
+        rows.clone(),
+        Device::Cpu,
+    )?
+    .with_options(trainer_support::options())
+    .train(&mut NoObserver)
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("learning_rate"), "{err}");
+    assert!(err.contains("--allow-config-change"), "{err}");
+    assert!(!err.contains("logging_steps"), "{err}");
+    assert!(
+        !stale_dir.exists() && !stale_file.exists(),
+        "stale temporaries removed"
+    );
+    changed.allow_config_change = true;
+    let out = Trainer::new(&model, &adapters, changed, rows, Device::Cpu)?
+        .with_options(trainer_support::options())
+        .train(&mut NoObserver)?;
+    assert_eq!(out.global_step, 4);
+    // The last step is checkpointed too (HF saves at the end with step saving on).
+    let mut odd = cfg.clone();
+    odd.output_dir = dir.path().join("odd");
+    odd.max_steps = Some(3);
+    Trainer::new(
+        &model,
+        &adapters,
+        odd.clone(),
+        synthetic_rows(8),
+        Device::Cpu,
+    )?
+    .with_options(trainer_support::options())
+    .train(&mut NoObserver)?;
+    assert!(odd.output_dir.join("checkpoint-3").is_dir());
     Ok(())
 }
 

@@ -111,10 +111,185 @@ pub fn forward_backward<M: LayeredCausalLm>(
     opts: &BackwardOptions,
 ) -> Result<MicroStepOutput> {
     if opts.gradient_checkpointing {
-        checkpointed(model, params, batch, opts)
+        checkpointed(model, params, batch, opts, None)
     } else {
-        plain(model, params, batch, opts)
+        plain(model, params, batch, opts, None)
     }
+}
+
+/// Per-row weighting of the LM-head gradient, for sequence-level objectives (DPO): called once per
+/// micro-batch, after the forward, with the [`LossStats`] of each batch row (`B` entries, row order;
+/// a row without trained positions has zero stats); returns each row's multiplier of
+/// `∂(Σ nll of the row)/∂hidden` (it replaces `1 / num_items_in_batch`; it may be negative).
+pub type RowGradScale<'a> = &'a mut dyn FnMut(&[LossStats]) -> Result<Vec<f64>>;
+
+/// [`forward_backward`] for a loss that is a function of each row's summed log-probability: the
+/// gradient of row `b`'s trained positions is scaled by `row_scale(stats)[b]` instead of
+/// `1 / num_items_in_batch` (`opts.num_items_in_batch` is unused); the router aux loss, gradient
+/// checkpointing and the returned totals are as in [`forward_backward`].
+///
+/// # Shapes
+/// `batch.input_ids` `[B, T]`; `row_scale` receives and returns `B` values.
+pub fn forward_backward_rows<M: LayeredCausalLm>(
+    model: &M,
+    params: &[Var],
+    batch: &MicroBatch,
+    opts: &BackwardOptions,
+    row_scale: RowGradScale<'_>,
+) -> Result<MicroStepOutput> {
+    if opts.gradient_checkpointing {
+        checkpointed(model, params, batch, opts, Some(row_scale))
+    } else {
+        plain(model, params, batch, opts, Some(row_scale))
+    }
+}
+
+/// Token statistics of a forward-only pass ([`forward_loss`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossStats {
+    /// `Σ −log p` over the trained positions.
+    pub nll_sum: f64,
+    /// Trained positions.
+    pub count: usize,
+    /// Trained positions whose argmax is the label.
+    pub correct: usize,
+    /// `Σ entropy` over the trained positions (nats).
+    pub entropy_sum: f64,
+}
+
+/// Forward only, for evaluation: the loss statistics of `batch` at its trained positions, with
+/// the same masks, positions and fused LM head as training. Every layer runs on a detached input,
+/// so no autograd graph outlives a layer; `lm_head_chunk` bounds the logits rows at once.
+pub fn forward_loss<M: LayeredCausalLm>(
+    model: &M,
+    batch: &MicroBatch,
+    lm_head_chunk: usize,
+) -> Result<LossStats> {
+    let hn = detached_final_hidden(model, batch)?;
+    let sel = select_positions(&hn, &batch.positions)?;
+    let fused = fused_lm_head_loss(
+        &sel,
+        model.lm_head_weight(),
+        &batch.targets,
+        0.0,
+        lm_head_chunk,
+    )?;
+    Ok(LossStats {
+        nll_sum: fused.nll_sum,
+        count: fused.count,
+        correct: fused.correct,
+        entropy_sum: fused.entropy_sum,
+    })
+}
+
+/// Forward only, per batch row: the [`LossStats`] of each row's trained positions (`B` entries),
+/// e.g. the reference log-probabilities of DPO (`−nll_sum` of a row). No autograd graph outlives
+/// a layer; `lm_head_chunk` bounds the logits rows at once.
+///
+/// # Shapes
+/// `batch.input_ids` `[B, T]` → `B` stats.
+pub fn forward_row_stats<M: LayeredCausalLm>(
+    model: &M,
+    batch: &MicroBatch,
+    lm_head_chunk: usize,
+) -> Result<Vec<LossStats>> {
+    let hn = detached_final_hidden(model, batch)?;
+    let sel = select_positions(&hn, &batch.positions)?;
+    let (b, t, _) = hn.dims3()?;
+    let (stats, _) = per_row_head(&sel, model.lm_head_weight(), batch, (b, t), lm_head_chunk)?;
+    Ok(stats)
+}
+
+/// The final-normed hidden states `[B, T, H]` of a forward in which every layer runs on a
+/// detached input.
+fn detached_final_hidden<M: LayeredCausalLm>(model: &M, batch: &MicroBatch) -> Result<Tensor> {
+    let ctx = model.context(batch)?;
+    let mut h = model.embed(&batch.input_ids)?.detach();
+    for i in 0..model.num_layers() {
+        h = model.layer(i, &h, &ctx)?.0.detach();
+    }
+    model.final_norm(&h)
+}
+
+/// The fused LM-head loss of each batch row separately: `sel` `[N, H]` holds the trained rows in
+/// `batch.positions` order (row-major, so each batch row's positions are contiguous). Returns the
+/// per-row stats and the per-row unscaled gradients `∂(Σ nll_row)/∂sel_row` (`[n_b, H]`, `None`
+/// for rows without trained positions).
+fn per_row_head(
+    sel: &Tensor,
+    weight: &Tensor,
+    batch: &MicroBatch,
+    (b, t): (usize, usize),
+    chunk: usize,
+) -> Result<(Vec<LossStats>, Vec<Option<Tensor>>)> {
+    let mut stats = vec![LossStats::default(); b];
+    let mut grads = vec![None; b];
+    let mut start = 0;
+    while start < batch.positions.len() {
+        let row = batch.positions[start] as usize / t.max(1);
+        let mut end = start;
+        while end < batch.positions.len() && batch.positions[end] as usize / t.max(1) == row {
+            end += 1;
+        }
+        if row >= b || stats[row].count != 0 {
+            candle_core::bail!("label positions are not grouped by batch row (row {row} of {b})");
+        }
+        let fused = fused_lm_head_loss(
+            &sel.narrow(0, start, end - start)?,
+            weight,
+            &batch.targets[start..end],
+            1.0,
+            chunk,
+        )?;
+        stats[row] = LossStats {
+            nll_sum: fused.nll_sum,
+            count: fused.count,
+            correct: fused.correct,
+            entropy_sum: fused.entropy_sum,
+        };
+        grads[row] = Some(fused.grad_hidden);
+        start = end;
+    }
+    Ok((stats, grads))
+}
+
+/// [`per_row_head`], then each row's gradient scaled by `row_scale(stats)`: the totals and the
+/// `[N, H]` gradient in the shape [`fused_lm_head_loss`] returns.
+fn scaled_row_head(
+    sel: &Tensor,
+    weight: &Tensor,
+    batch: &MicroBatch,
+    dims: (usize, usize),
+    chunk: usize,
+    row_scale: RowGradScale<'_>,
+) -> Result<super::lm_loss::FusedLmLoss> {
+    let (stats, grads) = per_row_head(sel, weight, batch, dims, chunk)?;
+    let scales = row_scale(&stats)?;
+    if scales.len() != stats.len() {
+        candle_core::bail!(
+            "row_scale returned {} scales for {} rows",
+            scales.len(),
+            stats.len()
+        );
+    }
+    let mut parts = Vec::with_capacity(grads.len());
+    for (g, s) in grads.into_iter().zip(&scales) {
+        if let Some(g) = g {
+            parts.push((g * *s)?);
+        }
+    }
+    let grad_hidden = if parts.is_empty() {
+        Tensor::zeros((0, sel.dim(1)?), sel.dtype(), sel.device())?
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    Ok(super::lm_loss::FusedLmLoss {
+        nll_sum: stats.iter().map(|s| s.nll_sum).sum(),
+        correct: stats.iter().map(|s| s.correct).sum(),
+        entropy_sum: stats.iter().map(|s| s.entropy_sum).sum(),
+        count: stats.iter().map(|s| s.count).sum(),
+        grad_hidden,
+    })
 }
 
 /// Selects the labelled rows of the final hidden states `[B, T, H]` → `[N, H]`.
@@ -131,17 +306,24 @@ fn head<M: LayeredCausalLm>(
     h_last: &Tensor,
     batch: &MicroBatch,
     opts: &BackwardOptions,
+    row_scale: Option<RowGradScale<'_>>,
 ) -> Result<(super::lm_loss::FusedLmLoss, Option<Tensor>)> {
     let hn = model.final_norm(h_last)?;
     let sel = select_positions(&hn.detach(), &batch.positions)?;
-    let scale = 1.0 / opts.num_items_in_batch.max(1) as f64;
-    let fused = fused_lm_head_loss(
-        &sel,
-        model.lm_head_weight(),
-        &batch.targets,
-        scale,
-        opts.lm_head_chunk,
-    )?;
+    let fused = match row_scale {
+        Some(f) => {
+            let (b, t, _) = hn.dims3()?;
+            let w = model.lm_head_weight();
+            scaled_row_head(&sel, w, batch, (b, t), opts.lm_head_chunk, f)?
+        }
+        None => fused_lm_head_loss(
+            &sel,
+            model.lm_head_weight(),
+            &batch.targets,
+            1.0 / opts.num_items_in_batch.max(1) as f64,
+            opts.lm_head_chunk,
+        )?,
+    };
     let surrogate = if batch.positions.is_empty() {
         None
     } else {
@@ -188,6 +370,7 @@ fn plain<M: LayeredCausalLm>(
     params: &[Var],
     batch: &MicroBatch,
     opts: &BackwardOptions,
+    row_scale: Option<RowGradScale<'_>>,
 ) -> Result<MicroStepOutput> {
     let ctx = model.context(batch)?;
     let mut h = model.embed(&batch.input_ids)?;
@@ -197,7 +380,7 @@ fn plain<M: LayeredCausalLm>(
         h = out;
         router.push(r);
     }
-    let (fused, surrogate) = head(model, &h, batch, opts)?;
+    let (fused, surrogate) = head(model, &h, batch, opts, row_scale)?;
     let mut total = surrogate;
     let mut aux = None;
     if opts.aux_scale != 0.0 {
@@ -236,6 +419,7 @@ fn checkpointed<M: LayeredCausalLm>(
     params: &[Var],
     batch: &MicroBatch,
     opts: &BackwardOptions,
+    row_scale: Option<RowGradScale<'_>>,
 ) -> Result<MicroStepOutput> {
     let ctx = model.context(batch)?;
     let n_layers = model.num_layers();
@@ -266,7 +450,7 @@ fn checkpointed<M: LayeredCausalLm>(
     // Head: gradient w.r.t. the last hidden state.
     let h_last = Var::from_tensor(&inputs[n_layers])?;
     let (fused, surrogate) = scope("head.loss", &dev, || {
-        head(model, h_last.as_tensor(), batch, opts)
+        head(model, h_last.as_tensor(), batch, opts, row_scale)
     })?;
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
     let grad_out = match surrogate {
@@ -485,6 +669,80 @@ mod tests {
                 panic!("missing gradient")
             };
             assert!(max_abs_diff(g1, g2)? < 1e-6);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn row_scaled_gradients_match_weighted_autograd() -> Result<()> {
+        // Σ_b s_b · Σ nll(row b), with signed per-row scales, through plain and checkpointed paths.
+        let model = ToyLm::new(2, 8, 11, 4)?;
+        let params = model.params();
+        let batch = batch(3, 6, 11, 3)?;
+        let scales = [0.7f64, -1.3, 0.25];
+        let t = 6;
+        let hn = {
+            let mut h = model.embed(&batch.input_ids)?;
+            for i in 0..2 {
+                h = model.layer(i, &h, &())?.0;
+            }
+            model.final_norm(&h)?
+        };
+        let sel = select_positions(&hn, &batch.positions)?;
+        let lsm =
+            candle_nn::ops::log_softmax(&sel.matmul(&model.head.t()?)?, candle_core::D::Minus1)?;
+        let n = batch.targets.len();
+        let idx = Tensor::from_slice(&batch.targets, (n, 1), &candle_core::Device::Cpu)?;
+        let nll = lsm
+            .gather(&idx, candle_core::D::Minus1)?
+            .neg()?
+            .flatten_all()?;
+        let w: Vec<f32> = batch
+            .positions
+            .iter()
+            .map(|&p| scales[p as usize / t] as f32)
+            .collect();
+        let w = Tensor::from_vec(w, n, &candle_core::Device::Cpu)?;
+        let reference = (&nll * &w)?.sum_all()?.backward()?;
+        let row_nll: Vec<f64> = (0..3)
+            .map(|r| {
+                batch
+                    .positions
+                    .iter()
+                    .zip(nll.to_vec1::<f32>().unwrap_or_default())
+                    .filter(|(p, _)| **p as usize / t == r)
+                    .map(|(_, v)| v as f64)
+                    .sum()
+            })
+            .collect();
+        for ckpt in [false, true] {
+            let opts = BackwardOptions {
+                num_items_in_batch: 1,
+                aux_scale: 0.0,
+                gradient_checkpointing: ckpt,
+                lm_head_chunk: 4,
+            };
+            let mut seen = Vec::new();
+            let mut f = |s: &[LossStats]| -> Result<Vec<f64>> {
+                seen = s.to_vec();
+                Ok(scales.to_vec())
+            };
+            let ours = forward_backward_rows(&model, &params, &batch, &opts, &mut f)?;
+            assert_eq!(seen.len(), 3);
+            for (s, r) in seen.iter().zip(&row_nll) {
+                assert!((s.nll_sum - r).abs() < 1e-4, "{} vs {r}", s.nll_sum);
+            }
+            assert_eq!(seen.iter().map(|s| s.count).sum::<usize>(), n);
+            for (p, mine) in params.iter().zip(&ours.grads) {
+                let (Some(r), Some(mine)) = (reference.get(p.as_tensor()), mine) else {
+                    panic!("missing gradient")
+                };
+                assert!(max_abs_diff(r, mine)? < 1e-5);
+            }
+            let fwd = forward_row_stats(&model, &batch, 5)?;
+            for (a, b) in fwd.iter().zip(&seen) {
+                assert!((a.nll_sum - b.nll_sum).abs() < 1e-6 && a.count == b.count);
+            }
         }
         Ok(())
     }

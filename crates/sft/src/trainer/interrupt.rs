@@ -12,8 +12,18 @@ static INSTALL: Once = Once::new();
 pub fn install() {
     INSTALL.call_once(|| {
         // An application that installed its own handler keeps it; it can call `request()`.
-        let _ = ctrlc::set_handler(request);
+        let _ = ctrlc::set_handler(on_signal);
     });
+}
+
+/// The signal handler: the first Ctrl-C asks the loop to stop after the current step (it then
+/// saves a checkpoint); a second one, while that is pending, exits at once with status 130.
+fn on_signal() {
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        eprintln!("\nsecond Ctrl-C: aborting without saving");
+        std::process::exit(130);
+    }
+    eprintln!("\nCtrl-C: stopping after this optimizer step and saving a checkpoint (Ctrl-C again to abort)");
 }
 
 /// Asks the running training loop to stop after the current optimizer step.

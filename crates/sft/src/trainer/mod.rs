@@ -3,6 +3,7 @@
 //! - [`run`]: [`Trainer`] — epochs, gradient accumulation, AdamW + clipping + schedule, logging,
 //!   checkpoints, resume, Ctrl-C, non-finite loss detection, `save_model`.
 //! - [`backward`]: one micro-batch forward + backward, with optional per-layer gradient checkpointing.
+//! - [`evaluate`]: the teacher-forced eval loss of held-out rows (HF's eval loop).
 //! - [`lm_loss`]: the fused LM-head cross-entropy at labelled positions, with its gradient.
 //! - [`aux_loss`]: the MoE router load-balancing loss, split per layer.
 //! - [`batch`]: collated batches → device micro-batches with the labelled positions.
@@ -20,6 +21,7 @@ pub mod aux_loss;
 pub mod backward;
 pub mod batch;
 pub mod chat;
+pub mod evaluate;
 pub mod interrupt;
 pub mod lm_loss;
 pub mod model_adapter;
@@ -30,15 +32,18 @@ pub mod timing;
 
 pub use adapters::{load_adapter_weights, TrainableAdapters};
 pub use backward::{
-    forward_backward, BackwardOptions, LayeredCausalLm, MicroBatch, MicroStepOutput,
+    forward_backward, forward_backward_rows, forward_loss, forward_row_stats, BackwardOptions,
+    LayeredCausalLm, LossStats, MicroBatch, MicroStepOutput, RowGradScale,
 };
 pub use batch::micro_batch;
 pub use chat::{
     chat_generate, chat_prompt, cookbook_generation_config, print_channel_deltas, ChatReply,
 };
+pub use evaluate::{eval_loss, EvalLoss};
 pub use pipeline::{finetune, lora_config, FinetuneOutput, BUNDLED_DATASET};
 pub use report::StandardObserver;
 pub use run::{
-    NoObserver, RunState, StepOutput, TrainObserver, TrainOutcome, Trainer, TrainerOptions,
+    EvalHook, NoObserver, RunState, StepOutput, TrainObserver, TrainOutcome, Trainer,
+    TrainerOptions,
 };
 pub use timing::{synthetic_rows, StepTimer, TimedStep};

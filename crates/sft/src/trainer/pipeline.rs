@@ -10,9 +10,10 @@ use gptoss_model::GptOssForCausalLM;
 use super::report::StandardObserver;
 use super::run::{TrainOutcome, Trainer, TrainerOptions};
 use crate::config::TrainingConfig;
-use crate::data::{load_source, LoadOptions};
 use crate::error::{Result, SftError};
-use crate::preprocess::{preprocess, PreprocessOptions, Preprocessed, DEFAULT_TEMPLATE_DATE};
+use crate::evaluation::{
+    generate_and_score, load_train_and_eval, EvalOptions, EvalSet, TrainEvalData,
+};
 
 /// The sample dataset bundled with this crate (132 rows, 6 reasoning languages).
 pub const BUNDLED_DATASET: &str = concat!(
@@ -43,29 +44,6 @@ pub fn lora_config(cfg: &TrainingConfig) -> LoraConfig {
             .map(|p| p.display().to_string()),
         ..LoraConfig::default()
     }
-}
-
-/// Loads `cfg.dataset` (default: [`BUNDLED_DATASET`]) and tokenizes it like TRL.
-pub fn load_examples(cfg: &TrainingConfig, tok: &HarmonyTokenizer) -> Result<Preprocessed> {
-    let spec = cfg.dataset.as_deref().unwrap_or(BUNDLED_DATASET);
-    let ds = load_source(
-        spec,
-        LoadOptions {
-            skip_malformed: cfg.skip_malformed_rows,
-        },
-    )?;
-    if !ds.skipped.is_empty() {
-        eprintln!("skipped {} malformed rows of {spec}", ds.skipped.len());
-    }
-    let opts = PreprocessOptions {
-        max_length: cfg.max_length,
-        loss_mask: cfg.loss_mask,
-        date: cfg
-            .template_date
-            .clone()
-            .unwrap_or_else(|| DEFAULT_TEMPLATE_DATE.to_string()),
-    };
-    preprocess(tok, &ds.rows, &opts)
 }
 
 /// Writes the processor files TRL's `save_model` writes next to the adapter:
@@ -138,13 +116,35 @@ pub fn write_tokenizer_files(dir: &Path) -> Result<()> {
     crate::atomic::write_json(&dir.join("special_tokens_map.json"), &map)
 }
 
+/// The [`EvalOptions`] of a run: loss batches of `per_device_eval_batch_size`, generation with
+/// the cookbook's sampling (seeded by `seed`) for at most `max_rows` rows, 4 prompts at a time.
+pub fn eval_options(
+    cfg: &TrainingConfig,
+    options: &TrainerOptions,
+    max_rows: Option<usize>,
+) -> EvalOptions {
+    EvalOptions {
+        loss_batch_size: cfg.per_device_eval_batch_size,
+        generate_batch_size: 4,
+        generation: gptoss_model::GenerationConfig {
+            seed: cfg.seed,
+            pad_token_id: options.pad_token_id,
+            ..super::chat::cookbook_generation_config()
+        },
+        max_generate_rows: max_rows,
+        date: cfg.preprocess_options().date,
+        pad_token_id: options.pad_token_id,
+        lm_head_chunk: options.lm_head_chunk,
+    }
+}
+
 /// What [`finetune`] produced.
 pub struct FinetuneOutput {
     /// The trained adapters (still installed on the model).
     pub lora: LoraModel,
     /// How training ended.
     pub outcome: TrainOutcome,
-    /// Where `save_model` wrote the adapter.
+    /// Where `save_model` wrote the adapter (when interrupted: the checkpoint written then).
     pub adapter_dir: PathBuf,
     /// Where the MLflow run went, if any.
     pub mlflow: Option<String>,
@@ -153,6 +153,39 @@ pub struct FinetuneOutput {
     pub steady_step_secs: Option<(f64, usize)>,
     /// Peak device memory of the run (CUDA's pool high-water marks; `None` off CUDA).
     pub peak_memory: Option<gptoss_kernels::PoolStats>,
+    /// The held-out rows, when `eval_dataset` or `eval_split` was set.
+    pub eval: Option<EvalSet>,
+    /// The (finished) MLflow run, to log more artifacts to (e.g. an eval report).
+    pub tracking: Option<crate::mlflow::MlflowRun>,
+}
+
+/// Logs the run's files as MLflow artifacts: the adapter directory's adapter and processor files
+/// under `adapter/`, and `training_args.json`, `trainer_state.json`, `loss_curve.png` of
+/// `output_dir` at the root (those that exist).
+pub fn log_run_artifacts(
+    run: &crate::mlflow::MlflowRun,
+    adapter_dir: &Path,
+    output_dir: &Path,
+) -> Result<()> {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let p = adapter_dir.join(f);
+        if p.is_file() {
+            run.log_artifacts(&p, "adapter")?;
+        }
+    }
+    for f in ["training_args.json", "trainer_state.json", "loss_curve.png"] {
+        let p = output_dir.join(f);
+        if p.is_file() {
+            run.log_artifacts(&p, "")?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the recipe on `model`: data, LoRA (seeded by `cfg.seed`), training with console,
@@ -163,16 +196,32 @@ pub fn finetune(
     cfg: &TrainingConfig,
     tok: &HarmonyTokenizer,
 ) -> Result<FinetuneOutput> {
-    let data = load_examples(cfg, tok)?;
+    let data = load_train_and_eval(cfg, tok, BUNDLED_DATASET)?;
+    finetune_on(model, cfg, tok, data)
+}
+
+/// [`finetune`] on data already loaded with [`load_train_and_eval`] (e.g. to evaluate the base
+/// model on the eval rows first).
+pub fn finetune_on(
+    model: &mut GptOssForCausalLM,
+    cfg: &TrainingConfig,
+    tok: &HarmonyTokenizer,
+    data: TrainEvalData,
+) -> Result<FinetuneOutput> {
+    let TrainEvalData { train: data, eval } = data;
     let tokens: usize = data.examples.iter().map(|e| e.input_ids.len()).sum();
     println!(
-        "dataset: {} examples ({} tokens, {} truncated to {}, {} dropped with no trained token)",
+        "dataset {}: {} examples ({} tokens, {} truncated to {}, {} dropped with no trained token)",
+        cfg.dataset.as_deref().unwrap_or("(bundled sample)"),
         data.examples.len(),
         tokens,
         data.truncated,
         cfg.max_length,
         data.dropped.len()
     );
+    if let Some(e) = &eval {
+        println!("eval: {} rows ({})", e.rows.len(), e.source);
+    }
     let lora = LoraModel::new(model, lora_config(cfg), cfg.seed)
         .map_err(|e| SftError::Trainer(format!("applying LoRA: {e}")))?;
     lora.print_trainable_parameters();
@@ -181,12 +230,29 @@ pub fn finetune(
     let pad = model.config().pad_token_id.unwrap_or(199_999);
     let device = model.device().clone();
     let model: &GptOssForCausalLM = model;
-    let trainer = Trainer::new(model, &lora, cfg.clone(), data.examples, device.clone())?
-        .with_options(TrainerOptions {
-            pad_token_id: pad,
-            ..TrainerOptions::default()
-        })
-        .with_extra_files(&extra);
+    let options = TrainerOptions {
+        pad_token_id: pad,
+        ..TrainerOptions::default()
+    };
+    let eval_opts = eval_options(cfg, &options, Some(cfg.eval_generate));
+    let hook = |step: u64| -> Result<std::collections::BTreeMap<String, f64>> {
+        match &eval {
+            Some(set) if cfg.eval_generate > 0 => {
+                let label = format!("step {step}");
+                let scored =
+                    generate_and_score(model, tok, set, &label, &eval_opts, &mut |_, _| {})?;
+                Ok(gptoss_eval::log_metrics(&scored.summary))
+            }
+            _ => Ok(Default::default()),
+        }
+    };
+    let mut trainer = Trainer::new(model, &lora, cfg.clone(), data.examples, device.clone())?
+        .with_options(options)
+        .with_extra_files(&extra)
+        .with_eval_hook(&hook);
+    if let Some(set) = &eval {
+        trainer = trainer.with_eval_rows(set.examples.clone());
+    }
     let pool = gptoss_kernels::MemoryPool::of(&device);
     if let Some(p) = &pool {
         p.reset_high();
@@ -205,8 +271,16 @@ pub fn finetune(
     let peak_memory = pool.as_ref().map(|p| p.stats());
     let timed = observer.step_times().steps.len().saturating_sub(2);
     let steady_step_secs = (timed > 0).then(|| (observer.step_times().median_secs(2), timed));
-    let adapter_dir = trainer.save_model(None)?;
+    // Interrupted: the checkpoint just written is what there is (and what to resume from).
+    let adapter_dir = match (&outcome.last_checkpoint, outcome.interrupted) {
+        (Some(dir), true) => dir.clone(),
+        _ => trainer.save_model(None)?,
+    };
     let mlflow = observer.mlflow_location();
+    let tracking = observer.take_mlflow_run();
+    if let Some(run) = &tracking {
+        log_run_artifacts(run, &adapter_dir, &cfg.output_dir)?;
+    }
     drop(trainer);
     Ok(FinetuneOutput {
         lora,
@@ -215,6 +289,8 @@ pub fn finetune(
         mlflow,
         steady_step_secs,
         peak_memory,
+        eval,
+        tracking,
     })
 }
 
@@ -230,12 +306,45 @@ pub fn demo_model_config() -> gptoss_model::Config {
     c
 }
 
+/// The demo's base model, as a checkpoint on disk so that its adapter can be reloaded, evaluated
+/// and exported like any other (PEFT's `base_model_name_or_path` points at it): the
+/// [`demo_model_config`] model drawn with `seed`, saved in bf16 to `dir` (config.json,
+/// model.safetensors, tokenizer files) unless `dir` already holds one, then loaded from `dir` in
+/// f32 through the real loader.
+pub fn demo_base_model(
+    dir: &Path,
+    seed: u64,
+    device: &candle_core::Device,
+) -> Result<GptOssForCausalLM> {
+    let model_err =
+        |e: gptoss_model::ModelError| SftError::Trainer(format!("demo base model: {e}"));
+    if !dir.join("config.json").is_file() {
+        let cpu = candle_core::Device::Cpu;
+        let model = gptoss_model::init_random(
+            &demo_model_config(),
+            candle_core::DType::F32,
+            &cpu,
+            Some(seed),
+        )
+        .map_err(model_err)?;
+        let opts = gptoss_model::SaveOptions {
+            mxfp4_experts: false,
+            max_shard_bytes: None,
+            dtype: Some(candle_core::DType::BF16),
+        };
+        gptoss_model::save(&model, dir, &opts).map_err(model_err)?;
+        write_tokenizer_files(dir)?;
+    }
+    let opts = gptoss_model::LoadOptions::new(candle_core::DType::F32);
+    gptoss_model::load_with(dir, device, &opts).map_err(model_err)
+}
+
 /// The demo training setup (used when no `--model` is given): the recipe scaled to a random
 /// tiny model on CPU — LoRA r 8 / α 16 on all attention linears plus the experts of layers 1
 /// and 3, lr 2e-3 (a random model needs more than the recipe's 2e-4 to visibly learn in one
 /// epoch), cosine_with_min_lr 0.1, warmup 3 %, batch 1 × GA 4, max_length 512, 1 epoch, no
-/// gradient checkpointing (the model is small), a checkpoint every 10 steps (keep 2), output
-/// in `finetune_multilingual_demo/`.
+/// gradient checkpointing (the model is small), a checkpoint every 10 steps (keep 2), 10 % of
+/// the rows held out and evaluated every 10 steps, output in `finetune_multilingual_demo/`.
 pub fn demo_training_config() -> TrainingConfig {
     TrainingConfig {
         lora_target_parameters: [1, 3]
@@ -252,6 +361,9 @@ pub fn demo_training_config() -> TrainingConfig {
         gradient_checkpointing: false,
         save_steps: 10,
         save_total_limit: Some(2),
+        eval_split: Some(0.1),
+        eval_strategy: crate::config::EvalStrategy::Steps,
+        eval_steps: Some(10),
         output_dir: PathBuf::from("finetune_multilingual_demo"),
         run_name: Some("finetune-multilingual-demo".into()),
         ..TrainingConfig::default()

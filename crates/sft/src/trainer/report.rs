@@ -7,7 +7,7 @@ use super::run::{TrainObserver, TrainOutcome};
 use super::timing::StepTimer;
 use crate::config::TrainingConfig;
 use crate::error::Result;
-use crate::logging::{LogRecord, TrainLogger};
+use crate::logging::{EvalRecord, LogRecord, TrainLogger};
 use crate::mlflow::RunStatus;
 
 /// Console + progress bar + MLflow through [`TrainLogger`].
@@ -35,6 +35,11 @@ impl StandardObserver {
         &self.timer
     }
 
+    /// The MLflow run (finished or not), taken out to log artifacts after training.
+    pub fn take_mlflow_run(&mut self) -> Option<crate::mlflow::MlflowRun> {
+        self.logger.take_mlflow_run()
+    }
+
     /// Ends the MLflow run as FAILED (call when training returned an error).
     pub fn fail(&mut self) -> Result<()> {
         self.logger.abort(RunStatus::Failed)
@@ -56,6 +61,10 @@ impl TrainObserver for StandardObserver {
 
     fn on_log(&mut self, record: &LogRecord) -> Result<()> {
         self.logger.log(record)
+    }
+
+    fn on_evaluate(&mut self, record: &EvalRecord) -> Result<()> {
+        self.logger.log_eval(record)
     }
 
     fn on_save(&mut self, dir: &Path) -> Result<()> {

@@ -17,15 +17,17 @@ use candle_core::Device;
 use super::adapters::{load_adapter_weights, TrainableAdapters};
 use super::backward::{forward_backward, BackwardOptions, LayeredCausalLm};
 use super::batch::micro_batch;
+use super::evaluate::eval_loss;
 use super::interrupt;
 use crate::checkpoint::{
-    load_checkpoint, load_optimizer, resolve_resume, save_checkpoint, CheckpointContents, RngState,
-    TrainerState, TRAINER_STATE_FILE,
+    load_checkpoint, load_optimizer, remove_stale_temporaries, resolve_resume, save_checkpoint,
+    CheckpointContents, RngState, TrainerState, TRAINER_STATE_FILE,
 };
 use crate::collate::{pad, Example};
+use crate::config::EvalStrategy;
 use crate::config::TrainingConfig;
 use crate::error::{Result, SftError};
-use crate::logging::{loss_points, write_loss_curve_png, LogEntry, LogRecord, TrainSummary};
+use crate::logging::{write_loss_curve_png, EvalRecord, LogEntry, LogRecord, TrainSummary};
 use crate::optim::{AdamW, Gradients};
 use crate::preprocess::epoch_order;
 use crate::schedule::LrSchedule;
@@ -42,6 +44,10 @@ pub trait TrainObserver {
     }
     /// Every `logging_steps` optimizer steps.
     fn on_log(&mut self, _record: &LogRecord) -> Result<()> {
+        Ok(())
+    }
+    /// An evaluation finished (every `eval_steps` or at epoch ends, per `eval_strategy`).
+    fn on_evaluate(&mut self, _record: &EvalRecord) -> Result<()> {
         Ok(())
     }
     /// A checkpoint directory was written.
@@ -102,6 +108,10 @@ impl Default for TrainerOptions {
 /// Writes extra files (tokenizer, chat template) into a checkpoint or the final output dir.
 pub type ExtraFiles<'a> = &'a dyn Fn(&Path) -> Result<()>;
 
+/// Extra metrics computed at each evaluation after the eval loss (generation metrics such as
+/// `eval_reasoning_language_accuracy`), called with the global step; keys are logged as given.
+pub type EvalHook<'a> = &'a dyn Fn(u64) -> Result<std::collections::BTreeMap<String, f64>>;
+
 /// The SFT trainer. Holds borrowed model/adapters and the tokenized training rows.
 pub struct Trainer<'a, M: LayeredCausalLm> {
     model: &'a M,
@@ -111,6 +121,8 @@ pub struct Trainer<'a, M: LayeredCausalLm> {
     options: TrainerOptions,
     device: Device,
     extra_files: Option<ExtraFiles<'a>>,
+    eval_rows: Vec<Example>,
+    eval_hook: Option<EvalHook<'a>>,
 }
 
 impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
@@ -142,6 +154,8 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             options: TrainerOptions::default(),
             device,
             extra_files: None,
+            eval_rows: Vec::new(),
+            eval_hook: None,
         })
     }
 
@@ -155,6 +169,57 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
     pub fn with_extra_files(mut self, f: ExtraFiles<'a>) -> Self {
         self.extra_files = Some(f);
         self
+    }
+
+    /// The held-out rows evaluated per `eval_strategy` (tokenized like the training rows).
+    pub fn with_eval_rows(mut self, rows: Vec<Example>) -> Self {
+        self.eval_rows = rows;
+        self
+    }
+
+    /// Also calls `hook` at each evaluation and logs its metrics with the eval loss.
+    pub fn with_eval_hook(mut self, hook: EvalHook<'a>) -> Self {
+        self.eval_hook = Some(hook);
+        self
+    }
+
+    /// The teacher-forced evaluation of the held-out rows now ([`eval_loss`], HF/TRL names),
+    /// plus the [`EvalHook`]'s metrics, stamped with `step` and `epoch`.
+    ///
+    /// # Errors
+    /// [`SftError::Config`] when there are no eval rows.
+    pub fn evaluate(&self, step: u64, epoch: f64) -> Result<EvalRecord> {
+        if self.eval_rows.is_empty() {
+            return Err(SftError::config(
+                "eval.eval_dataset",
+                "no eval rows: set eval_dataset (a file) or eval_split (a fraction)",
+            ));
+        }
+        let started = Instant::now();
+        let l = eval_loss(
+            self.model,
+            &self.eval_rows,
+            self.config.per_device_eval_batch_size,
+            self.options.pad_token_id,
+            self.options.lm_head_chunk,
+            &self.device,
+        )?;
+        let generation = match self.eval_hook {
+            Some(hook) => hook(step)?,
+            None => Default::default(),
+        };
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        Ok(EvalRecord {
+            eval_loss: l.loss,
+            eval_entropy: l.entropy,
+            eval_mean_token_accuracy: l.mean_token_accuracy,
+            eval_runtime: secs,
+            eval_samples_per_second: self.eval_rows.len() as f64 / secs,
+            eval_steps_per_second: l.batches as f64 / secs,
+            generation,
+            epoch,
+            step,
+        })
     }
 
     /// The configuration.
@@ -206,6 +271,12 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         interrupt::clear();
         let total = self.total_steps();
         let schedule: LrSchedule = self.config.schedule(total)?;
+        if self.config.eval_strategy != EvalStrategy::No && self.eval_rows.is_empty() {
+            return Err(SftError::config(
+                "eval.eval_strategy",
+                "evaluation is on but there are no eval rows (eval_dataset or eval_split)",
+            ));
+        }
         let mut run = self.begin()?;
         observer.on_train_begin(total, run.global_step)?;
         let mut interrupted = false;
@@ -213,6 +284,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             let step = self.optimizer_step(&mut run, &schedule)?;
             observer.on_step_end(run.global_step, step.loss)?;
             self.log_if_due(&mut run, &step, &schedule, total, observer)?;
+            self.evaluate_if_due(&mut run, &step, total, observer)?;
             interrupted = interrupt::requested();
             self.checkpoint_if_due(&mut run, &step, &schedule, total, interrupted, observer)?;
             if interrupted {
@@ -239,15 +311,19 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             window: LogWindow::new(Instant::now()),
             step_losses: Vec::new(),
             last_checkpoint: None,
+            start_step: 0,
         };
+        remove_stale_temporaries(&cfg.output_dir)?;
         if let Some(spec) = &cfg.resume_from_checkpoint {
             let dir = resolve_resume(&cfg.output_dir, spec)?;
             let loaded = load_checkpoint(&dir)?;
+            check_resume_config(cfg, &dir)?;
             load_adapter_weights(self.adapters, &dir)?;
             load_optimizer(&dir, &mut run.optimizer)?;
             run.global_step = loaded.trainer_state.global_step;
             run.num_tokens = loaded.trainer_state.num_input_tokens_seen;
             run.history = loaded.trainer_state.log_history;
+            run.start_step = run.global_step;
         }
         Ok(run)
     }
@@ -375,6 +451,30 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         Ok(())
     }
 
+    /// Per `eval_strategy`: every `eval_steps` (`steps`), or after the last micro-batch of an
+    /// epoch and at the last step (`epoch`), an [`EvalRecord`] to the observer and the history.
+    fn evaluate_if_due(
+        &self,
+        run: &mut RunState,
+        step: &StepOutput,
+        total: u64,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<()> {
+        let g = run.global_step;
+        let due = match self.config.eval_strategy {
+            EvalStrategy::No => false,
+            EvalStrategy::Steps => g % self.config.eval_interval() == 0,
+            EvalStrategy::Epoch => step.consumed == self.micro_batches_per_epoch() || g == total,
+        };
+        if !due {
+            return Ok(());
+        }
+        let rec = self.evaluate(g, step.epoch_f)?;
+        observer.on_evaluate(&rec)?;
+        run.history.push(LogEntry::Eval(rec));
+        Ok(())
+    }
+
     /// Every `save_steps` (and on Ctrl-C): a checkpoint directory, written atomically.
     fn checkpoint_if_due(
         &self,
@@ -387,7 +487,8 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
     ) -> Result<()> {
         let cfg = &self.config;
         let g = run.global_step;
-        let save_now = cfg.save_steps > 0 && g % cfg.save_steps == 0;
+        // HF saves every `save_steps` and, with step saving on, at the last step too.
+        let save_now = cfg.save_steps > 0 && (g % cfg.save_steps == 0 || g == total);
         if !save_now && !interrupted {
             return Ok(());
         }
@@ -443,12 +544,16 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             num_tokens,
             step_losses,
             last_checkpoint,
+            start_step,
             ..
         } = run;
-        let train_loss = if step_losses.is_empty() {
+        // Over every step of the run, also those before a resume (from their logged windows), so
+        // a resumed run reports the train_loss of an uninterrupted one.
+        let before = logged_loss_sum(&history, start_step);
+        let train_loss = if global_step == 0 {
             0.0
         } else {
-            step_losses.iter().sum::<f64>() / step_losses.len() as f64
+            (before + step_losses.iter().sum::<f64>()) / global_step as f64
         };
         let runtime_s = started.elapsed().as_secs_f64();
         let samples =
@@ -510,17 +615,68 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             true,
         );
         crate::atomic::write_json(&out.join(TRAINER_STATE_FILE), &ts)?;
-        write_loss_curve_png(&out.join("loss_curve.png"), &loss_points(history))
+        write_loss_curve_png(&out.join("loss_curve.png"), history)
     }
 
     /// TRL's `save_model`: the final adapter files plus the tokenizer / chat template files in
-    /// `output_dir`.
+    /// `output_dir`, and the run's resolved config as `training_args.json` (TRL writes
+    /// `training_args.bin`), so evaluation can rebuild the same held-out rows.
     pub fn save_model(&self, dir: Option<&Path>) -> Result<PathBuf> {
         let dir = dir.unwrap_or(&self.config.output_dir).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| SftError::io(&dir, e))?;
         self.write_model_files(&dir)?;
+        crate::atomic::write_json(
+            &dir.join(crate::checkpoint::TRAINING_ARGS_FILE),
+            &self.config,
+        )?;
         Ok(dir)
     }
+}
+
+/// Σ of the per-step losses of steps `1..=upto`, from the logged windows of `history` (each
+/// record's loss is the mean of the steps since the previous record).
+fn logged_loss_sum(history: &[LogEntry], upto: u64) -> f64 {
+    let mut prev = 0;
+    let mut sum = 0.0;
+    for r in history.iter().filter_map(LogEntry::as_step) {
+        if r.step > upto {
+            break;
+        }
+        sum += r.loss * (r.step - prev) as f64;
+        prev = r.step;
+    }
+    sum
+}
+
+/// Refuses to resume from `dir` when options that change the trajectory differ from the ones the
+/// checkpoint was written with (listing them), unless `allow_config_change`, which prints them.
+fn check_resume_config(cfg: &TrainingConfig, dir: &Path) -> Result<()> {
+    let saved = crate::checkpoint::load_training_args(dir)?;
+    let changes = cfg.trajectory_changes(&saved);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let listing: Vec<String> = changes
+        .iter()
+        .map(|(k, a, b)| format!("{k}: {a} -> {b}"))
+        .collect();
+    if cfg.allow_config_change {
+        eprintln!(
+            "resuming {} with changed options: {}",
+            dir.display(),
+            listing.join(", ")
+        );
+        return Ok(());
+    }
+    Err(SftError::config(
+        "resume_from_checkpoint",
+        format!(
+            "{} was trained with other options ({}); resume with the same options, or pass \
+             --allow-config-change to accept the change",
+            dir.display(),
+            listing.join(", ")
+        ),
+    ))
 }
 
 /// The mutable state of a training run between optimizer steps (see [`Trainer::train`]).
@@ -534,6 +690,7 @@ pub struct RunState {
     window: LogWindow,
     step_losses: Vec<f64>,
     last_checkpoint: Option<PathBuf>,
+    start_step: u64,
 }
 
 impl RunState {

@@ -5,8 +5,8 @@
 //! within its reported quantization error), and bad input exits 1 naming what is wrong. Runs the
 //! example binary `cargo test` builds next to this test.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
 use gptoss_lora::{LoraConfig, LoraModel, TargetModules};
@@ -15,34 +15,12 @@ use gptoss_model::{
     LoadOptions, SyntheticOptions,
 };
 
-/// `target/<profile>/examples/<name>`, next to this test's `deps/` directory.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    profile_dir.join("examples").join(name)
-}
+mod common;
+use common::tmp;
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gptoss-export-cli-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
+/// `export` with `args`, output echoed (shown when the test fails).
 fn run(args: &[&str]) -> Output {
-    let out = Command::new(example("export"))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running export: {e} (is the example built?)"));
-    eprintln!(
-        "export {args:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::run("export", args)
 }
 
 fn s(p: &Path) -> &str {

@@ -22,7 +22,7 @@
 //! | [`lm_loss`] | the LM-head cross-entropy's row statistics and logits gradient (in place on CUDA) |
 //! | [`adamw`] | torch's AdamW update, one kernel per parameter or three launches for clip + all updates |
 //!
-//! Shared pieces: [`runtime`] (the CUDA device, the NVRTC module cache, the `GPTOSS_NO_*`
+//! Shared pieces: [`runtime`] (the CUDA device, the NVRTC module cache (compiled PTX kept on disk), the `GPTOSS_NO_*`
 //! switches of [`FastPath`], [`profile`] scopes, storage access). `gptoss-mxfp4` stays the MXFP4
 //! codec crate; the grouped matmul decodes through it.
 //!

@@ -123,7 +123,7 @@ impl CustomOp2 for RmsNormBwd {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
@@ -205,7 +205,7 @@ extern "C" __global__ void rms_bwd_f32(const float* x, const float* g, const flo
 extern "C" __global__ void rms_bwd_bf16(const u16* x, const u16* g, const float* w, u16* dx, int h, float eps) { rms_bwd<u16>(x, g, w, dx, h, eps); }
 "#;
 
-    static KERNELS: Kernels = Kernels::new("gptoss_rms_norm", SRC);
+    pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_rms_norm", SRC);
 
     /// Threads of `rms_fwd_vec` and the most 16-byte chunks a row may have there (`RCH` per thread).
     const RMS_VEC_THREADS: u32 = 128;

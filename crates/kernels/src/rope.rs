@@ -188,7 +188,7 @@ impl CustomOp1 for RotaryOp {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
@@ -239,7 +239,7 @@ extern "C" __global__ void rotary_bf16(const u16* x, const u16* c, const u16* s,
     u64 sb, u64 sh, u64 st, u64 ob, u64 oh, u64 ot, int inv, u64 rows) { rotary<u16>(x, c, s, o, nh, t, half, cb, sb, sh, st, ob, oh, ot, inv, true, rows); }
 "#;
 
-    static KERNELS: Kernels = Kernels::new("gptoss_rotary", SRC);
+    pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_rotary", SRC);
 
     /// `(B, heads, T, d)`, the input strides and the output strides in `(B, heads, T)` order.
     pub(super) struct Geometry {

@@ -196,7 +196,7 @@ impl candle_core::CustomOp1 for ScaleGrad {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
@@ -228,7 +228,7 @@ extern "C" __global__ void add_scaled_bwd_f32(const float* g, float* o, u64 n, f
 extern "C" __global__ void add_scaled_bwd_bf16(const u16* g, float* o, u64 n, float s) { bwd(g, o, n, s); }
 "#;
 
-    static KERNELS: Kernels = Kernels::new("gptoss_add_scaled", SRC);
+    pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_add_scaled", SRC);
 
     fn config(n: usize) -> LaunchConfig {
         LaunchConfig {

@@ -52,6 +52,17 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The four projections with their HF names, in checkpoint order: `q_proj`, `k_proj`, `v_proj`,
+    /// `o_proj`.
+    pub fn projections(&self) -> [(&'static str, &Linear); 4] {
+        [
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+        ]
+    }
+
     /// `x`: normed hidden `[B, T, H]` (run dtype) → `[B, T, H]`. With `cache`, the new keys/values are appended
     /// (sliding layers keep only the last `window − 1`) and attention covers the cached keys as well.
     pub fn forward(

@@ -225,19 +225,16 @@ pub fn named_parameters(model: &GptOssForCausalLM) -> Vec<(String, Tensor)> {
             format!("{p}.input_layernorm.weight"),
             layer.input_layernorm.weight().clone(),
         ));
-        let a = &layer.self_attn;
-        for (n, lin) in [
-            ("q_proj", &a.q_proj),
-            ("k_proj", &a.k_proj),
-            ("v_proj", &a.v_proj),
-            ("o_proj", &a.o_proj),
-        ] {
+        for (n, lin) in layer.self_attn.projections() {
             out.push((format!("{p}.self_attn.{n}.weight"), lin.weight().clone()));
             if let Some(b) = lin.bias() {
                 out.push((format!("{p}.self_attn.{n}.bias"), b.clone()));
             }
         }
-        out.push((format!("{p}.self_attn.sinks"), a.sinks.clone()));
+        out.push((
+            format!("{p}.self_attn.sinks"),
+            layer.self_attn.sinks.clone(),
+        ));
         out.push((
             format!("{p}.post_attention_layernorm.weight"),
             layer.post_attention_layernorm.weight().clone(),

@@ -3,25 +3,16 @@
 //! over the same rows with the adapter of that step; the eval split is seeded and disjoint; a
 //! missing eval file fails before anything is written; eval records reach `trainer_state.json`.
 
+mod trainer_support;
+
 use candle_core::{DType, Device, Tensor};
 use gptoss_harmony::HarmonyTokenizer;
 use gptoss_sft::collate::{pad, Example};
 use gptoss_sft::config::{EvalStrategy, ReportTo, TrainingConfig};
 use gptoss_sft::evaluation::{load_train_and_eval, split_indices};
 use gptoss_sft::logging::LogEntry;
-use gptoss_sft::trainer::pipeline::{demo_model_config, finetune, BUNDLED_DATASET};
+use gptoss_sft::trainer::pipeline::{finetune, BUNDLED_DATASET};
 use gptoss_sft::{Result, SftError};
-
-fn tiny() -> gptoss_model::Config {
-    let mut c = demo_model_config();
-    c.hidden_size = 64;
-    c.num_hidden_layers = 2;
-    c.layer_types = None;
-    c.head_dim = Some(16);
-    c.intermediate_size = 64;
-    c.num_local_experts = 4;
-    c
-}
 
 fn model_err(e: gptoss_model::ModelError) -> SftError {
     SftError::Trainer(e.to_string())
@@ -84,8 +75,13 @@ fn eval_loss_equals_an_independent_teacher_forced_pass() -> Result<()> {
     let dir = tempfile::tempdir().map_err(|e| SftError::io("tempdir", e))?;
     let tok = HarmonyTokenizer::o200k_harmony()?;
     let cfg = config(&dir.path().join("out"));
-    let mut model =
-        gptoss_model::init_random(&tiny(), DType::F32, &Device::Cpu, Some(3)).map_err(model_err)?;
+    let mut model = gptoss_model::init_random(
+        &trainer_support::tiny_real_vocab_config(),
+        DType::F32,
+        &Device::Cpu,
+        Some(3),
+    )
+    .map_err(model_err)?;
     let out = finetune(&mut model, &cfg, &tok)?;
     let evals: Vec<_> = out
         .outcome
@@ -154,8 +150,13 @@ fn a_missing_eval_file_fails_before_training_and_writes_nothing() -> Result<()> 
         ..config(&out_dir)
     };
     cfg.validate()?;
-    let mut model =
-        gptoss_model::init_random(&tiny(), DType::F32, &Device::Cpu, Some(3)).map_err(model_err)?;
+    let mut model = gptoss_model::init_random(
+        &trainer_support::tiny_real_vocab_config(),
+        DType::F32,
+        &Device::Cpu,
+        Some(3),
+    )
+    .map_err(model_err)?;
     let err = match finetune(&mut model, &cfg, &tok) {
         Ok(_) => panic!("training ran without its eval file"),
         Err(e) => e.to_string(),

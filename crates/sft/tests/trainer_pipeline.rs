@@ -2,23 +2,14 @@
 //! PEFT LoRA (attention + experts) on a tiny random gpt-oss with the real 201,088 vocabulary →
 //! trainer → adapter + processor files; then resume from the checkpoint and chat.
 
+mod trainer_support;
+
 use candle_core::{DType, Device};
 use gptoss_harmony::HarmonyTokenizer;
 use gptoss_sft::config::{ReportTo, TrainingConfig};
-use gptoss_sft::trainer::pipeline::{demo_model_config, finetune};
+use gptoss_sft::trainer::pipeline::finetune;
 use gptoss_sft::trainer::{chat_generate, chat_prompt, cookbook_generation_config};
 use gptoss_sft::{Result, SftError};
-
-fn tiny_real_vocab_config() -> gptoss_model::Config {
-    let mut c = demo_model_config();
-    c.hidden_size = 64;
-    c.num_hidden_layers = 2;
-    c.layer_types = None;
-    c.head_dim = Some(16);
-    c.intermediate_size = 64;
-    c.num_local_experts = 4;
-    c
-}
 
 #[test]
 fn recipe_end_to_end_with_resume_and_chat() -> Result<()> {
@@ -39,7 +30,7 @@ fn recipe_end_to_end_with_resume_and_chat() -> Result<()> {
         output_dir: dir.path().join("out"),
         ..TrainingConfig::default()
     };
-    let mcfg = tiny_real_vocab_config();
+    let mcfg = trainer_support::tiny_real_vocab_config();
     let mut model = gptoss_model::init_random(&mcfg, DType::F32, &Device::Cpu, Some(7))
         .map_err(|e| SftError::Trainer(e.to_string()))?;
     let out = finetune(&mut model, &cfg, &tok)?;

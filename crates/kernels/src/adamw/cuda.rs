@@ -83,7 +83,7 @@ extern "C" __global__ void adamw_all_f32(const Item* items, const float* coef, i
 }
 "#;
 
-static KERNELS: Kernels = Kernels::new("gptoss_adamw", SRC);
+pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_adamw", SRC);
 
 /// Updates `param` (f32, contiguous, CUDA) and its moments `m`, `v` (same shape) in place from
 /// `grad` (f32, same shape).

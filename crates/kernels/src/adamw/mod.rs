@@ -11,7 +11,7 @@
 //! parameter's update in three launches for all parameters.
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 
 use candle_core::{DType, Result, Tensor, Var};
 

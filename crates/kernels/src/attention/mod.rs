@@ -3,8 +3,8 @@
 
 mod chunked;
 #[cfg(feature = "cuda")]
-mod flash;
-mod sink_softmax;
+pub(crate) mod flash;
+pub(crate) mod sink_softmax;
 
 pub use chunked::{
     sink_attention, sink_attention_structural, sink_attention_token_major, CHUNK_ELEMS,

@@ -190,7 +190,7 @@ impl CustomOp2 for SinkSoftmaxBwd {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
@@ -294,7 +294,7 @@ extern "C" __global__ void sink_softmax_bwd_bf16(const u16* p, const u16* g, u16
     bwd<u16>(p, g, o, tk, scale); }
 "#;
 
-    static KERNELS: Kernels = Kernels::new("gptoss_sink_softmax", SRC);
+    pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_sink_softmax", SRC);
 
     /// Threads per row: enough for the row to fit the registers when possible, at least one warp.
     fn launch(rows: usize, tk: usize) -> LaunchConfig {

@@ -23,7 +23,7 @@ mod cuda;
 #[cfg(feature = "cuda")]
 mod lt;
 #[cfg(feature = "cuda")]
-mod mxfp4_gemm;
+pub(crate) mod mxfp4_gemm;
 
 /// `(expert, first row, rows)` of each group; the groups tile `0..M` in order.
 pub type Spans = Arc<Vec<(usize, usize, usize)>>;

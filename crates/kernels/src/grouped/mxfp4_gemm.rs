@@ -307,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) mxfp4_gemm_bwd(const u16* x
 }
 "#;
 
-static KERNELS: Kernels =
+pub(crate) static KERNELS: Kernels =
     Kernels::with_deps("gptoss_mxfp4_gemm", &[gptoss_mxfp4::DEVICE_DECODE], SRC);
 
 /// When the fused kernel runs (`GPTOSS_MXFP4_GEMM`: `0` never, `1` whenever it can, unset: when

@@ -192,7 +192,7 @@ extern "C" __global__ void __launch_bounds__(1024) lm_loss_rows_bf16(u16* x, con
     rows<u16>(x, t, s, v, scale); }
 "#;
 
-static KERNELS: Kernels = Kernels::new("gptoss_lm_loss", SRC);
+pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_lm_loss", SRC);
 
 /// Whether [`softmax_stats_in_place`] handles logits of this dtype.
 pub(crate) fn supports(dtype: DType) -> bool {

@@ -9,7 +9,7 @@
 //! chunk that overwrites the logits in place (`cuda.rs`).
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 pub mod fastmath;
 
 use candle_core::{DType, Device, Result, Tensor, D};

@@ -19,7 +19,7 @@ use super::MAX_RANK;
 
 use src::SRC;
 
-static KERNELS: Kernels = Kernels::new("gptoss_lora_down", SRC);
+pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_lora_down", SRC);
 
 /// Rows per thread of the `lora_up_add` kernels (`UPW` there).
 const UP_ROWS: usize = 8;

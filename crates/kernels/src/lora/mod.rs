@@ -129,4 +129,4 @@ pub fn expert_delta(
 }
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;

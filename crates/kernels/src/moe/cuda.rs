@@ -402,7 +402,7 @@ ROUTE_ENTRIES(f32, float)
 ROUTE_ENTRIES(bf16, u16)
 "#;
 
-static KERNELS: Kernels = Kernels::new("gptoss_moe", SRC);
+pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_moe", SRC);
 
 /// A storage and its layout.
 pub(super) type Arg<'a> = (&'a CudaStorage, &'a Layout);

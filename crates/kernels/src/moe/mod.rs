@@ -20,7 +20,7 @@
 
 mod combine;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod deferred;
 mod dots;
 mod gather;

@@ -14,6 +14,10 @@ use candle_core::Result;
 /// explicit joins, so the tracking buys nothing here. Use [`Device::new_cuda`] instead when other
 /// code of the process runs candle tensors on streams of its own.
 ///
+/// It also starts compiling every kernel module of this crate on background threads
+/// ([`crate::runtime::nvrtc::precompile_in_background`]; PTX cached on disk), so that the model
+/// load that usually follows hides the compilation and the first forward does not stall on it.
+///
 /// # Errors
 /// When candle cannot open the device (no CUDA driver, no such ordinal, built without `cuda`).
 pub fn cuda_device(ordinal: usize) -> Result<Device> {
@@ -23,6 +27,7 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
         // SAFETY: only buffers created after this call go untracked, and all of them are used on
         // the device's stream or behind the explicit stream joins described above.
         unsafe { d.disable_event_tracking() };
+        crate::runtime::nvrtc::precompile_in_background();
     }
     Ok(dev)
 }

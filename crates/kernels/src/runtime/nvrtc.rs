@@ -3,7 +3,17 @@
 //! A [`Kernels`] value names one CUDA module: its source (the [`PRELUDE`] of common device helpers
 //! followed by the module's own code) is compiled once per process for `sm_90`, and
 //! [`Kernels::func`] hands out a launchable function, loaded once per device by candle.
+//!
+//! Compiled PTX is kept on disk ([`cache_dir`]: `GPTOSS_KERNEL_CACHE`, else
+//! `$XDG_CACHE_HOME/gptoss/kernels`, else `~/.cache/gptoss/kernels`; `GPTOSS_KERNEL_CACHE=off`
+//! disables it), one file per module and source version, next to the exact source it was made
+//! from: a cached file is used only when its recorded source equals the current one, so an edited
+//! kernel is recompiled and a stale file is never run. [`precompile_all`] compiles every module of
+//! the crate on parallel threads (what [`precompile_in_background`] starts while a model loads), so
+//! that the first forward of a process finds its kernels ready.
 
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::CudaFunction;
@@ -144,14 +154,23 @@ impl Kernels {
     fn ptx(&self) -> candle_core::Result<&str> {
         self.ptx
             .get_or_init(|| {
+                let src = format!("{PRELUDE}{}{}", self.deps.concat(), self.src);
+                let cached = cache_dir().map(|d| CachedPtx::new(&d, self.module, &src));
+                if let Some(ptx) = cached.as_ref().and_then(CachedPtx::read) {
+                    return Ok(ptx);
+                }
                 let opts = CompileOptions {
-                    arch: Some("sm_90"),
+                    arch: Some(ARCH),
                     ..Default::default()
                 };
-                let deps = self.deps.concat();
-                compile_ptx_with_opts(format!("{PRELUDE}{deps}{}", self.src), opts)
+                let ptx = compile_ptx_with_opts(&src, opts)
                     .map(|p| p.to_src())
-                    .map_err(|e| format!("{}: NVRTC compilation failed: {e:?}", self.module))
+                    .map_err(|e| format!("{}: NVRTC compilation failed: {e:?}", self.module))?;
+                if let Some(c) = &cached {
+                    // a cache that cannot be written only costs the next process a compile
+                    let _ = c.write(&ptx);
+                }
+                Ok(ptx)
             })
             .as_deref()
             .map_err(|e| candle_core::Error::Msg(e.clone()))
@@ -165,6 +184,113 @@ impl Kernels {
     }
 }
 
+/// The GPU architecture every module is compiled for.
+const ARCH: &str = "sm_90";
+
+/// Where compiled PTX is kept: `GPTOSS_KERNEL_CACHE` (`off` or empty: nowhere), else
+/// `$XDG_CACHE_HOME/gptoss/kernels`, else `$HOME/.cache/gptoss/kernels`.
+pub fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("GPTOSS_KERNEL_CACHE") {
+        Some(v) if v.is_empty() || v == "off" || v == "0" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("gptoss").join("kernels")),
+    }
+}
+
+/// One module's cache entry: `<module>-<hash>.ptx` with the source it was compiled from beside
+/// it in `<module>-<hash>.cu` (the hash only spreads versions over file names; equality of the
+/// recorded source decides a hit).
+struct CachedPtx {
+    ptx: PathBuf,
+    src_path: PathBuf,
+    key: String,
+}
+
+impl CachedPtx {
+    fn new(dir: &std::path::Path, module: &str, src: &str) -> Self {
+        let key = format!("// {ARCH}\n{src}");
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let stem = format!("{module}-{:016x}", h.finish());
+        Self {
+            ptx: dir.join(format!("{stem}.ptx")),
+            src_path: dir.join(format!("{stem}.cu")),
+            key,
+        }
+    }
+
+    /// The cached PTX when its recorded source is this one.
+    fn read(&self) -> Option<String> {
+        let recorded = std::fs::read_to_string(&self.src_path).ok()?;
+        if recorded != self.key {
+            return None;
+        }
+        std::fs::read_to_string(&self.ptx).ok()
+    }
+
+    /// Writes the PTX, then the source that validates it, each through a temporary file and a
+    /// rename (a reader never sees half a file; a crash between the two leaves a miss).
+    fn write(&self, ptx: &str) -> std::io::Result<()> {
+        if let Some(d) = self.ptx.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        for (path, text) in [(&self.ptx, ptx), (&self.src_path, self.key.as_str())] {
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every NVRTC module of this crate.
+fn all_modules() -> [&'static Kernels; 10] {
+    [
+        &crate::adamw::cuda::KERNELS,
+        &crate::attention::flash::KERNELS,
+        &crate::attention::sink_softmax::cuda::KERNELS,
+        &crate::grouped::mxfp4_gemm::KERNELS,
+        &crate::lm_loss::cuda::KERNELS,
+        &crate::lora::cuda::KERNELS,
+        &crate::moe::cuda::KERNELS,
+        &crate::norm::cuda::KERNELS,
+        &crate::rope::cuda::KERNELS,
+        &crate::scaled_delta::cuda::KERNELS,
+    ]
+}
+
+/// Compiles (or reads from the cache) every module of the crate, one thread per module; returns
+/// the first compilation error. Later [`Kernels::func`] calls find the PTX ready.
+pub fn precompile_all() -> candle_core::Result<()> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = all_modules()
+            .into_iter()
+            .map(|k| s.spawn(move || k.ptx().map(|_| ())))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(candle_core::Error::Msg("NVRTC compile thread panicked".into()))
+                })
+            })
+            .collect::<candle_core::Result<Vec<()>>>()
+            .map(|_| ())
+    })
+}
+
+/// Starts [`precompile_all`] on a background thread and returns at once (errors surface again
+/// at the kernel's first use, where they name the module).
+pub fn precompile_in_background() {
+    std::thread::spawn(|| {
+        let _ = precompile_all();
+    });
+}
+
 /// The contiguous `[start, end)` element range of a layout, or an error naming `what`.
 pub fn contiguous_range(
     l: &candle_core::Layout,
@@ -172,4 +298,34 @@ pub fn contiguous_range(
 ) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input not contiguous")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_ptx_is_used_only_for_its_own_source() {
+        let dir = std::env::temp_dir().join(format!("gptoss-ptx-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = CachedPtx::new(&dir, "m", "extern \"C\" __global__ void f() {}");
+        assert_eq!(a.read(), None, "empty cache");
+        a.write(".version 8.0\n// a").unwrap();
+        assert_eq!(a.read().as_deref(), Some(".version 8.0\n// a"));
+        // an edited kernel is a miss, also when its file name collides with the old one's
+        let b = CachedPtx::new(&dir, "m", "extern \"C\" __global__ void g() {}");
+        assert_eq!(b.read(), None);
+        let forged = CachedPtx {
+            ptx: a.ptx.clone(),
+            src_path: a.src_path.clone(),
+            key: b.key.clone(),
+        };
+        assert_eq!(forged.read(), None, "recorded source differs: not a hit");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_module_compiles() {
+        precompile_all().unwrap();
+    }
 }

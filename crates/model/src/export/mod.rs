@@ -386,13 +386,7 @@ fn check_no_adapters(model: &GptOssForCausalLM) -> Result<()> {
         )
     };
     for (i, layer) in model.model.layers.iter().enumerate() {
-        let a = &layer.self_attn;
-        for (n, lin) in [
-            ("q_proj", &a.q_proj),
-            ("k_proj", &a.k_proj),
-            ("v_proj", &a.v_proj),
-            ("o_proj", &a.o_proj),
-        ] {
+        for (n, lin) in layer.self_attn.projections() {
             if lin.adapter().is_some() {
                 return Err(unmerged(format!("model.layers.{i}.self_attn.{n}")));
             }

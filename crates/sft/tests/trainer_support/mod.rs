@@ -136,3 +136,16 @@ pub fn options() -> gptoss_sft::trainer::TrainerOptions {
         lm_head_chunk: 16,
     }
 }
+
+/// The demo's model config (real o200k_harmony vocabulary) shrunk to 2 layers of width 64 with
+/// 4 experts: small enough for a CPU test, real enough to train on rendered Harmony rows.
+pub fn tiny_real_vocab_config() -> gptoss_model::Config {
+    let mut c = gptoss_sft::trainer::pipeline::demo_model_config();
+    c.hidden_size = 64;
+    c.num_hidden_layers = 2;
+    c.layer_types = None;
+    c.head_dim = Some(16);
+    c.intermediate_size = 64;
+    c.num_local_experts = 4;
+    c
+}

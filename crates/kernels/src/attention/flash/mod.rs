@@ -36,7 +36,7 @@ use crate::storage::cuda_of;
 
 mod src;
 
-static KERNELS: Kernels = Kernels::new("gptoss_flash", src::SRC);
+pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_flash", src::SRC);
 
 /// Whether the kernels handle these inputs: CUDA, bf16, head dim 64, `nh` a multiple of `nkv`, a
 /// mask (if any) of `[B or 1, 1, T, Tk]`, start offsets of whole 16-byte chunks (the kernel

@@ -142,9 +142,9 @@ pub fn eval_options(
 /// What a run trained: LoRA adapters installed on the model, or the model's own parameters.
 pub enum Trained {
     /// `peft: lora`: the adapters (installed on the model).
-    Lora(LoraModel),
+    Lora(Box<LoraModel>),
     /// `peft: none`: the model's parameters (the model computes with them).
-    Full(FullParameters),
+    Full(Box<FullParameters>),
 }
 
 impl Trained {
@@ -153,17 +153,19 @@ impl Trained {
     pub fn install(model: &mut GptOssForCausalLM, cfg: &TrainingConfig) -> Result<Self> {
         match cfg.peft {
             PeftMode::Lora => LoraModel::new(model, lora_config(cfg), cfg.seed)
-                .map(Trained::Lora)
+                .map(|l| Trained::Lora(Box::new(l)))
                 .map_err(|e| SftError::Trainer(format!("applying LoRA: {e}"))),
-            PeftMode::None => FullParameters::install(model, None).map(Trained::Full),
+            PeftMode::None => {
+                FullParameters::install(model, None).map(|f| Trained::Full(Box::new(f)))
+            }
         }
     }
 
     /// What the trainer updates.
     pub fn adapters(&self) -> &dyn super::adapters::TrainableAdapters {
         match self {
-            Trained::Lora(l) => l,
-            Trained::Full(f) => f,
+            Trained::Lora(l) => l.as_ref(),
+            Trained::Full(f) => f.as_ref(),
         }
     }
 

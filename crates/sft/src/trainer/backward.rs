@@ -33,8 +33,13 @@ pub trait LayeredCausalLm {
     fn layer(&self, i: usize, h: &Tensor, ctx: &Self::Context) -> Result<(Tensor, Tensor)>;
     /// Final norm: `[.., H]` → `[.., H]`.
     fn final_norm(&self, h: &Tensor) -> Result<Tensor>;
-    /// The (frozen) LM-head weight `[V, H]`.
+    /// The LM-head weight `[V, H]` (frozen, or a `Var` in full-parameter training).
     fn lm_head_weight(&self) -> &Tensor;
+    /// Whether the embedding table takes part in autograd (full-parameter training); default
+    /// false. Under gradient checkpointing only then is its gradient computed.
+    fn embeddings_trainable(&self) -> bool {
+        false
+    }
 }
 
 /// One micro-batch, already on the model's device.
@@ -394,11 +399,10 @@ fn embedding_grads<M: LayeredCausalLm>(
     acc: &mut [Option<Tensor>],
 ) -> Result<()> {
     let Some(g) = grad_embed else { return Ok(()) };
-    let e = model.embed(&batch.input_ids)?;
-    if !e.track_op() {
+    if !model.embeddings_trainable() {
         return Ok(());
     }
-    let s = seed_gradient(&e, &g)?;
+    let s = seed_gradient(&model.embed(&batch.input_ids)?, &g)?;
     add_grads(acc, collect(params, &s.backward()?))
 }
 

@@ -86,5 +86,7 @@ pub use norm::RmsNorm;
 pub use packed_experts::PackedExperts;
 pub use rope::{apply_rotary, RopeParams};
 pub use route_replay::RouteReplay;
-pub use spec::{named_parameters, num_parameters, tensor_specs, ParamKind, TensorSpec};
+pub use spec::{
+    map_parameters, named_parameters, num_parameters, tensor_specs, ParamKind, TensorSpec,
+};
 pub use synthetic::{write_synthetic_checkpoint, SyntheticOptions, SyntheticSummary};

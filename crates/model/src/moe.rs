@@ -373,14 +373,9 @@ impl Experts {
         let gu = scope("moe.gate_up", dev, || {
             self.project_rows(ExpertParam::GateUp, &gu_w, &xs, &spans)
         })?;
+        let (gu, gu_bias) = bias_in_graph(gu, &self.gate_up_proj_bias, &maps.row_expert)?;
         let act = scope("moe.swiglu", dev, || {
-            swiglu_bias(
-                &gu,
-                &self.gate_up_proj_bias,
-                &maps.row_expert,
-                self.limit,
-                self.alpha,
-            )
+            swiglu_bias(&gu, &gu_bias, &maps.row_expert, self.limit, self.alpha)
         })?;
         drop(gu_w);
         let down_w = whole(down_w)?;
@@ -391,16 +386,27 @@ impl Experts {
             true => routing.weights.detach(),
             false => routing.weights.clone(),
         };
+        let (ys, down_bias) = bias_in_graph(ys, &self.down_proj_bias, &maps.row_expert)?;
         scope("moe.combine", dev, || {
-            combine(
-                &ys,
-                &weights,
-                &maps.pos,
-                &self.down_proj_bias,
-                &routing.indices,
-            )
+            combine(&ys, &weights, &maps.pos, &down_bias, &routing.indices)
         })
     }
+}
+
+/// For an expert bias `[E, out]` that takes part in autograd (full-parameter training; the fused
+/// SwiGLU and combine ops treat their bias as frozen): the routed rows `[M, out]` plus each row's
+/// expert bias (`row_expert` `[M]` u32) in the graph, and a zero bias for the fused op. A frozen
+/// bias is returned unchanged with the rows as they are.
+fn bias_in_graph(
+    rows: Tensor,
+    bias: &Tensor,
+    row_expert: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if !bias.track_op() {
+        return Ok((rows, bias.clone()));
+    }
+    let per_row = bias.index_select(row_expert, 0)?.to_dtype(rows.dtype())?;
+    Ok(((rows + per_row)?, bias.detach().zeros_like()?))
 }
 
 /// The routed rows of one call, grouped by expert on the host (tokens in order within an expert).

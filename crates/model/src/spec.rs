@@ -268,3 +268,47 @@ pub fn named_parameters(model: &GptOssForCausalLM) -> Vec<(String, Tensor)> {
     }
     out
 }
+
+/// A copy of `model` whose every parameter is `f(hf_name, tensor)` (same shape), e.g. each
+/// wrapped in a `candle_core::Var` for full-parameter training: the returned model computes with
+/// the tensors `f` returned, so updating them in place (`Var::set`) updates the model. Adapters
+/// are not carried over; tied embeddings stay tied (`f` sees `model.embed_tokens.weight` once).
+///
+/// # Errors
+/// [`crate::ModelError::InvalidArgument`] for MXFP4-resident experts (their dense parameters are placeholders;
+/// load with dequantized experts) or when `f` changes a shape; `f`'s own errors.
+pub fn map_parameters(
+    model: &GptOssForCausalLM,
+    mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>,
+) -> Result<GptOssForCausalLM> {
+    if let Some(i) = model
+        .model
+        .layers
+        .iter()
+        .position(|l| l.mlp.experts.packed().is_some())
+    {
+        return Err(crate::error::ModelError::arg(
+            &format!("model.layers.{i}.mlp.experts"),
+            "the experts are MXFP4-resident; load them dequantized to map their parameters",
+        ));
+    }
+    let mut current: std::collections::HashMap<String, Tensor> =
+        named_parameters(model).into_iter().collect();
+    build_model(model.config(), model.dtype(), model.device(), |s| {
+        let t = current.remove(&s.name).ok_or_else(|| {
+            crate::error::ModelError::arg(&s.name, "parameter missing from the model")
+        })?;
+        let mapped = f(&s.name, &t)?;
+        if mapped.dims() != t.dims() {
+            return Err(crate::error::ModelError::arg(
+                &s.name,
+                format!(
+                    "mapped to shape {:?}, expected {:?}",
+                    mapped.dims(),
+                    t.dims()
+                ),
+            ));
+        }
+        Ok(mapped)
+    })
+}

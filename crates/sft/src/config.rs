@@ -52,6 +52,19 @@ pub enum ReportTo {
     Mlflow,
 }
 
+/// What the trainer trains: LoRA adapters (the recipe) or every model parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum PeftMode {
+    /// LoRA adapters on the `lora` section's targets; `save_model` writes a PEFT adapter.
+    #[default]
+    Lora,
+    /// Full-parameter fine-tuning (TRL without a `peft_config`): every model parameter is
+    /// trained and `save_model` writes the whole model (config.json + safetensors).
+    None,
+}
+
 /// When the trainer evaluates (HF `eval_strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "snake_case")]
@@ -110,6 +123,9 @@ pub struct TrainingConfig {
     /// Shuffle rows each epoch with `seed` (default true, like the HF Trainer's sampler).
     pub shuffle: bool,
     // ---- lora
+    /// LoRA or full-parameter training (default `lora`; YAML top-level `peft: none`, flag
+    /// `--peft none`).
+    pub peft: PeftMode,
     /// LoRA rank (default 8).
     pub lora_r: usize,
     /// LoRA alpha (default 16).
@@ -207,6 +223,7 @@ impl Default for TrainingConfig {
             template_date: None,
             padding_free: false,
             shuffle: true,
+            peft: PeftMode::Lora,
             lora_r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
@@ -568,6 +585,9 @@ impl TrainingConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct YamlConfig {
+    /// `peft:` (top level): `lora` (default) or `none` (full-parameter training).
+    #[serde(default)]
+    pub peft: Option<PeftMode>,
     /// `model:` section.
     #[serde(default)]
     pub model: Option<ModelSection>,
@@ -815,6 +835,7 @@ fn min_lr_of(rate: Option<f64>, abs: Option<f64>, key_prefix: &str) -> Result<Op
 impl YamlConfig {
     /// Applies the keys present onto `cfg`.
     pub fn apply(self, cfg: &mut TrainingConfig) -> Result<()> {
+        set(&mut cfg.peft, self.peft);
         if let Some(m) = self.model {
             set_opt(&mut cfg.model_name_or_path, m.name_or_path);
             set(&mut cfg.max_length, m.max_length);
@@ -932,6 +953,9 @@ pub struct TrainingArgs {
     /// Shuffle rows each epoch. [default: true]
     #[arg(long)]
     pub shuffle: Option<bool>,
+    /// What to train: lora (adapters) or none (full-parameter; saves the whole model). [default: lora]
+    #[arg(long, value_enum)]
+    pub peft: Option<PeftMode>,
     /// LoRA rank. [default: 8]
     #[arg(long)]
     pub lora_r: Option<usize>,
@@ -1076,6 +1100,7 @@ impl TrainingArgs {
         set_opt(&mut cfg.template_date, a.template_date);
         set(&mut cfg.padding_free, a.padding_free);
         set(&mut cfg.shuffle, a.shuffle);
+        set(&mut cfg.peft, a.peft);
         set(&mut cfg.lora_r, a.lora_r);
         set(&mut cfg.lora_alpha, a.lora_alpha);
         set(&mut cfg.lora_dropout, a.lora_dropout);

@@ -1,7 +1,7 @@
 //! What the training loop needs from the LoRA adapters installed on the model, and restoring their
 //! weights from a checkpoint's `adapter_model.safetensors`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Var};
 
@@ -18,14 +18,28 @@ pub trait TrainableAdapters {
     /// Writes the PEFT adapter files (`adapter_config.json`, `adapter_model.safetensors`,
     /// `README.md`) into `dir` (which exists).
     fn save_adapter(&self, dir: &Path) -> Result<()>;
+    /// The safetensors files of a directory written by [`Self::save_adapter`] that hold the
+    /// parameters (default: `dir/adapter_model.safetensors`), read on resume.
+    fn weight_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        Ok(vec![dir.join(ADAPTER_WEIGHTS_FILE)])
+    }
 }
 
-/// Sets every parameter of `adapters` from `dir/adapter_model.safetensors`.
+/// Sets every parameter of `adapters` from the files of [`TrainableAdapters::weight_files`]
+/// (`dir/adapter_model.safetensors` for LoRA, the model's safetensors for full-parameter training).
 /// A missing key or a shape mismatch is an error naming the key, file and both shapes.
 pub fn load_adapter_weights(adapters: &dyn TrainableAdapters, dir: &Path) -> Result<()> {
-    let path = dir.join(ADAPTER_WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| SftError::format(&path, e.to_string()))?;
+    let files = adapters.weight_files(dir)?;
+    let mut tensors = std::collections::HashMap::new();
+    for f in &files {
+        let t = candle_core::safetensors::load(f, &Device::Cpu)
+            .map_err(|e| SftError::format(f, e.to_string()))?;
+        tensors.extend(t);
+    }
+    let path = match files.as_slice() {
+        [one] => one.clone(),
+        _ => dir.to_path_buf(),
+    };
     for (name, var) in adapters.named_parameters() {
         let t = tensors.get(&name).ok_or_else(|| SftError::Checkpoint {
             path: path.clone(),

@@ -10,7 +10,7 @@
 //! The LM head is applied only at labelled positions, through [`fused_lm_head_loss`].
 
 use super::aux_loss::AuxLossPlan;
-use super::lm_loss::fused_lm_head_loss;
+use super::lm_loss::{fused_lm_head_loss, lm_head_weight_grad};
 use candle_core::{Result, Tensor, Var};
 use gptoss_kernels::profile::scope;
 use gptoss_kernels::seed_gradient;
@@ -33,8 +33,13 @@ pub trait LayeredCausalLm {
     fn layer(&self, i: usize, h: &Tensor, ctx: &Self::Context) -> Result<(Tensor, Tensor)>;
     /// Final norm: `[.., H]` → `[.., H]`.
     fn final_norm(&self, h: &Tensor) -> Result<Tensor>;
-    /// The (frozen) LM-head weight `[V, H]`.
+    /// The LM-head weight `[V, H]` (frozen, or a `Var` in full-parameter training).
     fn lm_head_weight(&self) -> &Tensor;
+    /// Whether the embedding table takes part in autograd (full-parameter training); default
+    /// false. Under gradient checkpointing only then is its gradient computed.
+    fn embeddings_trainable(&self) -> bool {
+        false
+    }
 }
 
 /// One micro-batch, already on the model's device.
@@ -310,6 +315,7 @@ fn head<M: LayeredCausalLm>(
 ) -> Result<(super::lm_loss::FusedLmLoss, Option<Tensor>)> {
     let hn = model.final_norm(h_last)?;
     let sel = select_positions(&hn.detach(), &batch.positions)?;
+    let row_scale_used = row_scale.is_some();
     let fused = match row_scale {
         Some(f) => {
             let (b, t, _) = hn.dims3()?;
@@ -323,6 +329,16 @@ fn head<M: LayeredCausalLm>(
             1.0 / opts.num_items_in_batch.max(1) as f64,
             opts.lm_head_chunk,
         )?,
+    };
+    let head_term = match batch.positions.is_empty() || !model.lm_head_weight().track_op() {
+        true => None,
+        false if row_scale_used => {
+            candle_core::bail!(
+                "a trainable LM head (full-parameter training) with a per-row loss (DPO) is not \
+                 supported; train LoRA adapters for DPO"
+            )
+        }
+        false => Some(lm_head_term(model, &sel, batch, opts)?),
     };
     let surrogate = if batch.positions.is_empty() {
         None
@@ -345,7 +361,49 @@ fn head<M: LayeredCausalLm>(
         let g = padded.index_select(&inv, 0)?.reshape((b, t, hd))?;
         Some(seed_gradient(&hn, &g)?)
     };
+    let surrogate = match (surrogate, head_term) {
+        (Some(s), Some(t)) => Some((s + t)?),
+        (s, t) => s.or(t),
+    };
     Ok((fused, surrogate))
+}
+
+/// For a trainable LM-head weight (a `Var`, full-parameter training): the scalar whose gradient
+/// with respect to the weight is `∂(Σ nll / num_items_in_batch)/∂W` ([`lm_head_weight_grad`] of
+/// the selected final hidden states `sel` `[N, H]`).
+fn lm_head_term<M: LayeredCausalLm>(
+    model: &M,
+    sel: &Tensor,
+    batch: &MicroBatch,
+    opts: &BackwardOptions,
+) -> Result<Tensor> {
+    let w = model.lm_head_weight();
+    let g = lm_head_weight_grad(
+        sel,
+        w,
+        &batch.targets,
+        1.0 / opts.num_items_in_batch.max(1) as f64,
+        opts.lm_head_chunk,
+    )?;
+    seed_gradient(w, &g)
+}
+
+/// Under gradient checkpointing the embeddings run detached; with a trainable embedding table
+/// (full-parameter training) this adds its gradient, from `grad_embed` `[B, T, H]` (the
+/// gradient w.r.t. the embeddings' output), to `acc`.
+fn embedding_grads<M: LayeredCausalLm>(
+    model: &M,
+    params: &[Var],
+    batch: &MicroBatch,
+    grad_embed: Option<Tensor>,
+    acc: &mut [Option<Tensor>],
+) -> Result<()> {
+    let Some(g) = grad_embed else { return Ok(()) };
+    if !model.embeddings_trainable() {
+        return Ok(());
+    }
+    let s = seed_gradient(&model.embed(&batch.input_ids)?, &g)?;
+    add_grads(acc, collect(params, &s.backward()?))
 }
 
 fn collect(params: &[Var], grads: &candle_core::backprop::GradStore) -> Vec<Option<Tensor>> {
@@ -472,8 +530,9 @@ fn checkpointed<M: LayeredCausalLm>(
         plan: plan.as_ref(),
         dev: &dev,
     };
-    layers.backward(inputs, grad_out, &mut acc)?;
+    let grad_embed = layers.backward(inputs, grad_out, &mut acc)?;
     replay.verify()?;
+    embedding_grads(model, params, batch, grad_embed, &mut acc)?;
     Ok(MicroStepOutput {
         nll_sum: fused.nll_sum,
         count: fused.count,
@@ -496,13 +555,13 @@ struct Layers<'a, M: LayeredCausalLm> {
 impl<M: LayeredCausalLm> Layers<'_, M> {
     /// From the last layer down: recompute layer `i` from its saved input `inputs[i]`, seed its
     /// output with the gradient from above (`grad_out`, plus the layer's aux-loss term), and add
-    /// the parameter gradients to `acc`.
+    /// the parameter gradients to `acc`. Returns the gradient w.r.t. the first layer's input.
     fn backward(
         &self,
         mut inputs: Vec<Tensor>,
         mut grad_out: Option<Tensor>,
         acc: &mut [Option<Tensor>],
-    ) -> Result<()> {
+    ) -> Result<Option<Tensor>> {
         for i in (0..inputs.len()).rev() {
             let Some(input) = inputs.pop() else { break };
             let x = Var::from_tensor(&input)?;
@@ -525,7 +584,7 @@ impl<M: LayeredCausalLm> Layers<'_, M> {
             add_grads(acc, collect(self.params, &g))?;
             grad_out = g.get(x.as_tensor()).cloned();
         }
-        Ok(())
+        Ok(grad_out)
     }
 }
 

@@ -101,6 +101,40 @@ pub fn fused_lm_head_loss(
     Ok(out)
 }
 
+/// The gradient of `grad_scale · Σ nll` (the loss of [`fused_lm_head_loss`]) with respect to the
+/// LM-head `weight`, for full-parameter training: `Σ_chunks (scale · (softmax(h·Wᵀ) − onehot))ᵀ · h`,
+/// chunk by chunk like the loss (at most `chunk_rows × V` logits at once).
+///
+/// # Shapes
+/// `hidden` `[N, H]` (any float dtype), `weight` `[V, H]`, `N` `targets` → `[V, H]` in the weight's
+/// dtype, not part of any autograd graph.
+pub fn lm_head_weight_grad(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    grad_scale: f64,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let (n, _) = hidden.dims2()?;
+    let weight = weight.detach();
+    let mut grad = weight.zeros_like()?;
+    let chunk_rows = chunk_rows.max(1);
+    let mut start = 0;
+    while start < n {
+        let len = chunk_rows.min(n - start);
+        let hc = hidden
+            .narrow(0, start, len)?
+            .detach()
+            .to_dtype(weight.dtype())?;
+        let logits = hc.matmul(&weight.t()?)?;
+        let (_, grad_logits) = softmax_stats(logits, &targets[start..start + len], grad_scale)?;
+        let g = grad_logits.to_dtype(weight.dtype())?.t()?.matmul(&hc)?;
+        grad = (grad + g)?;
+        start += len;
+    }
+    Ok(grad)
+}
+
 impl FusedLmLoss {
     fn add_stats(&mut self, stats: &[RowStats]) {
         for s in stats {

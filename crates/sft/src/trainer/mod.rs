@@ -8,6 +8,7 @@
 //! - [`aux_loss`]: the MoE router load-balancing loss, split per layer.
 //! - [`batch`]: collated batches → device micro-batches with the labelled positions.
 //! - [`adapters`]: what the loop needs from the LoRA adapters; restoring them on resume.
+//! - [`full`]: full-parameter training (`peft: none`): the model's own parameters as the trainable set.
 //! - [`interrupt`]: the Ctrl-C flag.
 //! - [`report`]: console lines, progress bar and MLflow run ([`report::StandardObserver`]).
 //! - [`timing`]: what benchmarks time: the trainer's own steps on synthetic rows.
@@ -22,6 +23,7 @@ pub mod backward;
 pub mod batch;
 pub mod chat;
 pub mod evaluate;
+pub mod full;
 pub mod interrupt;
 pub mod lm_loss;
 pub mod model_adapter;
@@ -40,7 +42,8 @@ pub use chat::{
     chat_generate, chat_prompt, cookbook_generation_config, print_channel_deltas, ChatReply,
 };
 pub use evaluate::{eval_loss, EvalLoss};
-pub use pipeline::{finetune, lora_config, FinetuneOutput, BUNDLED_DATASET};
+pub use full::FullParameters;
+pub use pipeline::{finetune, lora_config, FinetuneOutput, Trained, BUNDLED_DATASET};
 pub use report::StandardObserver;
 pub use run::{
     EvalHook, NoObserver, RunState, StepOutput, TrainObserver, TrainOutcome, Trainer,

@@ -46,4 +46,8 @@ impl LayeredCausalLm for GptOssForCausalLM {
     fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.weight()
     }
+
+    fn embeddings_trainable(&self) -> bool {
+        self.model.embed_tokens.track_op()
+    }
 }

@@ -7,9 +7,10 @@ use gptoss_harmony::HarmonyTokenizer;
 use gptoss_lora::{LoraConfig, LoraModel, TargetModules};
 use gptoss_model::GptOssForCausalLM;
 
+use super::full::FullParameters;
 use super::report::StandardObserver;
 use super::run::{TrainOutcome, Trainer, TrainerOptions};
-use crate::config::TrainingConfig;
+use crate::config::{PeftMode, TrainingConfig};
 use crate::error::{Result, SftError};
 use crate::evaluation::{
     generate_and_score, load_train_and_eval, EvalOptions, EvalSet, TrainEvalData,
@@ -138,13 +139,53 @@ pub fn eval_options(
     }
 }
 
+/// What a run trained: LoRA adapters installed on the model, or the model's own parameters.
+pub enum Trained {
+    /// `peft: lora`: the adapters (installed on the model).
+    Lora(Box<LoraModel>),
+    /// `peft: none`: the model's parameters (the model computes with them).
+    Full(Box<FullParameters>),
+}
+
+impl Trained {
+    /// Per `cfg.peft`: LoRA from [`lora_config`] (seeded by `cfg.seed`) installed on `model`, or
+    /// every parameter of `model` made trainable ([`FullParameters::install`]).
+    pub fn install(model: &mut GptOssForCausalLM, cfg: &TrainingConfig) -> Result<Self> {
+        match cfg.peft {
+            PeftMode::Lora => LoraModel::new(model, lora_config(cfg), cfg.seed)
+                .map(|l| Trained::Lora(Box::new(l)))
+                .map_err(|e| SftError::Trainer(format!("applying LoRA: {e}"))),
+            PeftMode::None => {
+                FullParameters::install(model, None).map(|f| Trained::Full(Box::new(f)))
+            }
+        }
+    }
+
+    /// What the trainer updates.
+    pub fn adapters(&self) -> &dyn super::adapters::TrainableAdapters {
+        match self {
+            Trained::Lora(l) => l.as_ref(),
+            Trained::Full(f) => f.as_ref(),
+        }
+    }
+
+    /// PEFT's trainable-parameters line.
+    pub fn trainable_parameters_line(&self) -> String {
+        match self {
+            Trained::Lora(l) => l.trainable_parameters_line(),
+            Trained::Full(f) => f.trainable_parameters_line(),
+        }
+    }
+}
+
 /// What [`finetune`] produced.
 pub struct FinetuneOutput {
-    /// The trained adapters (still installed on the model).
-    pub lora: LoraModel,
+    /// What was trained (LoRA adapters still installed on the model, or its own parameters).
+    pub trained: Trained,
     /// How training ended.
     pub outcome: TrainOutcome,
-    /// Where `save_model` wrote the adapter (when interrupted: the checkpoint written then).
+    /// Where `save_model` wrote the adapter, or the whole model with `peft: none` (when
+    /// interrupted: the checkpoint written then).
     pub adapter_dir: PathBuf,
     /// Where the MLflow run went, if any.
     pub mlflow: Option<String>,
@@ -170,6 +211,8 @@ pub fn log_run_artifacts(
     for f in [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "config.json",
+        "model.safetensors",
         "chat_template.jinja",
         "tokenizer_config.json",
         "special_tokens_map.json",
@@ -222,9 +265,8 @@ pub fn finetune_on(
     if let Some(e) = &eval {
         println!("eval: {} rows ({})", e.rows.len(), e.source);
     }
-    let lora = LoraModel::new(model, lora_config(cfg), cfg.seed)
-        .map_err(|e| SftError::Trainer(format!("applying LoRA: {e}")))?;
-    lora.print_trainable_parameters();
+    let trained = Trained::install(model, cfg)?;
+    println!("{}", trained.trainable_parameters_line());
     let model_dir = cfg.model_name_or_path.clone();
     let extra = move |dir: &Path| write_processor_files(dir, model_dir.as_deref());
     let pad = model.config().pad_token_id.unwrap_or(199_999);
@@ -246,10 +288,16 @@ pub fn finetune_on(
             _ => Ok(Default::default()),
         }
     };
-    let mut trainer = Trainer::new(model, &lora, cfg.clone(), data.examples, device.clone())?
-        .with_options(options)
-        .with_extra_files(&extra)
-        .with_eval_hook(&hook);
+    let mut trainer = Trainer::new(
+        model,
+        trained.adapters(),
+        cfg.clone(),
+        data.examples,
+        device.clone(),
+    )?
+    .with_options(options)
+    .with_extra_files(&extra)
+    .with_eval_hook(&hook);
     if let Some(set) = &eval {
         trainer = trainer.with_eval_rows(set.examples.clone());
     }
@@ -283,7 +331,7 @@ pub fn finetune_on(
     }
     drop(trainer);
     Ok(FinetuneOutput {
-        lora,
+        trained,
         outcome,
         adapter_dir,
         mlflow,

@@ -9,11 +9,12 @@ use crate::config::TrainingConfig;
 use crate::error::Result;
 use crate::logging::TrainLogger;
 use crate::mlflow::RunStatus;
-use crate::trainer::TrainOutcome;
+use crate::trainer::{StepTimer, TrainObserver, TrainOutcome};
 
 /// Console + progress bar + MLflow through [`TrainLogger`].
 pub struct DpoReport {
     logger: TrainLogger,
+    timer: StepTimer,
 }
 
 impl DpoReport {
@@ -21,12 +22,19 @@ impl DpoReport {
     pub fn new(cfg: &TrainingConfig, total_steps: u64) -> Result<Self> {
         Ok(Self {
             logger: TrainLogger::new(cfg, total_steps)?,
+            timer: StepTimer::default(),
         })
     }
 
     /// Where the MLflow run went, if any.
     pub fn mlflow_location(&self) -> Option<String> {
         self.logger.mlflow_location()
+    }
+
+    /// The wall time and loss of every step of this run (as the SFT
+    /// [`crate::trainer::StandardObserver`] records them).
+    pub fn step_times(&self) -> &StepTimer {
+        &self.timer
     }
 
     /// Ends the MLflow run as FAILED (call when training returned an error).
@@ -36,11 +44,13 @@ impl DpoReport {
 }
 
 impl DpoObserver for DpoReport {
-    fn on_train_begin(&mut self, _total: u64, start_step: u64) -> Result<()> {
+    fn on_train_begin(&mut self, total: u64, start_step: u64) -> Result<()> {
+        self.timer.on_train_begin(total, start_step)?;
         self.logger.tick(start_step);
         Ok(())
     }
-    fn on_step_end(&mut self, global_step: u64, _loss: f64) -> Result<()> {
+    fn on_step_end(&mut self, global_step: u64, loss: f64) -> Result<()> {
+        self.timer.on_step_end(global_step, loss)?;
         self.logger.tick(global_step);
         Ok(())
     }

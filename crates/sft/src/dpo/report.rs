@@ -1,10 +1,9 @@
-//! The standard [`DpoObserver`]: the SFT [`TrainLogger`]'s console lines, progress bar and
+//! The standard observer of DPO runs: the SFT [`TrainLogger`]'s console lines, progress bar and
 //! MLflow run, with the DPO records under TRL's names.
 
 use std::path::Path;
 
 use super::metrics::DpoLogRecord;
-use super::trainer::DpoObserver;
 use crate::config::TrainingConfig;
 use crate::error::Result;
 use crate::logging::TrainLogger;
@@ -43,7 +42,7 @@ impl DpoReport {
     }
 }
 
-impl DpoObserver for DpoReport {
+impl TrainObserver for DpoReport {
     fn on_train_begin(&mut self, total: u64, start_step: u64) -> Result<()> {
         self.timer.on_train_begin(total, start_step)?;
         self.logger.tick(start_step);
@@ -54,7 +53,7 @@ impl DpoObserver for DpoReport {
         self.logger.tick(global_step);
         Ok(())
     }
-    fn on_log(&mut self, record: &DpoLogRecord) -> Result<()> {
+    fn on_dpo_log(&mut self, record: &DpoLogRecord) -> Result<()> {
         self.logger.log_dpo(record)
     }
     fn on_save(&mut self, dir: &Path) -> Result<()> {

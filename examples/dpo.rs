@@ -6,9 +6,12 @@
 //! cargo run --release --example dpo -- --config dpo.yaml --loss-type ipo --beta 0.5
 //! ```
 //! The dataset follows TRL's preference schema (`prompt`, `chosen`, `rejected`: strings or lists of
-//! messages); every option is a flag (`--help`) or a YAML key (SFT sections plus `dpo:`).
+//! messages); every option is a flag (`--help`) or a YAML key (SFT sections plus `dpo:`). On CUDA
+//! the MXFP4 experts stay resident (unless `--dequantize`); errors print as sentences (exit 1) and
+//! Ctrl-C saves a checkpoint and exits 130 with the resume command.
 
 use clap::Parser;
+use gptoss::cli::Outcome;
 use gptoss_harmony::HarmonyTokenizer;
 use gptoss_sft::dpo::{run_dpo, DpoArgs};
 
@@ -23,7 +26,11 @@ struct Cli {
     dtype: String,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    gptoss::cli::run(run)
+}
+
+fn run() -> Result<Outcome, gptoss::cli::Error> {
     let cli = Cli::parse();
     gptoss_sft::trainer::pipeline::tune_cpu_runtime();
     let (cfg, dpo) = cli.dpo.resolve()?;
@@ -39,14 +46,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = gptoss_kernels::cuda_if_available(0)?;
     let tok = HarmonyTokenizer::o200k_harmony()?;
     let opts = gptoss_model::LoadOptions::dequantized_if(dtype, cfg.dequantize);
+    println!(
+        "loading {} ({dtype:?}, MXFP4 experts {}) ...",
+        dir.display(),
+        if opts.resident_on(&device) {
+            "resident"
+        } else {
+            "dequantized"
+        }
+    );
+    let t = std::time::Instant::now();
     let mut model = gptoss_model::load_with(&dir, &device, &opts)?;
+    println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
     let out = run_dpo(&mut model, &cfg, &dpo, &tok)?;
     if let Some(loc) = &out.mlflow {
         println!("MLflow run: {loc}");
     }
-    println!("adapter saved to {}", out.adapter_dir.display());
-    if out.outcome.interrupted {
-        println!("interrupted: checkpoint {:?}", out.outcome.last_checkpoint);
+    if let Some((secs, n)) = out.steady_step_secs {
+        println!(
+            "steady-state step: {secs:.4} s (median of {n} steps after the first two, {} pairs \
+             of at most {} tokens per micro-batch)",
+            cfg.per_device_train_batch_size, cfg.max_length
+        );
     }
-    Ok(())
+    if let Some(m) = out.peak_memory {
+        const GIB: f64 = (1u64 << 30) as f64;
+        println!(
+            "peak device memory: {:.2} GiB allocated, {:.2} GiB reserved",
+            m.peak_allocated as f64 / GIB,
+            m.peak_reserved as f64 / GIB
+        );
+    }
+    if out.outcome.interrupted {
+        let ckpt = out.adapter_dir.display();
+        println!(
+            "interrupted at step {}: checkpoint {ckpt} holds the adapter, optimizer and schedule.\n\
+             resume with the same command plus --resume-from-checkpoint {ckpt}",
+            out.outcome.global_step
+        );
+        return Ok(Outcome::Interrupted);
+    }
+    println!("adapter saved to {}", out.adapter_dir.display());
+    Ok(Outcome::Done)
 }

@@ -179,19 +179,27 @@ impl Dataset {
 }
 
 /// Prints to stderr how many malformed rows of `source` were skipped, then the first 20 as
-/// `file:row: reason` and how many more there are.
+/// `file:row: reason` and how many more there are ([`skipped_listing`]).
 pub fn report_skipped(source: &str, skipped: &[SkippedRow]) {
     if skipped.is_empty() {
         return;
     }
-    eprintln!("skipped {} malformed rows of {source}:", skipped.len());
+    eprintln!("{}", skipped_listing(source, skipped));
+}
+
+/// `skipped N malformed rows of SOURCE:` then the first 20 as `  file:row: reason` lines and
+/// `  ... and M more` (what [`report_skipped`] prints, and what an error about them says).
+pub fn skipped_listing(source: &str, skipped: &[SkippedRow]) -> String {
+    let mut out = format!("skipped {} malformed rows of {source}:", skipped.len());
     for s in skipped.iter().take(20) {
-        eprintln!("  {}:{}: {}", s.file.display(), s.row, s.reason);
+        out.push_str(&format!("\n  {}:{}: {}", s.file.display(), s.row, s.reason));
     }
     if skipped.len() > 20 {
-        eprintln!("  ... and {} more", skipped.len() - 20);
+        out.push_str(&format!("\n  ... and {} more", skipped.len() - 20));
     }
+    out
 }
+
 /// Loads a dataset from `path`: a `.jsonl`/`.json`/`.parquet` file, a directory of such files
 /// (an HF snapshot directory: its `train*` files if any, e.g. `data/train-00000-of-00001.parquet`),
 /// or an HF hub cache repo directory (`datasets--Org--Name`, resolved through `refs/main`).

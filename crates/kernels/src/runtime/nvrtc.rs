@@ -275,7 +275,9 @@ pub fn precompile_all() -> candle_core::Result<()> {
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(candle_core::Error::Msg("NVRTC compile thread panicked".into()))
+                    Err(candle_core::Error::Msg(
+                        "NVRTC compile thread panicked".into(),
+                    ))
                 })
             })
             .collect::<candle_core::Result<Vec<()>>>()

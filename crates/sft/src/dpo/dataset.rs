@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use gptoss_harmony::hf::ChatMessage;
 use serde_json::Value;
 
-use crate::data::{source_files, visit_records, SkippedRow};
+use crate::data::{skipped_listing, source_files, visit_records, SkippedRow};
 use crate::error::{Result, SftError};
 
 /// One field of a preference row: plain text or messages.
@@ -229,17 +229,14 @@ pub fn load_preferences(spec: &str, strict: bool) -> Result<PreferenceDataset> {
         ds.files.push(file);
     }
     if ds.rows.is_empty() {
-        let reasons: Vec<String> = ds
-            .skipped
-            .iter()
-            .take(5)
-            .map(|s| format!("{}:{}: {}", s.file.display(), s.row, s.reason))
-            .collect();
+        let why = if ds.skipped.is_empty() {
+            "it has no rows".to_string()
+        } else {
+            skipped_listing(spec, &ds.skipped)
+        };
         return Err(SftError::Dataset(format!(
-            "`{spec}` has no valid preference row ({} bad rows{}{})",
-            ds.skipped.len(),
-            if reasons.is_empty() { "" } else { ": " },
-            reasons.join("; ")
+            "`{spec}` has no valid preference row (each needs `prompt`, `chosen` and `rejected`, \
+             all strings or all lists of messages); {why}"
         )));
     }
     Ok(ds)

@@ -32,4 +32,4 @@ pub use pipeline::{run_dpo, DpoOutput};
 pub use reference::with_adapters_disabled;
 pub use report::DpoReport;
 pub use tokenize::{tokenize_rows, PreferenceExample, TokenizedPreferences};
-pub use trainer::{DpoObserver, DpoTrainer, NoDpoObserver, RefLogps};
+pub use trainer::{DpoObjective, DpoObserver, DpoTrainer, NoDpoObserver, RefLogps};

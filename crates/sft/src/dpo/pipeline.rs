@@ -24,10 +24,15 @@ pub struct DpoOutput {
     pub lora: LoraModel,
     /// How training ended.
     pub outcome: TrainOutcome,
-    /// Where `save_model` wrote the adapter.
+    /// Where `save_model` wrote the adapter (when interrupted: the checkpoint written then).
     pub adapter_dir: PathBuf,
     /// Where the MLflow run went, if any.
     pub mlflow: Option<String>,
+    /// Median wall seconds of the optimizer steps after the first two, and how many steps that
+    /// is (`None` with fewer than three steps), as [`crate::trainer::FinetuneOutput`].
+    pub steady_step_secs: Option<(f64, usize)>,
+    /// Peak device memory of the run (CUDA's pool high-water marks; `None` off CUDA).
+    pub peak_memory: Option<gptoss_kernels::PoolStats>,
 }
 
 /// Loads `cfg.dataset` (TRL preference schema), tokenizes it with the chat template of
@@ -66,9 +71,20 @@ pub fn run_dpo(
     };
     let device = model.device().clone();
     let model: &GptOssForCausalLM = model;
-    let trainer = DpoTrainer::new(model, &lora, cfg.clone(), dpo.clone(), t.examples, device)?
-        .with_options(options)
-        .with_extra_files(&extra);
+    let trainer = DpoTrainer::new(
+        model,
+        &lora,
+        cfg.clone(),
+        dpo.clone(),
+        t.examples,
+        device.clone(),
+    )?
+    .with_options(options)
+    .with_extra_files(&extra);
+    let pool = gptoss_kernels::MemoryPool::of(&device);
+    if let Some(p) = &pool {
+        p.reset_high();
+    }
     let mut report = DpoReport::new(cfg, trainer.total_steps())?;
     if let Some(loc) = report.mlflow_location() {
         println!("MLflow: {loc}");
@@ -80,7 +96,14 @@ pub fn run_dpo(
             return Err(e);
         }
     };
-    let adapter_dir = trainer.save_model(None)?;
+    let peak_memory = pool.as_ref().map(|p| p.stats());
+    let timed = report.step_times().steps.len().saturating_sub(2);
+    let steady_step_secs = (timed > 0).then(|| (report.step_times().median_secs(2), timed));
+    // Interrupted: the checkpoint just written is what there is (and what to resume from).
+    let adapter_dir = match (&outcome.last_checkpoint, outcome.interrupted) {
+        (Some(dir), true) => dir.clone(),
+        _ => trainer.save_model(None)?,
+    };
     let mlflow = report.mlflow_location();
     drop(trainer);
     Ok(DpoOutput {
@@ -88,5 +111,7 @@ pub fn run_dpo(
         outcome,
         adapter_dir,
         mlflow,
+        steady_step_secs,
+        peak_memory,
     })
 }

@@ -1,19 +1,19 @@
-//! The standard [`DpoObserver`]: the SFT [`TrainLogger`]'s console lines, progress bar and
+//! The standard observer of DPO runs: the SFT [`TrainLogger`]'s console lines, progress bar and
 //! MLflow run, with the DPO records under TRL's names.
 
 use std::path::Path;
 
 use super::metrics::DpoLogRecord;
-use super::trainer::DpoObserver;
 use crate::config::TrainingConfig;
 use crate::error::Result;
 use crate::logging::TrainLogger;
 use crate::mlflow::RunStatus;
-use crate::trainer::TrainOutcome;
+use crate::trainer::{StepTimer, TrainObserver, TrainOutcome};
 
 /// Console + progress bar + MLflow through [`TrainLogger`].
 pub struct DpoReport {
     logger: TrainLogger,
+    timer: StepTimer,
 }
 
 impl DpoReport {
@@ -21,6 +21,7 @@ impl DpoReport {
     pub fn new(cfg: &TrainingConfig, total_steps: u64) -> Result<Self> {
         Ok(Self {
             logger: TrainLogger::new(cfg, total_steps)?,
+            timer: StepTimer::default(),
         })
     }
 
@@ -29,22 +30,30 @@ impl DpoReport {
         self.logger.mlflow_location()
     }
 
+    /// The wall time and loss of every step of this run (as the SFT
+    /// [`crate::trainer::StandardObserver`] records them).
+    pub fn step_times(&self) -> &StepTimer {
+        &self.timer
+    }
+
     /// Ends the MLflow run as FAILED (call when training returned an error).
     pub fn fail(&mut self) -> Result<()> {
         self.logger.abort(RunStatus::Failed)
     }
 }
 
-impl DpoObserver for DpoReport {
-    fn on_train_begin(&mut self, _total: u64, start_step: u64) -> Result<()> {
+impl TrainObserver for DpoReport {
+    fn on_train_begin(&mut self, total: u64, start_step: u64) -> Result<()> {
+        self.timer.on_train_begin(total, start_step)?;
         self.logger.tick(start_step);
         Ok(())
     }
-    fn on_step_end(&mut self, global_step: u64, _loss: f64) -> Result<()> {
+    fn on_step_end(&mut self, global_step: u64, loss: f64) -> Result<()> {
+        self.timer.on_step_end(global_step, loss)?;
         self.logger.tick(global_step);
         Ok(())
     }
-    fn on_log(&mut self, record: &DpoLogRecord) -> Result<()> {
+    fn on_dpo_log(&mut self, record: &DpoLogRecord) -> Result<()> {
         self.logger.log_dpo(record)
     }
     fn on_save(&mut self, dir: &Path) -> Result<()> {

@@ -1,5 +1,6 @@
 //! The SFT training loop (TRL `SFTTrainer` semantics) and its numeric building blocks.
 //!
+//! - [`driver`]: the loop SFT and DPO share ([`driver::TrainLoop`] over an [`driver::Objective`]).
 //! - [`run`]: [`Trainer`] — epochs, gradient accumulation, AdamW + clipping + schedule, logging,
 //!   checkpoints, resume, Ctrl-C, non-finite loss detection, `save_model`.
 //! - [`backward`]: one micro-batch forward + backward, with optional per-layer gradient checkpointing.
@@ -22,6 +23,7 @@ pub mod aux_loss;
 pub mod backward;
 pub mod batch;
 pub mod chat;
+pub mod driver;
 pub mod evaluate;
 pub mod full;
 pub mod interrupt;
@@ -41,12 +43,10 @@ pub use batch::micro_batch;
 pub use chat::{
     chat_generate, chat_prompt, cookbook_generation_config, print_channel_deltas, ChatReply,
 };
+pub use driver::{accumulate, LogPoint, Objective, RunState, StepLoss, StepOutput, TrainLoop};
 pub use evaluate::{eval_loss, EvalLoss};
 pub use full::FullParameters;
 pub use pipeline::{finetune, lora_config, FinetuneOutput, Trained, BUNDLED_DATASET};
 pub use report::StandardObserver;
-pub use run::{
-    EvalHook, NoObserver, RunState, StepOutput, TrainObserver, TrainOutcome, Trainer,
-    TrainerOptions,
-};
+pub use run::{EvalHook, NoObserver, TrainObserver, TrainOutcome, Trainer, TrainerOptions};
 pub use timing::{synthetic_rows, StepTimer, TimedStep};

@@ -251,20 +251,8 @@ pub fn finetune_on(
     tok: &HarmonyTokenizer,
     data: TrainEvalData,
 ) -> Result<FinetuneOutput> {
+    print_dataset_summary(cfg, &data);
     let TrainEvalData { train: data, eval } = data;
-    let tokens: usize = data.examples.iter().map(|e| e.input_ids.len()).sum();
-    println!(
-        "dataset {}: {} examples ({} tokens, {} truncated to {}, {} dropped with no trained token)",
-        cfg.dataset.as_deref().unwrap_or("(bundled sample)"),
-        data.examples.len(),
-        tokens,
-        data.truncated,
-        cfg.max_length,
-        data.dropped.len()
-    );
-    if let Some(e) = &eval {
-        println!("eval: {} rows ({})", e.rows.len(), e.source);
-    }
     let trained = Trained::install(model, cfg)?;
     println!("{}", trained.trainable_parameters_line());
     let model_dir = cfg.model_name_or_path.clone();
@@ -340,6 +328,24 @@ pub fn finetune_on(
         eval,
         tracking,
     })
+}
+
+/// The `dataset …: N examples (…)` and `eval: N rows` lines of a run.
+fn print_dataset_summary(cfg: &TrainingConfig, data: &TrainEvalData) {
+    let train = &data.train;
+    let tokens: usize = train.examples.iter().map(|e| e.input_ids.len()).sum();
+    println!(
+        "dataset {}: {} examples ({} tokens, {} truncated to {}, {} dropped with no trained token)",
+        cfg.dataset.as_deref().unwrap_or("(bundled sample)"),
+        train.examples.len(),
+        tokens,
+        train.truncated,
+        cfg.max_length,
+        train.dropped.len()
+    );
+    if let Some(e) = &data.eval {
+        println!("eval: {} rows ({})", e.rows.len(), e.source);
+    }
 }
 
 /// The demo model of `examples/finetune_multilingual.rs`: the real gpt-oss architecture

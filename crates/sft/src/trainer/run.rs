@@ -1,5 +1,6 @@
-//! The training loop: epochs → optimizer steps → gradient-accumulated micro-batches, like the
-//! HF `Trainer` driven by TRL's `SFTTrainer`.
+//! The SFT trainer ([`Trainer`], TRL's `SFTTrainer`) on the loop it shares with DPO
+//! ([`super::driver::TrainLoop`]: epochs → optimizer steps → gradient-accumulated micro-batches),
+//! and what both report to ([`TrainObserver`], [`TrainOutcome`]).
 //!
 //! Per optimizer step: the `GA` micro-batches are forwarded/back-propagated with the loss
 //! `Σ nll / num_items_in_batch (+ coef/GA · aux)`, where `num_items_in_batch` counts the trained
@@ -12,25 +13,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Var};
 
-use super::adapters::{load_adapter_weights, TrainableAdapters};
+use super::adapters::TrainableAdapters;
 use super::backward::{forward_backward, BackwardOptions, LayeredCausalLm};
 use super::batch::micro_batch;
+use super::driver::{accumulate, LogPoint, Objective, StepLoss, TrainLoop};
 use super::evaluate::eval_loss;
-use super::interrupt;
-use crate::checkpoint::{
-    load_checkpoint, load_optimizer, remove_stale_temporaries, resolve_resume, save_checkpoint,
-    CheckpointContents, RngState, TrainerState, TRAINER_STATE_FILE,
-};
 use crate::collate::{pad, Example};
-use crate::config::EvalStrategy;
 use crate::config::TrainingConfig;
 use crate::error::{Result, SftError};
-use crate::logging::{write_loss_curve_png, EvalRecord, LogEntry, LogRecord, TrainSummary};
-use crate::optim::{AdamW, Gradients};
-use crate::preprocess::epoch_order;
-use crate::schedule::LrSchedule;
+use crate::logging::{EvalRecord, LogEntry, LogRecord, TrainSummary};
+use crate::optim::Gradients;
 
 /// Receives progress from [`Trainer::train`] (progress bar, console, MLflow, ...).
 pub trait TrainObserver {
@@ -44,6 +38,10 @@ pub trait TrainObserver {
     }
     /// Every `logging_steps` optimizer steps.
     fn on_log(&mut self, _record: &LogRecord) -> Result<()> {
+        Ok(())
+    }
+    /// Every `logging_steps` optimizer steps of a DPO run (instead of [`Self::on_log`]).
+    fn on_dpo_log(&mut self, _record: &crate::dpo::DpoLogRecord) -> Result<()> {
         Ok(())
     }
     /// An evaluation finished (every `eval_steps` or at epoch ends, per `eval_strategy`).
@@ -239,147 +237,54 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         self.config.total_steps(self.rows.len())
     }
 
-    /// The micro-batches (as row indices) of optimizer step `step` (0-based), and the
-    /// epoch-relative index of the last one.
-    fn step_micro_batches(&self, step: u64) -> (Vec<Vec<usize>>, u64, usize) {
-        let upe = self.config.updates_per_epoch(self.rows.len()).max(1);
-        let epoch = step / upe;
-        let in_epoch = (step % upe) as usize;
-        let ga = self.config.gradient_accumulation_steps;
-        let bs = self.config.per_device_train_batch_size;
-        let order = epoch_order(
-            self.rows.len(),
-            self.config.seed,
-            epoch,
-            self.config.shuffle,
-        );
-        let n_micro = self.micro_batches_per_epoch();
-        let first = in_epoch * ga;
-        let last = (first + ga).min(n_micro);
-        let mbs = (first..last)
-            .map(|m| order[m * bs..((m + 1) * bs).min(order.len())].to_vec())
-            .collect();
-        (mbs, epoch, last)
+    /// The shared loop over this trainer's objective.
+    fn driver(&self) -> TrainLoop<'_, Self> {
+        TrainLoop {
+            objective: self,
+            adapters: self.adapters,
+            config: &self.config,
+            extra_files: self.extra_files,
+        }
     }
 
-    /// Runs training (resuming from `config.resume_from_checkpoint` if set): per optimizer step
-    /// the phases [`Self::optimizer_step`] (micro-batches, then clip + AdamW), logging and
-    /// checkpointing, until `total_steps` or Ctrl-C; then the end-of-training summary.
+    /// Runs training (resuming from `config.resume_from_checkpoint` if set) with the shared loop
+    /// ([`TrainLoop::train`]): per optimizer step the micro-batches, clip + AdamW, logging,
+    /// evaluation and checkpointing, until `total_steps` or Ctrl-C; then the end-of-training
+    /// summary.
     pub fn train(&self, observer: &mut dyn TrainObserver) -> Result<TrainOutcome> {
-        let started = Instant::now();
-        interrupt::install();
-        interrupt::clear();
-        let total = self.total_steps();
-        let schedule: LrSchedule = self.config.schedule(total)?;
-        if self.config.eval_strategy != EvalStrategy::No && self.eval_rows.is_empty() {
-            return Err(SftError::config(
-                "eval.eval_strategy",
-                "evaluation is on but there are no eval rows (eval_dataset or eval_split)",
-            ));
-        }
-        let mut run = self.begin()?;
-        observer.on_train_begin(total, run.global_step)?;
-        let mut interrupted = false;
-        while run.global_step < total {
-            let step = self.optimizer_step(&mut run, &schedule)?;
-            observer.on_step_end(run.global_step, step.loss)?;
-            self.log_if_due(&mut run, &step, &schedule, total, observer)?;
-            self.evaluate_if_due(&mut run, &step, total, observer)?;
-            interrupted = interrupt::requested();
-            self.checkpoint_if_due(&mut run, &step, &schedule, total, interrupted, observer)?;
-            if interrupted {
-                break;
-            }
-        }
-        self.finish(run, started, total, interrupted, observer)
+        self.driver().train(observer)
     }
 
-    /// The state a run starts from: a fresh optimizer, or the checkpoint named by
-    /// `resume_from_checkpoint` (adapter weights, optimizer moments, step, token count, log).
-    fn begin(&self) -> Result<RunState> {
-        let cfg = &self.config;
-        let params = self.adapters.named_parameters();
-        let vars: Vec<candle_core::Var> = params.iter().map(|(_, v)| v.clone()).collect();
-        let optimizer = AdamW::new(params, cfg.adamw())?;
-        let mut run = RunState {
-            grads: Gradients::new(vars.len()),
-            vars,
-            optimizer,
-            history: Vec::new(),
-            global_step: 0,
-            num_tokens: 0,
-            window: LogWindow::new(Instant::now()),
-            step_losses: Vec::new(),
-            last_checkpoint: None,
-            start_step: 0,
-        };
-        remove_stale_temporaries(&cfg.output_dir)?;
-        if let Some(spec) = &cfg.resume_from_checkpoint {
-            let dir = resolve_resume(&cfg.output_dir, spec)?;
-            let loaded = load_checkpoint(&dir)?;
-            check_resume_config(cfg, &dir)?;
-            load_adapter_weights(self.adapters, &dir)?;
-            load_optimizer(&dir, &mut run.optimizer)?;
-            run.global_step = loaded.trainer_state.global_step;
-            run.num_tokens = loaded.trainer_state.num_input_tokens_seen;
-            run.history = loaded.trainer_state.log_history;
-            run.start_step = run.global_step;
-        }
-        Ok(run)
+    /// TRL's `save_model`: the final adapter files plus the tokenizer / chat template files in
+    /// `output_dir`, and the run's resolved config as `training_args.json` (TRL writes
+    /// `training_args.bin`), so evaluation can rebuild the same held-out rows.
+    pub fn save_model(&self, dir: Option<&Path>) -> Result<PathBuf> {
+        self.driver().save_model(dir)
+    }
+}
+
+/// SFT's step: `Σ nll / num_items_in_batch (+ coef/GA · aux)` over the step's micro-batches.
+impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
+    type Window = LogWindow;
+
+    fn num_rows(&self) -> usize {
+        self.rows.len()
     }
 
-    /// One optimizer step: the step's micro-batches forwarded and back-propagated with the
-    /// gradients summed ([`Self::micro_batches`]), the loss checked, then clipping and AdamW with
-    /// the schedule's learning rate. Advances `run.global_step`.
-    ///
-    /// # Errors
-    /// [`SftError::NonFiniteLoss`] before any update when the step's loss is not finite.
-    pub fn optimizer_step(&self, run: &mut RunState, schedule: &LrSchedule) -> Result<StepOutput> {
-        let cfg = &self.config;
-        let (mbs, epoch, consumed) = self.step_micro_batches(run.global_step);
-        let (nll, aux_sum, num_items) = self.micro_batches(run, &mbs)?;
-        let ga = cfg.gradient_accumulation_steps;
-        let aux_scale = cfg.router_aux_loss_coef / ga as f64;
-        let step_no = run.global_step + 1;
-        let ce = if num_items > 0 {
-            nll / num_items as f64
-        } else {
-            0.0
-        };
-        let loss = ce + aux_scale * aux_sum;
-        if !loss.is_finite() {
-            return Err(SftError::NonFiniteLoss {
-                step: step_no,
-                loss,
-            });
-        }
-        // the norm stays on the device until the optimizer step is enqueued
-        let lr = schedule.lr(run.global_step);
-        let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm);
-        let grad_norm = match run.optimizer.clip_and_step(&mut run.grads, lr, max_norm)? {
-            Some(t) => t.to_scalar::<f32>()? as f64,
-            None => 0.0,
-        };
-        run.global_step = step_no;
-        run.step_losses.push(loss);
-        run.window.loss_sum += loss;
-        run.window.steps += 1;
-        if cfg.router_aux_loss_coef != 0.0 {
-            run.window.aux_sum += aux_sum / ga as f64;
-        }
-        Ok(StepOutput {
-            loss,
-            grad_norm,
-            epoch,
-            consumed,
-            epoch_f: epoch as f64 + consumed as f64 / self.micro_batches_per_epoch() as f64,
-        })
+    fn new_window(&self) -> LogWindow {
+        LogWindow::new(Instant::now())
     }
 
     /// The micro-batches of one step (row indices): collated, forwarded and back-propagated with
-    /// the loss `Σ nll / num_items_in_batch (+ aux)` (TRL's token count over the whole step), their
-    /// gradients summed into `run.grads`. Returns `(Σ nll, Σ aux, num_items_in_batch)`.
-    fn micro_batches(&self, run: &mut RunState, mbs: &[Vec<usize>]) -> Result<(f64, f64, usize)> {
+    /// the loss `Σ nll / num_items_in_batch (+ aux)` (TRL's token count over the whole step),
+    /// their gradients summed into `grads`.
+    fn step(
+        &self,
+        vars: &[Var],
+        mbs: &[Vec<usize>],
+        grads: &mut Gradients,
+        window: &mut LogWindow,
+    ) -> Result<StepLoss> {
         let cfg = &self.config;
         let batches = mbs
             .iter()
@@ -389,334 +294,56 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             })
             .collect::<Result<Vec<_>>>()?;
         let num_items: usize = batches.iter().map(|b| b.targets.len()).sum();
+        let ga = cfg.gradient_accumulation_steps;
         let opts = BackwardOptions {
             num_items_in_batch: num_items,
-            aux_scale: cfg.router_aux_loss_coef / cfg.gradient_accumulation_steps as f64,
+            aux_scale: cfg.router_aux_loss_coef / ga as f64,
             gradient_checkpointing: cfg.gradient_checkpointing,
             lm_head_chunk: self.options.lm_head_chunk,
         };
-        let (mut nll, mut aux_sum) = (0.0, 0.0);
+        let (mut nll, mut aux_sum, mut tokens) = (0.0, 0.0, 0u64);
         for mb in &batches {
-            let out = forward_backward(self.model, &run.vars, mb, &opts)?;
+            let out = forward_backward(self.model, vars, mb, &opts)?;
             nll += out.nll_sum;
             aux_sum += out.aux.unwrap_or(0.0);
             if out.count > 0 {
-                run.window
-                    .accuracy
-                    .push(out.correct as f64 / out.count as f64);
-                run.window.entropy.push(out.entropy_sum / out.count as f64);
+                window.accuracy.push(out.correct as f64 / out.count as f64);
+                window.entropy.push(out.entropy_sum / out.count as f64);
             }
             let toks = mb.token_mask.iter().filter(|&&m| m != 0.0).count() as u64;
-            run.num_tokens += toks;
-            run.window.tokens += toks;
-            for (i, g) in out.grads.into_iter().enumerate() {
-                if let Some(g) = g {
-                    let g = match run.grads.get(i) {
-                        Some(acc) => (acc + g)?,
-                        None => g,
-                    };
-                    run.grads.set(i, g)?;
-                }
-            }
+            tokens += toks;
+            window.tokens += toks;
+            accumulate(grads, out.grads)?;
         }
-        Ok((nll, aux_sum, num_items))
-    }
-
-    /// Every `logging_steps` (and at the last step): a [`LogRecord`] of the window since the last
-    /// log to the observer and the history.
-    fn log_if_due(
-        &self,
-        run: &mut RunState,
-        step: &StepOutput,
-        schedule: &LrSchedule,
-        total: u64,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<()> {
-        let cfg = &self.config;
-        let g = run.global_step;
-        if g % cfg.logging_steps.max(1) != 0 && g != total {
-            return Ok(());
-        }
-        let rec = run.window.record(
-            g,
-            step.epoch_f,
-            step.grad_norm,
-            schedule.logged_lr(g),
-            run.num_tokens,
-            cfg.router_aux_loss_coef != 0.0,
-        );
-        observer.on_log(&rec)?;
-        run.history.push(LogEntry::Step(rec));
-        run.window = LogWindow::new(Instant::now());
-        Ok(())
-    }
-
-    /// Per `eval_strategy`: every `eval_steps` (`steps`), or after the last micro-batch of an
-    /// epoch and at the last step (`epoch`), an [`EvalRecord`] to the observer and the history.
-    fn evaluate_if_due(
-        &self,
-        run: &mut RunState,
-        step: &StepOutput,
-        total: u64,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<()> {
-        let g = run.global_step;
-        let due = match self.config.eval_strategy {
-            EvalStrategy::No => false,
-            EvalStrategy::Steps => g % self.config.eval_interval() == 0,
-            EvalStrategy::Epoch => step.consumed == self.micro_batches_per_epoch() || g == total,
-        };
-        if !due {
-            return Ok(());
-        }
-        let rec = self.evaluate(g, step.epoch_f)?;
-        observer.on_evaluate(&rec)?;
-        run.history.push(LogEntry::Eval(rec));
-        Ok(())
-    }
-
-    /// Every `save_steps` (and on Ctrl-C): a checkpoint directory, written atomically.
-    fn checkpoint_if_due(
-        &self,
-        run: &mut RunState,
-        step: &StepOutput,
-        schedule: &LrSchedule,
-        total: u64,
-        interrupted: bool,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<()> {
-        let cfg = &self.config;
-        let g = run.global_step;
-        // HF saves every `save_steps` and, with step saving on, at the last step too.
-        let save_now = cfg.save_steps > 0 && (g % cfg.save_steps == 0 || g == total);
-        if !save_now && !interrupted {
-            return Ok(());
-        }
-        let ts = TrainerState::new(
-            cfg,
-            g,
-            step.epoch_f,
-            total,
-            run.num_tokens,
-            run.history.clone(),
-            interrupted || g == total,
-        );
-        let rng = RngState {
-            seed: cfg.seed,
-            shuffle: cfg.shuffle,
-            global_step: g,
-            epoch: step.epoch,
-            micro_batches_done: step.consumed as u64,
-            extra: None,
-        };
-        let contents = CheckpointContents {
-            trainer_state: &ts,
-            scheduler: &schedule.state(g),
-            rng: &rng,
-            config: cfg,
-            optimizer: &run.optimizer,
-        };
-        let dir = save_checkpoint(
-            &cfg.output_dir,
-            &contents,
-            |d| self.write_model_files(d),
-            cfg.save_total_limit,
-        )?;
-        observer.on_save(&dir)?;
-        run.last_checkpoint = Some(dir);
-        Ok(())
-    }
-
-    /// The end of a run: HF's summary and the final trainer state (when not interrupted), the
-    /// outcome to the observer.
-    fn finish(
-        &self,
-        run: RunState,
-        started: Instant,
-        total: u64,
-        interrupted: bool,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<TrainOutcome> {
-        let cfg = &self.config;
-        let RunState {
-            mut history,
-            global_step,
-            num_tokens,
-            step_losses,
-            last_checkpoint,
-            start_step,
-            ..
-        } = run;
-        // Over every step of the run, also those before a resume (from their logged windows), so
-        // a resumed run reports the train_loss of an uninterrupted one.
-        let before = logged_loss_sum(&history, start_step);
-        let train_loss = if global_step == 0 {
-            0.0
+        let ce = if num_items > 0 {
+            nll / num_items as f64
         } else {
-            (before + step_losses.iter().sum::<f64>()) / global_step as f64
+            0.0
         };
-        let runtime_s = started.elapsed().as_secs_f64();
-        let samples =
-            step_losses.len() * cfg.gradient_accumulation_steps * cfg.per_device_train_batch_size;
-        let summary = (!interrupted).then(|| TrainSummary {
-            train_runtime: runtime_s,
-            train_samples_per_second: samples as f64 / runtime_s.max(1e-9),
-            train_steps_per_second: step_losses.len() as f64 / runtime_s.max(1e-9),
-            total_flos: 0.0,
-            train_loss,
-            epoch: global_step as f64 / cfg.updates_per_epoch(self.rows.len()).max(1) as f64,
-            step: global_step,
-        });
-        if let Some(s) = &summary {
-            history.push(LogEntry::Summary(s.clone()));
-            self.write_final_state(global_step, s.epoch, total, num_tokens, &history)?;
+        let loss = ce + opts.aux_scale * aux_sum;
+        window.loss_sum += loss;
+        window.steps += 1;
+        if cfg.router_aux_loss_coef != 0.0 {
+            window.aux_sum += aux_sum / ga as f64;
         }
-        let outcome = TrainOutcome {
-            global_step,
-            train_loss,
-            interrupted,
-            log_history: history,
-            summary,
-            step_losses,
-            runtime_s,
-            last_checkpoint,
-        };
-        observer.on_train_end(&outcome)?;
-        Ok(outcome)
+        Ok(StepLoss { loss, tokens })
     }
 
-    /// The adapter files plus the extra (tokenizer / chat template) files, into `dir`.
-    fn write_model_files(&self, dir: &Path) -> Result<()> {
-        self.adapters.save_adapter(dir)?;
-        if let Some(f) = self.extra_files {
-            f(dir)?;
-        }
-        Ok(())
+    fn record(&self, window: &LogWindow, at: &LogPoint) -> LogEntry {
+        LogEntry::Step(window.record(at, self.config.router_aux_loss_coef != 0.0))
     }
 
-    /// `output_dir/trainer_state.json` (with the summary) and `output_dir/loss_curve.png`.
-    fn write_final_state(
-        &self,
-        global_step: u64,
-        epoch: f64,
-        total: u64,
-        num_tokens: u64,
-        history: &[LogEntry],
-    ) -> Result<()> {
-        let out = &self.config.output_dir;
-        std::fs::create_dir_all(out).map_err(|e| SftError::io(out, e))?;
-        let ts = TrainerState::new(
-            &self.config,
-            global_step,
-            epoch,
-            total,
-            num_tokens,
-            history.to_vec(),
-            true,
-        );
-        crate::atomic::write_json(&out.join(TRAINER_STATE_FILE), &ts)?;
-        write_loss_curve_png(&out.join("loss_curve.png"), history)
+    fn can_evaluate(&self) -> bool {
+        !self.eval_rows.is_empty()
     }
 
-    /// TRL's `save_model`: the final adapter files plus the tokenizer / chat template files in
-    /// `output_dir`, and the run's resolved config as `training_args.json` (TRL writes
-    /// `training_args.bin`), so evaluation can rebuild the same held-out rows.
-    pub fn save_model(&self, dir: Option<&Path>) -> Result<PathBuf> {
-        let dir = dir.unwrap_or(&self.config.output_dir).to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| SftError::io(&dir, e))?;
-        self.write_model_files(&dir)?;
-        crate::atomic::write_json(
-            &dir.join(crate::checkpoint::TRAINING_ARGS_FILE),
-            &self.config,
-        )?;
-        Ok(dir)
+    fn evaluate(&self, step: u64, epoch: f64) -> Result<EvalRecord> {
+        Trainer::evaluate(self, step, epoch)
     }
 }
 
-/// Σ of the per-step losses of steps `1..=upto`, from the logged windows of `history` (each
-/// record's loss is the mean of the steps since the previous record).
-fn logged_loss_sum(history: &[LogEntry], upto: u64) -> f64 {
-    let mut prev = 0;
-    let mut sum = 0.0;
-    for r in history.iter().filter_map(LogEntry::as_step) {
-        if r.step > upto {
-            break;
-        }
-        sum += r.loss * (r.step - prev) as f64;
-        prev = r.step;
-    }
-    sum
-}
-
-/// Refuses to resume from `dir` when options that change the trajectory differ from the ones the
-/// checkpoint was written with (listing them), unless `allow_config_change`, which prints them.
-fn check_resume_config(cfg: &TrainingConfig, dir: &Path) -> Result<()> {
-    let saved = crate::checkpoint::load_training_args(dir)?;
-    let changes = cfg.trajectory_changes(&saved);
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let listing: Vec<String> = changes
-        .iter()
-        .map(|(k, a, b)| format!("{k}: {a} -> {b}"))
-        .collect();
-    if cfg.allow_config_change {
-        eprintln!(
-            "resuming {} with changed options: {}",
-            dir.display(),
-            listing.join(", ")
-        );
-        return Ok(());
-    }
-    Err(SftError::config(
-        "resume_from_checkpoint",
-        format!(
-            "{} was trained with other options ({}); resume with the same options, or pass \
-             --allow-config-change to accept the change",
-            dir.display(),
-            listing.join(", ")
-        ),
-    ))
-}
-
-/// The mutable state of a training run between optimizer steps (see [`Trainer::train`]).
-pub struct RunState {
-    optimizer: AdamW,
-    grads: Gradients,
-    vars: Vec<candle_core::Var>,
-    history: Vec<LogEntry>,
-    global_step: u64,
-    num_tokens: u64,
-    window: LogWindow,
-    step_losses: Vec<f64>,
-    last_checkpoint: Option<PathBuf>,
-    start_step: u64,
-}
-
-impl RunState {
-    /// Completed optimizer steps.
-    pub fn global_step(&self) -> u64 {
-        self.global_step
-    }
-}
-
-/// What one optimizer step produced ([`Trainer::optimizer_step`]).
-#[derive(Debug, Clone, Copy)]
-pub struct StepOutput {
-    /// The step's loss (`Σ nll / num_items_in_batch`, plus the weighted aux loss).
-    pub loss: f64,
-    /// The total gradient norm before clipping (0 without gradients).
-    pub grad_norm: f64,
-    /// The epoch of the step (0-based).
-    pub epoch: u64,
-    /// Micro-batches of the epoch consumed after this step.
-    pub consumed: usize,
-    /// Fractional epoch after this step (HF's logged `epoch`).
-    pub epoch_f: f64,
-}
-
-/// Metrics accumulated between two logs.
-struct LogWindow {
+/// Metrics of SFT steps accumulated between two logs.
+pub struct LogWindow {
     start: Instant,
     loss_sum: f64,
     aux_sum: f64,
@@ -739,15 +366,7 @@ impl LogWindow {
         }
     }
 
-    fn record(
-        &self,
-        step: u64,
-        epoch: f64,
-        grad_norm: f64,
-        learning_rate: f64,
-        num_tokens: u64,
-        with_aux: bool,
-    ) -> LogRecord {
+    fn record(&self, at: &LogPoint, with_aux: bool) -> LogRecord {
         let mean = |v: &[f64]| {
             if v.is_empty() {
                 0.0
@@ -758,14 +377,14 @@ impl LogWindow {
         let steps = self.steps.max(1) as f64;
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         LogRecord {
-            step,
-            epoch,
+            step: at.step,
+            epoch: at.epoch,
             loss: self.loss_sum / steps,
-            grad_norm,
-            learning_rate,
+            grad_norm: at.grad_norm,
+            learning_rate: at.learning_rate,
             mean_token_accuracy: mean(&self.accuracy),
             entropy: mean(&self.entropy),
-            num_tokens,
+            num_tokens: at.num_tokens,
             aux_loss: with_aux.then(|| self.aux_sum / steps),
             tokens_per_second: self.tokens as f64 / secs,
         }

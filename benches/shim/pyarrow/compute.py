@@ -1,0 +1,1 @@
+"""Stand-in for `pyarrow.compute` (unused by DPO)."""

@@ -1,0 +1,1 @@
+"""Stand-in for `pyarrow.types` (unused by DPO)."""

@@ -27,6 +27,7 @@ use crate::collate::{pad, Example};
 use crate::config::EvalStrategy;
 use crate::config::TrainingConfig;
 use crate::error::{Result, SftError};
+use crate::flos::FlosCounter;
 use crate::logging::{write_loss_curve_png, EvalRecord, LogEntry, LogRecord, TrainSummary};
 use crate::optim::{AdamW, Gradients};
 use crate::preprocess::epoch_order;
@@ -301,6 +302,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         let params = self.adapters.named_parameters();
         let vars: Vec<candle_core::Var> = params.iter().map(|(_, v)| v.clone()).collect();
         let optimizer = AdamW::new(params, cfg.adamw())?;
+        let flos = FlosCounter::new(self.flos_parameters(&vars), 0.0);
         let mut run = RunState {
             grads: Gradients::new(vars.len()),
             vars,
@@ -312,6 +314,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             step_losses: Vec::new(),
             last_checkpoint: None,
             start_step: 0,
+            flos,
         };
         remove_stale_temporaries(&cfg.output_dir)?;
         if let Some(spec) = &cfg.resume_from_checkpoint {
@@ -323,9 +326,17 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             run.global_step = loaded.trainer_state.global_step;
             run.num_tokens = loaded.trainer_state.num_input_tokens_seen;
             run.history = loaded.trainer_state.log_history;
+            run.flos = FlosCounter::new(run.flos.params(), loaded.trainer_state.total_flos);
             run.start_step = run.global_step;
         }
         Ok(run)
+    }
+
+    /// HF's `num_parameters(exclude_embeddings=True)` of the PEFT-wrapped model: the base model
+    /// without its input embedding plus the adapter parameters `vars`.
+    fn flos_parameters(&self, vars: &[candle_core::Var]) -> u64 {
+        let adapters: u64 = vars.iter().map(|v| v.elem_count() as u64).sum();
+        self.model.num_parameters_excluding_embeddings() + adapters
     }
 
     /// One optimizer step: the step's micro-batches forwarded and back-propagated with the
@@ -406,6 +417,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
                     .push(out.correct as f64 / out.count as f64);
                 run.window.entropy.push(out.entropy_sum / out.count as f64);
             }
+            run.flos.add_batch(mb.input_ids.elem_count() as u64);
             let toks = mb.token_mask.iter().filter(|&&m| m != 0.0).count() as u64;
             run.num_tokens += toks;
             run.window.tokens += toks;
@@ -446,6 +458,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             cfg.router_aux_loss_coef != 0.0,
         );
         observer.on_log(&rec)?;
+        run.flos.store();
         run.history.push(LogEntry::Step(rec));
         run.window = LogWindow::new(Instant::now());
         Ok(())
@@ -492,7 +505,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         if !save_now && !interrupted {
             return Ok(());
         }
-        let ts = TrainerState::new(
+        let mut ts = TrainerState::new(
             cfg,
             g,
             step.epoch_f,
@@ -501,6 +514,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             run.history.clone(),
             interrupted || g == total,
         );
+        ts.total_flos = run.flos.store();
         let rng = RngState {
             seed: cfg.seed,
             shuffle: cfg.shuffle,
@@ -545,8 +559,10 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             step_losses,
             last_checkpoint,
             start_step,
+            mut flos,
             ..
         } = run;
+        let total_flos = flos.store();
         // Over every step of the run, also those before a resume (from their logged windows), so
         // a resumed run reports the train_loss of an uninterrupted one.
         let before = logged_loss_sum(&history, start_step);
@@ -562,14 +578,21 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             train_runtime: runtime_s,
             train_samples_per_second: samples as f64 / runtime_s.max(1e-9),
             train_steps_per_second: step_losses.len() as f64 / runtime_s.max(1e-9),
-            total_flos: 0.0,
+            total_flos,
             train_loss,
             epoch: global_step as f64 / cfg.updates_per_epoch(self.rows.len()).max(1) as f64,
             step: global_step,
         });
         if let Some(s) = &summary {
             history.push(LogEntry::Summary(s.clone()));
-            self.write_final_state(global_step, s.epoch, total, num_tokens, &history)?;
+            self.write_final_state(
+                global_step,
+                s.epoch,
+                total,
+                num_tokens,
+                total_flos,
+                &history,
+            )?;
         }
         let outcome = TrainOutcome {
             global_step,
@@ -601,11 +624,12 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         epoch: f64,
         total: u64,
         num_tokens: u64,
+        total_flos: f64,
         history: &[LogEntry],
     ) -> Result<()> {
         let out = &self.config.output_dir;
         std::fs::create_dir_all(out).map_err(|e| SftError::io(out, e))?;
-        let ts = TrainerState::new(
+        let mut ts = TrainerState::new(
             &self.config,
             global_step,
             epoch,
@@ -614,6 +638,7 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             history.to_vec(),
             true,
         );
+        ts.total_flos = total_flos;
         crate::atomic::write_json(&out.join(TRAINER_STATE_FILE), &ts)?;
         write_loss_curve_png(&out.join("loss_curve.png"), history)
     }
@@ -691,6 +716,7 @@ pub struct RunState {
     step_losses: Vec<f64>,
     last_checkpoint: Option<PathBuf>,
     start_step: u64,
+    flos: FlosCounter,
 }
 
 impl RunState {

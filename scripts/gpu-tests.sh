@@ -41,8 +41,9 @@ for line in open(log):
     if not exe or exe in seen:
         continue
     seen.add(exe)
-    pkg = m["package_id"].split("#")[0].rstrip("/").split("/")[-1]
-    name = f'{pkg}--{m["target"]["name"]}'
+    # the crate's directory relative to the repository root, "/" as "__" ("." for the root package)
+    crate = os.path.relpath(os.path.dirname(m["manifest_path"])).replace(os.sep, "__")
+    name = f'{crate}--{m["target"]["name"]}'
     shutil.copy2(exe, os.path.join(dest, name))
 PY
 strip "$OUT"/bin/* 2>/dev/null || true
@@ -80,9 +81,8 @@ root=$PWD
 for t in "$dir"/*; do
     chmod +x "$t"
     name=$(basename "$t")
-    pkg=${name%%--*}
-    crate=.
-    [[ "$pkg" == gptoss-* ]] && crate=crates/${pkg#gptoss-}
+    crate=${name%%--*}
+    crate=${crate//__//}
     echo "=== $name (in $crate)"
     (cd "$root/$crate" && "$root/$t" --test-threads=1) || { echo "FAILED: $name"; fail=1; }
 done

@@ -298,11 +298,50 @@ fn loads_tokenizer_json_with_the_tokenizers_crate() {
     assert!(err.contains("/nonexistent/tokenizer.json"), "{err}");
 }
 
-/// With `GPTOSS_TOKENIZER_JSON=/path/to/tokenizer.json` (a real gpt-oss checkpoint's, or the
-/// one `make_fixtures.py` writes with FULL_TOKENIZER_OUT), both backends must agree.
+/// The ids transformers' o200k_harmony tokenizer gives for whole rendered chats
+/// (`fixtures/hf_template.json`, made by scripts/fixtures/harmony/make_fixtures.py): `(name, text, ids)`.
+fn transformers_text_ids() -> Vec<(String, String, Vec<u32>)> {
+    let v: serde_json::Value = serde_json::from_str(&read_test_file("fixtures/hf_template.json"))
+        .unwrap_or_else(|e| panic!("fixtures/hf_template.json: {e}"));
+    let cases = v["cases"].as_array().cloned().unwrap_or_default();
+    let out: Vec<_> = cases
+        .iter()
+        .filter_map(|c| {
+            let ids = c["hf_ids"].as_array()?;
+            Some((
+                c["name"].as_str()?.to_string(),
+                c["text"].as_str()?.to_string(),
+                ids.iter()
+                    .filter_map(|i| i.as_u64())
+                    .map(|i| i as u32)
+                    .collect(),
+            ))
+        })
+        .collect();
+    assert!(out.len() >= 20, "only {} cases with ids", out.len());
+    out
+}
+
+/// The tokenizer of `GPTOSS_TOKENIZER_JSON=/path/to/tokenizer.json` (a real gpt-oss checkpoint's,
+/// or the one `make_fixtures.py` writes with FULL_TOKENIZER_OUT) when set, else the bundled one
+/// (o200k_harmony from tiktoken ranks): whole rendered chats, control tokens in the text parsed,
+/// encode to exactly transformers' ids and decode back. With the file, it must also agree with the
+/// bundled tokenizer on a random corpus.
 #[test]
-fn full_tokenizer_json_matches_builtin_when_available() {
-    let Some(path) = std::env::var_os("GPTOSS_TOKENIZER_JSON") else {
+fn tokenizer_encodes_rendered_chats_like_transformers() {
+    let env = std::env::var_os("GPTOSS_TOKENIZER_JSON");
+    let t = match &env {
+        Some(path) => HarmonyTokenizer::from_file(path).unwrap_or_else(|e| panic!("{e}")),
+        None => tok(),
+    };
+    for (name, text, expected) in transformers_text_ids() {
+        let ours = t
+            .encode_with_special_tokens(&text)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(ours, expected, "{name}");
+        assert_eq!(t.decode(&expected).unwrap_or_default(), text, "{name}");
+    }
+    let Some(path) = env else {
         return;
     };
     let hf = HarmonyTokenizer::from_file(&path).unwrap_or_else(|e| panic!("{e}"));

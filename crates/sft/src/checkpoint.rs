@@ -78,7 +78,7 @@ pub struct TrainerState {
     pub save_steps: u64,
     /// `{"TrainerControl": {"args": {...}, "attributes": {}}}`.
     pub stateful_callbacks: serde_json::Value,
-    /// 0 (FLOPs are not counted).
+    /// HF's FLOP estimate so far ([`crate::flos`]); [`TrainerState::new`] leaves it 0 for the trainer to set.
     pub total_flos: f64,
     /// Rows per micro-batch.
     pub train_batch_size: usize,

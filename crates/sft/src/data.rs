@@ -414,6 +414,12 @@ pub fn resolve_hub_snapshot(
 }
 
 /// The snapshot directory inside a hub cache repo directory (`datasets--org--name`).
+///
+/// Walked by hand rather than through the `hf-hub` crate: its offline `Cache`/`CacheRepo` API
+/// resolves one file of a known name through `refs/` (`CacheRepo::get`), but a dataset here is a
+/// snapshot *directory* whose split files (`data/train-*.parquet`, `*.jsonl`) must be listed, and a
+/// `revision` may be a commit hash; both need the snapshot path itself, which hf-hub does not
+/// expose. Its default features would also pull in an HTTP/TLS stack this offline tool never uses.
 fn resolve_snapshot(repo_dir: &Path, revision: Option<&str>) -> Result<PathBuf> {
     let snapshots = repo_dir.join("snapshots");
     let rev = revision.unwrap_or("main");

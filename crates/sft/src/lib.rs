@@ -22,6 +22,7 @@ pub mod data;
 pub mod dpo;
 pub mod error;
 pub mod evaluation;
+pub mod flos;
 pub mod logging;
 pub mod mlflow;
 pub mod optim;

@@ -85,7 +85,7 @@ pub struct TrainSummary {
     pub train_samples_per_second: f64,
     /// Optimizer steps per second.
     pub train_steps_per_second: f64,
-    /// FLOPs (not counted: 0).
+    /// HF's FLOP estimate of the run ([`crate::flos`]: 6 × padded tokens × non-embedding parameters).
     pub total_flos: f64,
     /// Mean loss over all steps.
     pub train_loss: f64,

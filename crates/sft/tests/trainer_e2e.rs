@@ -283,3 +283,49 @@ fn packed_micro_batch_equals_the_padded_batch() -> Result<()> {
     }
     Ok(())
 }
+
+/// `total_flos` as transformers 5.24 counts it: per micro-batch `6 × B·T (padded) ×
+/// num_parameters(exclude_embeddings=True)` of the PEFT-wrapped model, stored at every log, save
+/// and at the end.
+#[test]
+fn total_flos_counts_six_flops_per_padded_token_and_parameter() -> Result<()> {
+    let dir = tempfile::tempdir().map_err(|e| SftError::io("tempdir", e))?;
+    let (model, adapters) = tiny_model(0, 1)?;
+    let mut cfg = test_config(dir.path());
+    cfg.shuffle = false;
+    cfg.max_steps = Some(2);
+    cfg.save_steps = 1;
+    // Config::tiny() without the 512×64 embedding: per layer norms 2·64, q/o 2·(64·64+64),
+    // k/v 2·(32·64+32), sinks 4, router 4·64+4, experts 4·64·128 + 4·128 + 4·64·64 + 4·64
+    // = 62,792; two layers + final norm 64 + lm_head 512·64 = 158,416. LoRA r=4 on q/k/v/o:
+    // per layer (4·64+64·4)·2 + (4·64+32·4)·2 = 1,792, two layers 3,584. In all 162,000.
+    let params = 162_000.0;
+    // Rows 0..8 have lengths 10..17; micro-batches of 2 pad to the longer row:
+    // step 1: 2·11 + 2·13 = 48 tokens, step 2: 2·15 + 2·17 = 64 tokens.
+    let step1 = 6.0 * 48.0 * params;
+    let step2 = 6.0 * 64.0 * params;
+    let trainer = Trainer::new(&model, &adapters, cfg, synthetic_rows(8), Device::Cpu)?
+        .with_options(trainer_support::options());
+    let out = trainer.train(&mut NoObserver)?;
+    let Some(summary) = &out.summary else {
+        panic!("no summary")
+    };
+    assert_eq!(summary.total_flos, step1 + step2);
+    let read = |p: std::path::PathBuf| gptoss_sft::checkpoint::TrainerState::read(&p);
+    let ckpt1 = read(dir.path().join("checkpoint-1").join("trainer_state.json"))?;
+    assert_eq!(ckpt1.total_flos, step1);
+    let last = read(dir.path().join("trainer_state.json"))?;
+    assert_eq!(last.total_flos, step1 + step2);
+    // A resumed run continues the count.
+    let mut cfg2 = test_config(dir.path());
+    cfg2.shuffle = false;
+    cfg2.max_steps = Some(2);
+    cfg2.save_steps = 1;
+    cfg2.output_dir = dir.path().join("resumed");
+    cfg2.resume_from_checkpoint = Some(dir.path().join("checkpoint-1"));
+    let resumed = Trainer::new(&model, &adapters, cfg2, synthetic_rows(8), Device::Cpu)?
+        .with_options(trainer_support::options())
+        .train(&mut NoObserver)?;
+    assert_eq!(resumed.summary.map(|s| s.total_flos), Some(step1 + step2));
+    Ok(())
+}

@@ -307,7 +307,12 @@ impl<M: LayeredCausalLm> Objective for DpoObjective<'_, '_, M> {
             accumulate(grads, g)?;
         }
         window.add_step(loss);
-        Ok(StepLoss { loss, tokens })
+        // TRL's DPO batches carry no `input_ids`, so HF's `floating_point_ops` counts 0 for them
+        Ok(StepLoss {
+            loss,
+            tokens,
+            input_numel: 0,
+        })
     }
 
     fn record(&self, window: &MetricsWindow, at: &LogPoint) -> LogEntry {

@@ -23,6 +23,11 @@ pub trait TrainableAdapters {
     fn weight_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         Ok(vec![dir.join(ADAPTER_WEIGHTS_FILE)])
     }
+    /// Whether the parameters are the model's own (full-parameter training) rather than added to
+    /// it (LoRA); decides whether they count on top of the model's parameters in `total_flos`.
+    fn are_model_parameters(&self) -> bool {
+        false
+    }
 }
 
 /// Sets every parameter of `adapters` from the files of [`TrainableAdapters::weight_files`]

@@ -40,6 +40,9 @@ pub trait LayeredCausalLm {
     fn embeddings_trainable(&self) -> bool {
         false
     }
+    /// Number of base-model parameters except the input embedding (HF's
+    /// `num_parameters(exclude_embeddings=True)` before LoRA is added; for `total_flos`).
+    fn num_parameters_excluding_embeddings(&self) -> u64;
 }
 
 /// One micro-batch, already on the model's device.
@@ -637,6 +640,14 @@ pub(crate) mod toy {
         }
         fn experts_per_token(&self) -> usize {
             2
+        }
+        fn num_parameters_excluding_embeddings(&self) -> u64 {
+            self.w
+                .iter()
+                .chain(&self.router)
+                .chain([&self.head])
+                .map(|t| t.elem_count() as u64)
+                .sum()
         }
         fn embed(&self, ids: &Tensor) -> Result<Tensor> {
             let (b, t) = ids.dims2()?;

@@ -20,6 +20,7 @@ use crate::checkpoint::{
 };
 use crate::config::{EvalStrategy, TrainingConfig};
 use crate::error::{Result, SftError};
+use crate::flos::FlosCounter;
 use crate::logging::{loss_points, write_loss_curve_png, EvalRecord, LogEntry, TrainSummary};
 use crate::optim::{AdamW, Gradients};
 use crate::preprocess::epoch_order;
@@ -32,6 +33,9 @@ pub struct StepLoss {
     pub loss: f64,
     /// Non-padding tokens of the step's micro-batches (`num_input_tokens_seen`).
     pub tokens: u64,
+    /// Elements of the step's padded `input_ids` (Σ `B × T` over its micro-batches), what HF's
+    /// `total_flos` counts ([`crate::flos`]); 0 where HF counts nothing.
+    pub input_numel: u64,
 }
 
 /// Where a log record is taken ([`Objective::record`]).
@@ -68,6 +72,11 @@ pub trait Objective {
     ) -> Result<StepLoss>;
     /// The `log_history` entry of `window` at `at`.
     fn record(&self, window: &Self::Window, at: &LogPoint) -> LogEntry;
+    /// The non-embedding parameter count (frozen and trainable `vars`) HF's `total_flos`
+    /// multiplies by; 0 (no count) unless the objective says.
+    fn flos_parameters(&self, _vars: &[Var]) -> u64 {
+        0
+    }
     /// Whether there are held-out rows to evaluate.
     fn can_evaluate(&self) -> bool {
         false
@@ -93,6 +102,7 @@ pub struct RunState<W> {
     step_losses: Vec<f64>,
     last_checkpoint: Option<PathBuf>,
     start_step: u64,
+    flos: FlosCounter,
 }
 
 impl<W> RunState<W> {
@@ -201,6 +211,7 @@ impl<O: Objective> TrainLoop<'_, O> {
         let params = self.adapters.named_parameters();
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
         let optimizer = AdamW::new(params, cfg.adamw())?;
+        let flos = FlosCounter::new(self.objective.flos_parameters(&vars), 0.0);
         let mut run = RunState {
             grads: Gradients::new(vars.len()),
             vars,
@@ -212,6 +223,7 @@ impl<O: Objective> TrainLoop<'_, O> {
             step_losses: Vec::new(),
             last_checkpoint: None,
             start_step: 0,
+            flos,
         };
         remove_stale_temporaries(&cfg.output_dir)?;
         if let Some(spec) = &cfg.resume_from_checkpoint {
@@ -223,6 +235,7 @@ impl<O: Objective> TrainLoop<'_, O> {
             run.global_step = loaded.trainer_state.global_step;
             run.num_tokens = loaded.trainer_state.num_input_tokens_seen;
             run.history = loaded.trainer_state.log_history;
+            run.flos = FlosCounter::new(run.flos.params(), loaded.trainer_state.total_flos);
             run.start_step = run.global_step;
         }
         Ok(run)
@@ -245,6 +258,7 @@ impl<O: Objective> TrainLoop<'_, O> {
             .objective
             .step(&run.vars, &mbs, &mut run.grads, &mut run.window)?;
         run.num_tokens += out.tokens;
+        run.flos.add_batch(out.input_numel);
         let step_no = run.global_step + 1;
         let loss = out.loss;
         if !loss.is_finite() {
@@ -298,6 +312,7 @@ impl<O: Objective> TrainLoop<'_, O> {
             LogEntry::Dpo(r) => observer.on_dpo_log(r)?,
             LogEntry::Eval(_) | LogEntry::Summary(_) => {}
         }
+        run.flos.store();
         run.history.push(entry);
         run.window = self.objective.new_window();
         Ok(())
@@ -345,7 +360,7 @@ impl<O: Objective> TrainLoop<'_, O> {
         if !save_now && !interrupted {
             return Ok(());
         }
-        let ts = TrainerState::new(
+        let mut ts = TrainerState::new(
             cfg,
             g,
             step.epoch_f,
@@ -354,6 +369,7 @@ impl<O: Objective> TrainLoop<'_, O> {
             run.history.clone(),
             interrupted || g == total,
         );
+        ts.total_flos = run.flos.store();
         let rng = RngState {
             seed: cfg.seed,
             shuffle: cfg.shuffle,
@@ -398,8 +414,10 @@ impl<O: Objective> TrainLoop<'_, O> {
             step_losses,
             last_checkpoint,
             start_step,
+            mut flos,
             ..
         } = run;
+        let total_flos = flos.store();
         // Over every step of the run, also those before a resume (from their logged windows), so
         // a resumed run reports the train_loss of an uninterrupted one.
         let before = logged_loss_sum(&history, start_step);
@@ -416,14 +434,15 @@ impl<O: Objective> TrainLoop<'_, O> {
             train_runtime: runtime_s,
             train_samples_per_second: samples as f64 / runtime_s.max(1e-9),
             train_steps_per_second: step_losses.len() as f64 / runtime_s.max(1e-9),
-            total_flos: 0.0,
+            total_flos,
             train_loss,
             epoch: global_step as f64 / upe as f64,
             step: global_step,
         });
         if let Some(s) = &summary {
             history.push(LogEntry::Summary(s.clone()));
-            self.write_final_state(global_step, s.epoch, total, num_tokens, &history)?;
+            let at = (global_step, s.epoch, total, num_tokens, total_flos);
+            self.write_final_state(at, &history)?;
         }
         let outcome = TrainOutcome {
             global_step,
@@ -449,17 +468,15 @@ impl<O: Objective> TrainLoop<'_, O> {
     }
 
     /// `output_dir/trainer_state.json` (with the summary) and `output_dir/loss_curve.png`.
+    /// `at`: global step, epoch, total steps, tokens seen, total FLOs.
     fn write_final_state(
         &self,
-        global_step: u64,
-        epoch: f64,
-        total: u64,
-        num_tokens: u64,
+        (global_step, epoch, total, num_tokens, total_flos): (u64, f64, u64, u64, f64),
         history: &[LogEntry],
     ) -> Result<()> {
         let out = &self.config.output_dir;
         std::fs::create_dir_all(out).map_err(|e| SftError::io(out, e))?;
-        let ts = TrainerState::new(
+        let mut ts = TrainerState::new(
             self.config,
             global_step,
             epoch,
@@ -468,6 +485,7 @@ impl<O: Objective> TrainLoop<'_, O> {
             history.to_vec(),
             true,
         );
+        ts.total_flos = total_flos;
         crate::atomic::write_json(&out.join(TRAINER_STATE_FILE), &ts)?;
         write_loss_curve_png(&out.join("loss_curve.png"), history)
     }

@@ -109,6 +109,10 @@ impl TrainableAdapters for FullParameters {
             .map_err(|e| SftError::Trainer(format!("saving the model to {}: {e}", dir.display())))
     }
 
+    fn are_model_parameters(&self) -> bool {
+        true
+    }
+
     fn weight_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         gptoss_model::checkpoint_files(dir).map_err(|e| SftError::Checkpoint {
             path: dir.to_path_buf(),

@@ -19,6 +19,11 @@ impl LayeredCausalLm for GptOssForCausalLM {
         self.config().num_experts_per_tok
     }
 
+    fn num_parameters_excluding_embeddings(&self) -> u64 {
+        let c = self.config();
+        gptoss_model::num_parameters(c) - (c.vocab_size * c.hidden_size) as u64
+    }
+
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         GptOssForCausalLM::embed(self, input_ids).map_err(wrap)
     }

@@ -302,6 +302,10 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
             lm_head_chunk: self.options.lm_head_chunk,
         };
         let (mut nll, mut aux_sum, mut tokens) = (0.0, 0.0, 0u64);
+        let input_numel = batches
+            .iter()
+            .map(|b| b.input_ids.elem_count() as u64)
+            .sum();
         for mb in &batches {
             let out = forward_backward(self.model, vars, mb, &opts)?;
             nll += out.nll_sum;
@@ -326,7 +330,23 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
         if cfg.router_aux_loss_coef != 0.0 {
             window.aux_sum += aux_sum / ga as f64;
         }
-        Ok(StepLoss { loss, tokens })
+        Ok(StepLoss {
+            loss,
+            tokens,
+            input_numel,
+        })
+    }
+
+    /// HF's `num_parameters(exclude_embeddings=True)` of the trained model: the base model without
+    /// its input embedding, plus the adapter parameters `vars` when they are added to it (LoRA:
+    /// PEFT's wrapped model counts them; full-parameter: they are the model's own).
+    fn flos_parameters(&self, vars: &[Var]) -> u64 {
+        let added: u64 = if self.adapters.are_model_parameters() {
+            0
+        } else {
+            vars.iter().map(|v| v.elem_count() as u64).sum()
+        };
+        self.model.num_parameters_excluding_embeddings() + added
     }
 
     fn record(&self, window: &LogWindow, at: &LogPoint) -> LogEntry {

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Builds every test binary of the workspace with the `cuda` feature on this (GPU-less) machine,
+# collects them, stripped, into gpu-tests/bin/ (git-ignored) with a runner, and prints the device
+# `run` call(s) that execute them on the GPU machine. See docs/cuda.md ("GPU tests").
+#
+#   bash scripts/gpu-tests.sh            # build + collect + print the run command(s)
+#   bash scripts/gpu-tests.sh --collect  # collect from an existing build log only
+#
+# Needs /opt/cuda13-pip (shared/cuda/setup-cuda-build.sh). The carry limit of a device call is
+# 64 MiB, so the binaries are stripped and, if they are still larger together, split into groups
+# (gpu-tests/bin/g1, g2, ...), one `run` call each.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=gpu-tests
+LOG=$OUT/build.json
+LIMIT=$((60 * 1024 * 1024)) # below 64 MiB, leaving room for the runner and the working tree
+mkdir -p "$OUT"
+
+if [[ "${1:-}" != "--collect" ]]; then
+    # shellcheck disable=SC1091
+    source /opt/cuda13-pip/env.sh
+    CARGO_TARGET_DIR=target-cuda cargo test --release --workspace --features cuda --no-run \
+        --message-format=json >"$LOG"
+fi
+
+rm -rf "$OUT/bin"
+mkdir -p "$OUT/bin"
+# Test executables of the build: compiler-artifact messages with profile.test and an executable.
+python3 - "$LOG" "$OUT/bin" <<'PY'
+import json, os, shutil, sys
+log, dest = sys.argv[1], sys.argv[2]
+seen = set()
+for line in open(log):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("profile", {}).get("test"):
+        continue
+    exe = m.get("executable")
+    if not exe or exe in seen:
+        continue
+    seen.add(exe)
+    # the crate's directory relative to the repository root, "/" as "__" ("." for the root package)
+    crate = os.path.relpath(os.path.dirname(m["manifest_path"])).replace(os.sep, "__")
+    name = f'{crate}--{m["target"]["name"]}'
+    shutil.copy2(exe, os.path.join(dest, name))
+PY
+strip "$OUT"/bin/* 2>/dev/null || true
+
+# Group the binaries so that each group stays under LIMIT.
+group=1
+size=0
+mkdir -p "$OUT/bin/g$group"
+for f in $(ls -S "$OUT"/bin/ | grep -v '^g[0-9]*$'); do
+    s=$(stat -c %s "$OUT/bin/$f")
+    if ((size > 0 && size + s > LIMIT)); then
+        group=$((group + 1))
+        size=0
+        mkdir -p "$OUT/bin/g$group"
+    fi
+    mv "$OUT/bin/$f" "$OUT/bin/g$group/"
+    size=$((size + s))
+done
+
+{
+cat <<RUN
+#!/usr/bin/env bash
+# Runs every test binary of one group on the GPU machine: bash gpu-tests/run.sh gpu-tests/bin/gN
+# The binaries read fixtures through CARGO_MANIFEST_DIR, an absolute path of the build machine
+# ($PWD): it is linked to this tree when absent. Each binary runs in its crate's directory, as
+# under cargo test.
+BUILD_ROOT="$PWD"
+RUN
+cat <<'RUN'
+if [[ ! -e "$BUILD_ROOT" ]]; then mkdir -p "$(dirname "$BUILD_ROOT")" && ln -s "$PWD" "$BUILD_ROOT"; fi
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+dir=${1:?group folder}
+fail=0
+root=$PWD
+for t in "$dir"/*; do
+    chmod +x "$t"
+    name=$(basename "$t")
+    crate=${name%%--*}
+    crate=${crate//__//}
+    echo "=== $name (in $crate)"
+    (cd "$root/$crate" && "$root/$t" --test-threads=1) || { echo "FAILED: $name"; fail=1; }
+done
+exit $fail
+RUN
+} >"$OUT/run.sh"
+chmod +x "$OUT/run.sh"
+
+echo "Test binaries (stripped):"
+for g in "$OUT"/bin/g*; do
+    echo "  $g: $(du -sb "$g" | cut -f1) bytes"
+    ls -l "$g" | tail -n +2 | awk '{printf "    %10d  %s\n", $5, $9}'
+done
+echo
+echo "Device calls (one per group):"
+for g in "$OUT"/bin/g*; do
+    echo "  run(command=\"bash $OUT/run.sh $g\", carry=[\"$OUT/run.sh\", \"$g\"], timeout_s=600)"
+done

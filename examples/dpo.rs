@@ -38,26 +38,10 @@ fn run() -> Result<Outcome, gptoss::cli::Error> {
         .model_name_or_path
         .clone()
         .ok_or("--model (or model.name_or_path) is required for DPO")?;
-    let dtype = match cli.dtype.as_str() {
-        "f32" => candle_core::DType::F32,
-        "bf16" => candle_core::DType::BF16,
-        other => return Err(format!("--dtype: expected bf16 or f32, got {other}").into()),
-    };
+    let dtype = gptoss::cli::run_dtype(&cli.dtype)?;
     let device = gptoss_kernels::cuda_if_available(0)?;
     let tok = HarmonyTokenizer::o200k_harmony()?;
-    let opts = gptoss_model::LoadOptions::dequantized_if(dtype, cfg.dequantize);
-    println!(
-        "loading {} ({dtype:?}, MXFP4 experts {}) ...",
-        dir.display(),
-        if opts.resident_on(&device) {
-            "resident"
-        } else {
-            "dequantized"
-        }
-    );
-    let t = std::time::Instant::now();
-    let mut model = gptoss_model::load_with(&dir, &device, &opts)?;
-    println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+    let mut model = gptoss::cli::load_model(&dir, &device, dtype, cfg.dequantize)?;
     let out = run_dpo(&mut model, &cfg, &dpo, &tok)?;
     if let Some(loc) = &out.mlflow {
         println!("MLflow run: {loc}");

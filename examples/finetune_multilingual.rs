@@ -86,25 +86,8 @@ fn run() -> Result<Outcome, gptoss::cli::Error> {
     let tok = HarmonyTokenizer::o200k_harmony()?;
     let mut model = match &cfg.model_name_or_path {
         Some(dir) => {
-            let dtype = match cli.dtype.as_str() {
-                "f32" => candle_core::DType::F32,
-                "bf16" => candle_core::DType::BF16,
-                other => return Err(format!("--dtype: expected bf16 or f32, got {other}").into()),
-            };
-            let opts = gptoss_model::LoadOptions::dequantized_if(dtype, cfg.dequantize);
-            println!(
-                "loading {} ({dtype:?}, MXFP4 experts {}) ...",
-                dir.display(),
-                if opts.resident_on(&device) {
-                    "resident"
-                } else {
-                    "dequantized"
-                }
-            );
-            let t = std::time::Instant::now();
-            let model = gptoss_model::load_with(dir, &device, &opts)?;
-            println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
-            model
+            let dtype = gptoss::cli::run_dtype(&cli.dtype)?;
+            gptoss::cli::load_model(dir, &device, dtype, cfg.dequantize)?
         }
         None => {
             let base = cfg.output_dir.join("base_model");

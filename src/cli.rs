@@ -55,6 +55,45 @@ pub fn describe(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The run dtype named by a `--dtype` flag: `f32` or `bf16`.
+///
+/// # Errors
+/// Any other name, with the flag and what it accepts.
+pub fn run_dtype(name: &str) -> Result<candle_core::DType, Error> {
+    match name {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        other => Err(format!("--dtype: expected bf16 or f32, got {other}").into()),
+    }
+}
+
+/// Loads the checkpoint `dir` onto `device` in `dtype` (MXFP4 experts resident where the device
+/// allows it, unless `dequantize`), saying what it loads and how long it took.
+///
+/// # Errors
+/// What [`gptoss_model::load_with`] reports (the file and tensor at fault).
+pub fn load_model(
+    dir: &std::path::Path,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    dequantize: bool,
+) -> Result<gptoss_model::GptOssForCausalLM, Error> {
+    let opts = gptoss_model::LoadOptions::dequantized_if(dtype, dequantize);
+    let experts = if opts.resident_on(device) {
+        "resident"
+    } else {
+        "dequantized"
+    };
+    println!(
+        "loading {} ({dtype:?}, MXFP4 experts {experts}) ...",
+        dir.display()
+    );
+    let t = std::time::Instant::now();
+    let model = gptoss_model::load_with(dir, device, &opts)?;
+    println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+    Ok(model)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

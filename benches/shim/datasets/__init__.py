@@ -10,6 +10,8 @@ class Dataset:
     def __init__(self, rows):
         self._rows = [dict(r) for r in rows]
         self._fingerprint = str(id(self))
+        # read by TRL's telemetry (an in-memory dataset has no cache files)
+        self.cache_files = []
 
     @classmethod
     def from_list(cls, rows):

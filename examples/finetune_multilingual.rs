@@ -126,30 +126,17 @@ fn run() -> Result<Outcome, gptoss::cli::Error> {
     if curve.is_file() {
         println!("loss curve: {}", curve.display());
     }
-    if let Some((secs, n)) = out.steady_step_secs {
-        println!(
-            "steady-state step: {secs:.4} s (median of {n} steps after the first two, {} tokens at most per micro-batch)",
-            cfg.max_length
-        );
+    let batch = format!("{} tokens at most per micro-batch", cfg.max_length);
+    let ended = gptoss::cli::report_run_end(
+        out.steady_step_secs,
+        out.peak_memory,
+        &batch,
+        &out.outcome,
+        &out.adapter_dir,
+    );
+    if ended == Outcome::Interrupted {
+        return Ok(ended);
     }
-    if let Some(m) = out.peak_memory {
-        const GIB: f64 = (1u64 << 30) as f64;
-        println!(
-            "peak device memory: {:.2} GiB allocated, {:.2} GiB reserved",
-            m.peak_allocated as f64 / GIB,
-            m.peak_reserved as f64 / GIB
-        );
-    }
-    if out.outcome.interrupted {
-        let ckpt = out.adapter_dir.display();
-        println!(
-            "interrupted at step {}: checkpoint {ckpt} holds the adapter, optimizer and schedule.\n\
-             resume with the same command plus --resume-from-checkpoint {ckpt}",
-            out.outcome.global_step
-        );
-        return Ok(Outcome::Interrupted);
-    }
-    println!("adapter saved to {}", out.adapter_dir.display());
     if let (Some(base), Some(set)) = (base, &out.eval) {
         let tuned = evaluate_now(
             &model,

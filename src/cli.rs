@@ -94,6 +94,43 @@ pub fn load_model(
     Ok(model)
 }
 
+/// The end of a training run as the examples print it: the steady-state step (`steady`:
+/// median seconds and how many steps it covers; `batch` says what one micro-batch holds) and the
+/// peak device memory when measured, then either where the interrupted run's checkpoint is and how
+/// to resume it ([`Outcome::Interrupted`]) or where the adapter went ([`Outcome::Done`]).
+pub fn report_run_end(
+    steady: Option<(f64, usize)>,
+    peak: Option<gptoss_kernels::PoolStats>,
+    batch: &str,
+    outcome: &gptoss_sft::trainer::TrainOutcome,
+    adapter_dir: &std::path::Path,
+) -> Outcome {
+    if let Some((secs, n)) = steady {
+        println!(
+            "steady-state step: {secs:.4} s (median of {n} steps after the first two, {batch})"
+        );
+    }
+    if let Some(m) = peak {
+        const GIB: f64 = (1u64 << 30) as f64;
+        println!(
+            "peak device memory: {:.2} GiB allocated, {:.2} GiB reserved",
+            m.peak_allocated as f64 / GIB,
+            m.peak_reserved as f64 / GIB
+        );
+    }
+    let dir = adapter_dir.display();
+    if outcome.interrupted {
+        println!(
+            "interrupted at step {}: checkpoint {dir} holds the adapter, optimizer and schedule.\n\
+             resume with the same command plus --resume-from-checkpoint {dir}",
+            outcome.global_step
+        );
+        return Outcome::Interrupted;
+    }
+    println!("adapter saved to {dir}");
+    Outcome::Done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

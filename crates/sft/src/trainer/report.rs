@@ -1,11 +1,13 @@
 //! The standard [`TrainObserver`]: [`TrainLogger`]'s console lines, progress bar with ETA and
-//! MLflow run (params, metrics with step and timestamp, tags, final status).
+//! MLflow run (params, metrics with step and timestamp, tags, final status), for SFT and DPO runs
+//! alike (DPO records under TRL's names).
 
 use std::path::Path;
 
 use super::run::{TrainObserver, TrainOutcome};
 use super::timing::StepTimer;
 use crate::config::TrainingConfig;
+use crate::dpo::DpoLogRecord;
 use crate::error::Result;
 use crate::logging::{EvalRecord, LogRecord, TrainLogger};
 use crate::mlflow::RunStatus;
@@ -65,6 +67,10 @@ impl TrainObserver for StandardObserver {
 
     fn on_evaluate(&mut self, record: &EvalRecord) -> Result<()> {
         self.logger.log_eval(record)
+    }
+
+    fn on_dpo_log(&mut self, record: &DpoLogRecord) -> Result<()> {
+        self.logger.log_dpo(record)
     }
 
     fn on_save(&mut self, dir: &Path) -> Result<()> {

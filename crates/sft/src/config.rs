@@ -837,84 +837,142 @@ impl YamlConfig {
     pub fn apply(self, cfg: &mut TrainingConfig) -> Result<()> {
         set(&mut cfg.peft, self.peft);
         if let Some(m) = self.model {
-            set_opt(&mut cfg.model_name_or_path, m.name_or_path);
-            set(&mut cfg.max_length, m.max_length);
-            set(&mut cfg.dequantize, m.dequantize);
+            m.apply(cfg);
         }
         if let Some(d) = self.data {
-            set_opt(&mut cfg.dataset, d.dataset);
-            set(&mut cfg.skip_malformed_rows, d.skip_malformed_rows);
-            set(&mut cfg.loss_mask, d.loss_mask);
-            set_opt(&mut cfg.template_date, d.template_date);
-            set(&mut cfg.padding_free, d.padding_free);
-            set(&mut cfg.shuffle, d.shuffle);
+            d.apply(cfg);
         }
         if let Some(l) = self.lora {
-            set(&mut cfg.lora_r, l.r);
-            set(&mut cfg.lora_alpha, l.alpha);
-            set(&mut cfg.lora_dropout, l.dropout);
-            set(&mut cfg.lora_target_modules, l.target_modules);
-            set(&mut cfg.lora_target_parameters, l.target_parameters);
+            l.apply(cfg);
         }
         if let Some(t) = self.training {
-            set(&mut cfg.learning_rate, t.learning_rate);
-            set(
-                &mut cfg.per_device_train_batch_size,
-                t.per_device_train_batch_size,
-            );
-            set(
-                &mut cfg.gradient_accumulation_steps,
-                t.gradient_accumulation_steps,
-            );
-            set(&mut cfg.gradient_checkpointing, t.gradient_checkpointing);
-            set(&mut cfg.num_train_epochs, t.num_train_epochs);
-            set_opt(&mut cfg.max_steps, t.max_steps);
-            set(
-                &mut cfg.warmup,
-                warmup_of(t.warmup_ratio, t.warmup_steps, "training.")?,
-            );
-            set(&mut cfg.weight_decay, t.weight_decay);
-            set(&mut cfg.adam_beta1, t.adam_beta1);
-            set(&mut cfg.adam_beta2, t.adam_beta2);
-            set(&mut cfg.adam_epsilon, t.adam_epsilon);
-            set(&mut cfg.max_grad_norm, t.max_grad_norm);
-            set(&mut cfg.seed, t.seed);
-            set(&mut cfg.router_aux_loss_coef, t.router_aux_loss_coef);
+            t.apply(cfg)?;
         }
         if let Some(s) = self.scheduler {
-            set(&mut cfg.lr_scheduler_type, s.lr_scheduler_type);
-            if let Some(k) = s.lr_scheduler_kwargs {
-                set_opt(
-                    &mut cfg.min_lr,
-                    min_lr_of(k.min_lr_rate, k.min_lr, "scheduler.lr_scheduler_kwargs.")?,
-                );
-            }
+            s.apply(cfg)?;
         }
         if let Some(l) = self.logging {
-            set(&mut cfg.logging_steps, l.logging_steps);
-            set(&mut cfg.report_to, l.report_to);
-            set_opt(&mut cfg.run_name, l.run_name);
-            set_opt(&mut cfg.experiment_name, l.experiment_name);
-            set(&mut cfg.progress_bar, l.progress_bar);
+            l.apply(cfg);
         }
         if let Some(o) = self.output {
-            set(&mut cfg.output_dir, o.output_dir);
-            set(&mut cfg.save_steps, o.save_steps);
-            set_opt(&mut cfg.save_total_limit, o.save_total_limit);
-            set_opt(&mut cfg.resume_from_checkpoint, o.resume_from_checkpoint);
+            o.apply(cfg);
         }
         if let Some(e) = self.eval {
-            set_opt(&mut cfg.eval_dataset, e.eval_dataset);
-            set_opt(&mut cfg.eval_split, e.eval_split);
-            set(&mut cfg.eval_strategy, e.eval_strategy);
-            set_opt(&mut cfg.eval_steps, e.eval_steps);
-            set(
-                &mut cfg.per_device_eval_batch_size,
-                e.per_device_eval_batch_size,
-            );
-            set(&mut cfg.eval_generate, e.eval_generate);
+            e.apply(cfg);
         }
         Ok(())
+    }
+}
+
+impl ModelSection {
+    /// Applies the `model:` keys present onto `cfg`.
+    fn apply(self, cfg: &mut TrainingConfig) {
+        set_opt(&mut cfg.model_name_or_path, self.name_or_path);
+        set(&mut cfg.max_length, self.max_length);
+        set(&mut cfg.dequantize, self.dequantize);
+    }
+}
+
+impl DataSection {
+    /// Applies the `data:` keys present onto `cfg`.
+    fn apply(self, cfg: &mut TrainingConfig) {
+        set_opt(&mut cfg.dataset, self.dataset);
+        set(&mut cfg.skip_malformed_rows, self.skip_malformed_rows);
+        set(&mut cfg.loss_mask, self.loss_mask);
+        set_opt(&mut cfg.template_date, self.template_date);
+        set(&mut cfg.padding_free, self.padding_free);
+        set(&mut cfg.shuffle, self.shuffle);
+    }
+}
+
+impl LoraSection {
+    /// Applies the `lora:` keys present onto `cfg`.
+    fn apply(self, cfg: &mut TrainingConfig) {
+        set(&mut cfg.lora_r, self.r);
+        set(&mut cfg.lora_alpha, self.alpha);
+        set(&mut cfg.lora_dropout, self.dropout);
+        set(&mut cfg.lora_target_modules, self.target_modules);
+        set(&mut cfg.lora_target_parameters, self.target_parameters);
+    }
+}
+
+impl TrainingSection {
+    /// Applies the `training:` keys present onto `cfg`.
+    fn apply(self, cfg: &mut TrainingConfig) -> Result<()> {
+        set(&mut cfg.learning_rate, self.learning_rate);
+        set(
+            &mut cfg.per_device_train_batch_size,
+            self.per_device_train_batch_size,
+        );
+        set(
+            &mut cfg.gradient_accumulation_steps,
+            self.gradient_accumulation_steps,
+        );
+        set(&mut cfg.gradient_checkpointing, self.gradient_checkpointing);
+        set(&mut cfg.num_train_epochs, self.num_train_epochs);
+        set_opt(&mut cfg.max_steps, self.max_steps);
+        set(
+            &mut cfg.warmup,
+            warmup_of(self.warmup_ratio, self.warmup_steps, "training.")?,
+        );
+        set(&mut cfg.weight_decay, self.weight_decay);
+        set(&mut cfg.adam_beta1, self.adam_beta1);
+        set(&mut cfg.adam_beta2, self.adam_beta2);
+        set(&mut cfg.adam_epsilon, self.adam_epsilon);
+        set(&mut cfg.max_grad_norm, self.max_grad_norm);
+        set(&mut cfg.seed, self.seed);
+        set(&mut cfg.router_aux_loss_coef, self.router_aux_loss_coef);
+        Ok(())
+    }
+}
+
+impl SchedulerSection {
+    /// Applies the `scheduler:` keys present onto `cfg`.
+    fn apply(self, cfg: &mut TrainingConfig) -> Result<()> {
+        set(&mut cfg.lr_scheduler_type, self.lr_scheduler_type);
+        if let Some(k) = self.lr_scheduler_kwargs {
+            set_opt(
+                &mut cfg.min_lr,
+                min_lr_of(k.min_lr_rate, k.min_lr, "scheduler.lr_scheduler_kwargs.")?,
+            );
+        }
+        Ok(())
+    }
+}
+
+impl LoggingSection {
+    /// Applies the `logging:` keys present onto `cfg`.
+    fn apply(self, cfg: &mut TrainingConfig) {
+        set(&mut cfg.logging_steps, self.logging_steps);
+        set(&mut cfg.report_to, self.report_to);
+        set_opt(&mut cfg.run_name, self.run_name);
+        set_opt(&mut cfg.experiment_name, self.experiment_name);
+        set(&mut cfg.progress_bar, self.progress_bar);
+    }
+}
+
+impl OutputSection {
+    /// Applies the `output:` keys present onto `cfg`.
+    fn apply(self, cfg: &mut TrainingConfig) {
+        set(&mut cfg.output_dir, self.output_dir);
+        set(&mut cfg.save_steps, self.save_steps);
+        set_opt(&mut cfg.save_total_limit, self.save_total_limit);
+        set_opt(&mut cfg.resume_from_checkpoint, self.resume_from_checkpoint);
+    }
+}
+
+impl EvalSection {
+    /// Applies the `eval:` keys present onto `cfg`.
+    fn apply(self, cfg: &mut TrainingConfig) {
+        set_opt(&mut cfg.eval_dataset, self.eval_dataset);
+        set_opt(&mut cfg.eval_split, self.eval_split);
+        set(&mut cfg.eval_strategy, self.eval_strategy);
+        set_opt(&mut cfg.eval_steps, self.eval_steps);
+        set(
+            &mut cfg.per_device_eval_batch_size,
+            self.per_device_eval_batch_size,
+        );
+        set(&mut cfg.eval_generate, self.eval_generate);
     }
 }
 

@@ -507,64 +507,92 @@ pub fn write_loss_curve_png(path: &Path, history: &[LogEntry]) -> Result<()> {
         let root = BitMapBackend::new(tmp, (900, 640)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
         let (top, bottom) = root.split_vertically(430);
-        let mut chart = ChartBuilder::on(&top)
-            .caption("Training loss", ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| plot_err(e.to_string()))?;
-        chart
-            .configure_mesh()
-            .x_desc("optimizer step")
-            .y_desc("loss (nats / token)")
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(|e| plot_err(e.to_string()))?;
-        if !train.is_empty() {
-            chart
-                .draw_series(LineSeries::new(train.clone(), BLUE.stroke_width(2)))
-                .map_err(|e| plot_err(e.to_string()))?
-                .label("train loss")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE));
-        }
-        if !eval.is_empty() {
-            chart
-                .draw_series(LineSeries::new(eval.clone(), RED.stroke_width(2)))
-                .map_err(|e| plot_err(e.to_string()))?
-                .label("eval loss")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
-            chart
-                .draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled())))
-                .map_err(|e| plot_err(e.to_string()))?;
-        }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| plot_err(e.to_string()))?;
-        let mut lr_chart = ChartBuilder::on(&bottom)
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, l0..l1)
-            .map_err(|e| plot_err(e.to_string()))?;
-        lr_chart
-            .configure_mesh()
-            .x_desc("optimizer step")
-            .y_desc("learning rate")
-            .y_label_formatter(&|v| format!("{v:.1e}"))
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(|e| plot_err(e.to_string()))?;
-        lr_chart
-            .draw_series(LineSeries::new(lr.clone(), GREEN.stroke_width(2)))
-            .map_err(|e| plot_err(e.to_string()))?;
+        draw_loss_panel(&top, &train, &eval, (x0..x1, y0..y1)).map_err(plot_err)?;
+        draw_lr_panel(&bottom, &lr, (x0..x1, l0..l1)).map_err(plot_err)?;
         root.present().map_err(|e| plot_err(e.to_string()))?;
         Ok(())
     })
+}
+
+/// A drawing area of the loss-curve bitmap.
+type PlotArea<'a> =
+    plotters::drawing::DrawingArea<plotters::prelude::BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// The upper panel: train loss (line) and eval loss (line + dots) over optimizer steps.
+fn draw_loss_panel(
+    area: &PlotArea<'_>,
+    train: &[(f64, f64)],
+    eval: &[(f64, f64)],
+    (xs, ys): (std::ops::Range<f64>, std::ops::Range<f64>),
+) -> std::result::Result<(), String> {
+    use plotters::prelude::*;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let mut chart = ChartBuilder::on(area)
+        .caption("Training loss", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xs, ys)
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss (nats / token)")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(&x))?;
+    if !train.is_empty() {
+        chart
+            .draw_series(LineSeries::new(train.to_vec(), BLUE.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label("train loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE));
+    }
+    if !eval.is_empty() {
+        chart
+            .draw_series(LineSeries::new(eval.to_vec(), RED.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label("eval loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
+        chart
+            .draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+            .map_err(|x| e(&x))?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(&x))
+}
+
+/// The lower panel: the learning rate over optimizer steps.
+fn draw_lr_panel(
+    area: &PlotArea<'_>,
+    lr: &[(f64, f64)],
+    (xs, ys): (std::ops::Range<f64>, std::ops::Range<f64>),
+) -> std::result::Result<(), String> {
+    use plotters::prelude::*;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xs, ys)
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("learning rate")
+        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(&x))?;
+    chart
+        .draw_series(LineSeries::new(lr.to_vec(), GREEN.stroke_width(2)))
+        .map(|_| ())
+        .map_err(|x| e(&x))
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //!
 //! ```text
 //! bench_generate [--batch 1,8] [--prompt 128] [--new 64] [--dense-experts] [--layers N] [--cpu --tiny]
+//! # the batched API: 256 requests (prompt lengths prompt/2..=prompt), 256 new tokens each, 64 at a time
+//! bench_generate --requests 256 --batch 64 --prompt 128 --new 256
 //! ```
 //! Build: `cargo build --release --features cuda --example bench_generate` (see docs/cuda.md).
 
@@ -14,7 +16,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use clap::Parser;
-use gptoss_model::{init_random, init_random_packed, Config, GenerationConfig, Generator};
+use gptoss_model::{
+    generate_batch, init_random, init_random_packed, BatchOptions, Config, GenerationConfig,
+    GenerationRequest, Generator,
+};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -45,6 +50,11 @@ struct Args {
     /// Seed of the weights and the prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Instead of the per-batch table: this many requests through the continuous-batching API
+    /// (`generate_batch`, at most `--batch` (its first value) decoding together), prompt lengths drawn
+    /// from `prompt/2..=prompt`; prints the total time.
+    #[arg(long)]
+    requests: Option<usize>,
 }
 
 fn main() -> BoxResult<()> {
@@ -85,10 +95,6 @@ fn main() -> BoxResult<()> {
         args.prompt,
         args.new
     );
-    println!(
-        "{:>6} {:>12} {:>14} {:>16}",
-        "batch", "prefill_s", "decode_s/step", "decode_tokens/s"
-    );
     let vocab = (config.vocab_size as u64).min(199_000);
     let mut state = 0x2545_F491_4F6C_DD1Du64 ^ args.seed;
     let mut next = || {
@@ -97,21 +103,57 @@ fn main() -> BoxResult<()> {
         state ^= state << 17;
         (state % vocab) as u32
     };
+    let pad_token_id = config
+        .pad_token_id
+        .filter(|&p| (p as usize) < config.vocab_size)
+        .unwrap_or(config.vocab_size as u32 - 1);
+    let greedy = GenerationConfig {
+        max_new_tokens: args.new,
+        temperature: 0.0,
+        stop_tokens: Vec::new(),
+        pad_token_id,
+        ..GenerationConfig::default()
+    };
+    if let Some(n) = args.requests {
+        let max_batch = args.batch.first().copied().unwrap_or(8);
+        let lo = (args.prompt / 2).max(1);
+        let requests: Vec<GenerationRequest> = (0..n)
+            .map(|_| {
+                let len = lo + next() as usize % (args.prompt - lo + 1);
+                GenerationRequest {
+                    prompt: (0..len).map(|_| next()).collect(),
+                    config: greedy.clone(),
+                }
+            })
+            .collect();
+        let opts = BatchOptions {
+            max_batch,
+            pad_token_id,
+        };
+        dev.synchronize()?;
+        let t = Instant::now();
+        let out = generate_batch(&model, &requests, &opts, &mut |_| {})?;
+        dev.synchronize()?;
+        let secs = t.elapsed().as_secs_f64();
+        let generated: usize = out.iter().map(|o| o.tokens.len()).sum();
+        println!(
+            "generate_batch: {n} requests (prompts {lo}..={} tokens), {} new each, max_batch {max_batch}: \
+             {secs:.2} s total, {:.1} generated tokens/s",
+            args.prompt,
+            args.new,
+            generated as f64 / secs
+        );
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:>12} {:>14} {:>16}",
+        "batch", "prefill_s", "decode_s/step", "decode_tokens/s"
+    );
     for &b in &args.batch {
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|_| (0..args.prompt).map(|_| next()).collect())
             .collect();
-        let cfg = GenerationConfig {
-            max_new_tokens: args.new,
-            temperature: 0.0,
-            stop_tokens: Vec::new(),
-            pad_token_id: config
-                .pad_token_id
-                .filter(|&p| (p as usize) < config.vocab_size)
-                .unwrap_or(config.vocab_size as u32 - 1),
-            ..GenerationConfig::default()
-        };
-        let mut g = Generator::new(&model, &prompts, cfg)?;
+        let mut g = Generator::new(&model, &prompts, greedy.clone())?;
         dev.synchronize()?;
         let t = Instant::now();
         g.step()?; // prefill + first token

@@ -1,4 +1,4 @@
-//! Generation over eval rows: prompts in batches through the model's KV-cache generator, each
+//! Generation over eval rows: prompts through the model's continuous-batching generator, each
 //! output checked with the Harmony parser into a [`RowRecord`] ready for [`crate::evaluate`].
 //!
 //! The caller renders the prompts (system `reasoning language: X` + user, with the template's
@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 
 use gptoss_harmony::HarmonyTokenizer;
-use gptoss_model::{generate, GenerationConfig, GptOssForCausalLM};
+use gptoss_model::{
+    generate_batch, BatchOptions, GenerationConfig, GenerationEvent, GenerationRequest,
+    GptOssForCausalLM,
+};
 
 use crate::error::{EvalError, Result};
 use crate::format::check_completion;
@@ -29,37 +32,54 @@ pub struct EvalPrompt {
     pub reference: Option<String>,
 }
 
-/// Generates for every prompt, `batch_size` prompts at a time (left-padded, each row stopping
-/// at its own stop token), and parses each output. `on_batch(done, total)` is called after each
-/// batch (progress).
+/// Generates for every prompt with continuous batching ([`gptoss_model::generate_batch`]: up to
+/// `batch_size` sequences decode together, a finished one is replaced by the next prompt at once),
+/// and parses each output. Every row samples with its own seed, `cfg.seed + row`, so its output does
+/// not depend on the batch it ran in. `on_progress(done, total)` is called as rows finish.
 pub fn generate_records(
     model: &GptOssForCausalLM,
     tok: &HarmonyTokenizer,
     prompts: &[EvalPrompt],
     cfg: &GenerationConfig,
     batch_size: usize,
-    on_batch: &mut dyn FnMut(usize, usize),
+    on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<RowRecord>> {
-    let mut records = Vec::with_capacity(prompts.len());
-    for batch in prompts.chunks(batch_size.max(1)) {
-        let ids: Vec<Vec<u32>> = batch.iter().map(|p| p.prompt_ids.clone()).collect();
-        let first = batch.first().map_or(0, |p| p.row);
-        let outputs = generate(model, &ids, cfg).map_err(|e| EvalError::Invalid {
-            context: format!("generating for eval rows from {first}"),
-            expected: "a successful generation".into(),
-            found: e.to_string(),
-        })?;
-        for (p, out) in batch.iter().zip(outputs) {
-            records.push(
-                RowRecord::new(p.row, check_completion(tok, &out))
-                    .with_requested_language(p.requested_language)
-                    .with_expected_final_language(p.expected_final_language)
-                    .with_reference(p.reference.clone()),
-            );
+    let requests: Vec<GenerationRequest> = prompts
+        .iter()
+        .map(|p| GenerationRequest {
+            prompt: p.prompt_ids.clone(),
+            config: GenerationConfig {
+                seed: cfg.seed.wrapping_add(p.row as u64),
+                ..cfg.clone()
+            },
+        })
+        .collect();
+    let opts = BatchOptions {
+        max_batch: batch_size.max(1),
+        pad_token_id: cfg.pad_token_id,
+    };
+    let mut done = 0;
+    let outputs = generate_batch(model, &requests, &opts, &mut |e| {
+        if let GenerationEvent::Finished { .. } = e {
+            done += 1;
+            on_progress(done, prompts.len());
         }
-        on_batch(records.len(), prompts.len());
-    }
-    Ok(records)
+    })
+    .map_err(|e| EvalError::Invalid {
+        context: format!("generating for {} eval rows", prompts.len()),
+        expected: "a successful generation".into(),
+        found: e.to_string(),
+    })?;
+    Ok(prompts
+        .iter()
+        .zip(outputs)
+        .map(|(p, out)| {
+            RowRecord::new(p.row, check_completion(tok, &out.tokens))
+                .with_requested_language(p.requested_language)
+                .with_expected_final_language(p.expected_final_language)
+                .with_reference(p.reference.clone())
+        })
+        .collect())
 }
 
 /// The headline generation metrics of a summary as flat `eval_*` keys for a training log:

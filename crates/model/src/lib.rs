@@ -68,8 +68,9 @@ pub use export::{
     QuantError,
 };
 pub use generate::{
-    generate, harmony_stop_tokens, GenerationConfig, Generator, Sampler, HARMONY_CALL, HARMONY_END,
-    HARMONY_RETURN,
+    generate, generate_batch, harmony_stop_tokens, BatchOptions, FinishReason, GenerationConfig,
+    GenerationEvent, GenerationOutput, GenerationRequest, Generator, Sampler, HARMONY_CALL,
+    HARMONY_END, HARMONY_RETURN,
 };
 pub use hooks::{ExpertAdapter, ExpertParam, LinearAdapter};
 pub use init::{init_random, init_random_packed};

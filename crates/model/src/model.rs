@@ -315,6 +315,30 @@ impl GptOssForCausalLM {
         attention_mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let h = self.hidden_with_cache(input_ids, attention_mask, cache)?;
+        self.lm_head(&h)
+    }
+
+    /// [`Self::forward_with_cache`] returning only the last position's logits `[B, V]` f32: what
+    /// generation samples from (a prefill of T tokens computes one LM-head row per sequence, not T).
+    pub fn forward_last_with_cache(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = self.hidden_with_cache(input_ids, attention_mask, cache)?;
+        let t = h.dim(1)?;
+        self.lm_head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// Final hidden states `[B, T, H]` (after `model.norm`) of `input_ids` after the cached tokens.
+    fn hidden_with_cache(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let (b, t) = self.check_ids(input_ids)?;
         if cache.layers.len() != self.model.layers.len() {
             return Err(ModelError::arg(
@@ -328,7 +352,7 @@ impl GptOssForCausalLM {
             h = self.layer_forward_cached(i, &h, &ctx, Some(lc))?.hidden;
         }
         cache.seen += t;
-        self.lm_head(&self.final_hidden(&h)?)
+        self.final_hidden(&h)
     }
 
     /// An empty KV cache for this model.

@@ -200,14 +200,14 @@ pub struct EvalOptions {
 
 /// Generates for the first `opts.max_generate_rows` rows of `set` with `model` (whatever adapters
 /// are installed on it) and scores the outputs under `label` (no eval loss).
-/// `on_batch(done, total)` reports generation progress.
+/// `on_progress(done, total)` reports generation progress.
 pub fn generate_and_score(
     model: &GptOssForCausalLM,
     tok: &HarmonyTokenizer,
     set: &EvalSet,
     label: &str,
     opts: &EvalOptions,
-    on_batch: &mut dyn FnMut(usize, usize),
+    on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ModelEval> {
     let detector = gptoss_eval::default_detector();
     let n = opts
@@ -225,7 +225,7 @@ pub fn generate_and_score(
         &prompts,
         &opts.generation,
         opts.generate_batch_size,
-        on_batch,
+        on_progress,
     )?;
     Ok(gptoss_eval::evaluate(label, records, detector))
 }
@@ -237,9 +237,9 @@ pub fn evaluate_model(
     set: &EvalSet,
     label: &str,
     opts: &EvalOptions,
-    on_batch: &mut dyn FnMut(usize, usize),
+    on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ModelEval> {
-    let mut eval = generate_and_score(model, tok, set, label, opts, on_batch)?;
+    let mut eval = generate_and_score(model, tok, set, label, opts, on_progress)?;
     let l = eval_loss(
         model,
         &set.examples,

@@ -1,7 +1,20 @@
-//! Token generation with a KV cache: batched left-padded prompts, sampling, stop tokens, step-wise streaming.
+//! Token generation with a KV cache: batched left-padded prompts, sampling, stop tokens, step-wise streaming,
+//! and continuous batching over many requests ([`generate_batch`]).
+//!
+//! Modules: `sampler` (settings and token choice) → `cache_rows` (row surgery on a [`KvCache`]) →
+//! this file ([`Generator`], [`generate`]) → `batch` (the request scheduler).
 
-use candle_core::{DType, Tensor};
-use rand::{Rng, SeedableRng};
+mod batch;
+mod cache_rows;
+mod sampler;
+
+pub use batch::{
+    generate_batch, BatchOptions, FinishReason, GenerationEvent, GenerationOutput,
+    GenerationRequest,
+};
+pub use sampler::{GenerationConfig, Sampler};
+
+use candle_core::Tensor;
 
 use crate::error::{ModelError, Result};
 use crate::model::{GptOssForCausalLM, KvCache};
@@ -20,118 +33,6 @@ pub fn harmony_stop_tokens(include_end: bool) -> Vec<u32> {
         v.push(HARMONY_END);
     }
     v
-}
-
-/// Sampling and stopping settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationConfig {
-    /// Most tokens generated per row.
-    pub max_new_tokens: usize,
-    /// Softmax temperature; `0.0` means greedy (argmax).
-    pub temperature: f64,
-    /// Nucleus sampling: keep the most likely tokens whose probabilities sum to at least `top_p` (1.0 = off).
-    pub top_p: f64,
-    /// Keep only the `top_k` most likely tokens (0 = off).
-    pub top_k: usize,
-    /// RNG seed (sampling is reproducible for a given seed).
-    pub seed: u64,
-    /// A row stops after emitting one of these ids (the stop token is included in its output).
-    pub stop_tokens: Vec<u32>,
-    /// Id fed for padding (left padding of prompts and finished rows); never attended to.
-    pub pad_token_id: u32,
-}
-
-impl Default for GenerationConfig {
-    fn default() -> Self {
-        Self {
-            max_new_tokens: 128,
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-            stop_tokens: harmony_stop_tokens(false),
-            pad_token_id: 199999,
-        }
-    }
-}
-
-/// Picks the next token from a row of logits.
-#[derive(Debug, Clone)]
-pub struct Sampler {
-    rng: rand::rngs::StdRng,
-    temperature: f64,
-    top_p: f64,
-    top_k: usize,
-}
-
-impl Sampler {
-    /// A sampler with the settings of `cfg`.
-    pub fn new(cfg: &GenerationConfig) -> Self {
-        Self {
-            rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
-            temperature: cfg.temperature,
-            top_p: cfg.top_p,
-            top_k: cfg.top_k,
-        }
-    }
-
-    /// Sample a token id from `logits` `[V]`.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || {
-            logits
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 {
-                        (i, v)
-                    } else {
-                        best
-                    }
-                })
-                .0 as u32
-        };
-        if self.temperature <= 0.0 || logits.is_empty() {
-            return argmax();
-        }
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| {
-            logits[b]
-                .partial_cmp(&logits[a])
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        if self.top_k > 0 {
-            order.truncate(self.top_k);
-        }
-        let max = logits[order[0]] as f64;
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| ((logits[i] as f64 - max) / self.temperature).exp())
-            .collect();
-        let sum: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        if self.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (j, p) in probs.iter().enumerate() {
-                acc += p;
-                if acc >= self.top_p {
-                    keep = j + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            order.truncate(keep);
-        }
-        let total: f64 = probs.iter().sum();
-        let mut r = self.rng.random::<f64>() * total;
-        for (j, p) in probs.iter().enumerate() {
-            r -= p;
-            if r <= 0.0 {
-                return order[j] as u32;
-            }
-        }
-        order[order.len() - 1] as u32
-    }
 }
 
 /// Step-wise generation over a batch of prompts (left-padded), for streaming.
@@ -214,13 +115,9 @@ impl<'a> Generator<'a> {
         let seen = self.mask[0].len();
         let mflat: Vec<u32> = self.mask.concat();
         let mask = Tensor::from_vec(mflat, (b, seen), dev)?;
-        let logits = self
+        let last = self
             .model
-            .forward_with_cache(&ids, Some(&mask), &mut self.cache)?;
-        let last = logits
-            .narrow(1, t - 1, 1)?
-            .squeeze(1)?
-            .to_dtype(DType::F32)?
+            .forward_last_with_cache(&ids, Some(&mask), &mut self.cache)?
             .to_vec2::<f32>()?;
         let mut produced = Vec::with_capacity(b);
         for (r, row) in last.iter().enumerate() {

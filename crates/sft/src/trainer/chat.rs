@@ -5,7 +5,10 @@
 
 use gptoss_harmony::hf::{render_ids, ChatMessage, ChatTemplateOptions};
 use gptoss_harmony::{HarmonyTokenizer, ParseMode, Role, StreamParser};
-use gptoss_model::{GenerationConfig, Generator, GptOssForCausalLM};
+use gptoss_model::{
+    generate_batch, BatchOptions, GenerationConfig, GenerationEvent, GenerationRequest,
+    GptOssForCausalLM,
+};
 
 use crate::error::{Result, SftError};
 use crate::preprocess::DEFAULT_TEMPLATE_DATE;
@@ -61,23 +64,81 @@ pub fn chat_generate(
     cfg: GenerationConfig,
     on_delta: &mut dyn FnMut(&str, &str),
 ) -> Result<ChatReply> {
-    let model_err = |e: gptoss_model::ModelError| SftError::Trainer(format!("generation: {e}"));
-    let mut generator = Generator::new(model, &[prompt_ids.to_vec()], cfg).map_err(model_err)?;
-    let mut parser =
-        StreamParser::with_mode(tok.clone(), Some(Role::Assistant), ParseMode::Lenient);
-    let mut reply = ChatReply::default();
-    while let Some(step) = generator.step().map_err(model_err)? {
-        let Some(Some(token)) = step.first().copied() else {
-            break;
+    let request = GenerationRequest {
+        prompt: prompt_ids.to_vec(),
+        config: cfg,
+    };
+    let mut replies =
+        chat_generate_batch(model, tok, &[request], 1, &mut |_, c, d| on_delta(c, d))?;
+    replies
+        .pop()
+        .ok_or_else(|| SftError::Trainer("generation: no reply".into()))
+}
+
+/// Replies to many requests with continuous batching ([`gptoss_model::generate_batch`], at most
+/// `max_batch` decoding together), each parsed by its own harmony stream parser:
+/// `on_delta(request, channel, text)` reports every content delta of every sequence as it is
+/// decoded. Replies are in request order.
+pub fn chat_generate_batch(
+    model: &GptOssForCausalLM,
+    tok: &HarmonyTokenizer,
+    requests: &[GenerationRequest],
+    max_batch: usize,
+    on_delta: &mut dyn FnMut(usize, &str, &str),
+) -> Result<Vec<ChatReply>> {
+    let mut parsers: Vec<StreamParser> = requests
+        .iter()
+        .map(|_| StreamParser::with_mode(tok.clone(), Some(Role::Assistant), ParseMode::Lenient))
+        .collect();
+    let mut failed: Option<SftError> = None;
+    let opts = BatchOptions {
+        max_batch,
+        pad_token_id: requests
+            .first()
+            .map_or(BatchOptions::default().pad_token_id, |r| {
+                r.config.pad_token_id
+            }),
+    };
+    let outputs = generate_batch(model, requests, &opts, &mut |e| {
+        let GenerationEvent::Token { request, token } = e else {
+            return;
         };
-        reply.tokens.push(token);
-        parser.process(token)?;
-        if let Some(delta) = parser.last_content_delta() {
-            let channel = parser.current_channel().unwrap_or("").to_string();
-            on_delta(&channel, delta);
+        let parser = &mut parsers[request];
+        if failed.is_some() {
+            return;
         }
+        match parser.process(token) {
+            Ok(_) => {
+                if let Some(delta) = parser.last_content_delta() {
+                    let channel = parser.current_channel().unwrap_or("").to_string();
+                    on_delta(request, &channel, delta);
+                }
+            }
+            Err(err) => failed = Some(err.into()),
+        }
+    })
+    .map_err(|e| SftError::Trainer(format!("generation: {e}")))?;
+    if let Some(err) = failed {
+        return Err(err);
     }
+    parsers
+        .into_iter()
+        .zip(outputs)
+        .map(|(parser, out)| reply_of(tok, parser, out.tokens))
+        .collect()
+}
+
+/// The reply of one finished sequence: its parsed messages sorted by channel.
+fn reply_of(
+    tok: &HarmonyTokenizer,
+    mut parser: StreamParser,
+    tokens: Vec<u32>,
+) -> Result<ChatReply> {
     parser.process_eos()?;
+    let mut reply = ChatReply {
+        tokens,
+        ..ChatReply::default()
+    };
     for m in parser.messages() {
         let text = m.text();
         match m.channel.as_deref() {

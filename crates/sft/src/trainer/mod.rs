@@ -41,7 +41,8 @@ pub use backward::{
 };
 pub use batch::micro_batch;
 pub use chat::{
-    chat_generate, chat_prompt, cookbook_generation_config, print_channel_deltas, ChatReply,
+    chat_generate, chat_generate_batch, chat_prompt, cookbook_generation_config,
+    print_channel_deltas, ChatReply,
 };
 pub use driver::{accumulate, LogPoint, Objective, RunState, StepLoss, StepOutput, TrainLoop};
 pub use evaluate::{eval_loss, EvalLoss};

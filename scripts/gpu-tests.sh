@@ -3,7 +3,8 @@
 # collects them, stripped, into gpu-tests/bin/ (git-ignored) with a runner, and prints the device
 # `run` call(s) that execute them on the GPU machine. See docs/cuda.md ("GPU tests").
 #
-#   bash scripts/gpu-tests.sh            # build + collect + print the run command(s)
+#   bash scripts/gpu-tests.sh            # build the CUDA test targets + collect + print the run command(s)
+#   bash scripts/gpu-tests.sh --all      # the same with every test binary of the workspace
 #   bash scripts/gpu-tests.sh --collect  # collect from an existing build log only
 #
 # Needs /opt/cuda13-pip (shared/cuda/setup-cuda-build.sh). The carry limit of a device call is
@@ -16,11 +17,25 @@ LOG=$OUT/build.json
 LIMIT=$((60 * 1024 * 1024)) # below 64 MiB, leaving room for the runner and the working tree
 mkdir -p "$OUT"
 
+# The test targets that exercise CUDA code: the `cfg(feature = "cuda")` unit tests of kernels and
+# mxfp4 and the test files that need a GPU. `--all` builds every test binary of the workspace.
+GPU_TARGETS=(
+    -p gptoss-kernels --lib --test cuda
+    -p gptoss-mxfp4 --lib --test cuda
+    -p gptoss-model --test cuda
+    -p gptoss-lora --test cuda_expert_lora --test peft_parity
+    -p gptoss-sft --test cuda_lm_loss --test cuda_optim
+)
 if [[ "${1:-}" != "--collect" ]]; then
     # shellcheck disable=SC1091
     source /opt/cuda13-pip/env.sh
-    CARGO_TARGET_DIR=target-cuda cargo test --release --workspace --features cuda --no-run \
-        --message-format=json >"$LOG"
+    if [[ "${1:-}" == "--all" ]]; then
+        targets=(--workspace)
+    else
+        targets=("${GPU_TARGETS[@]}")
+    fi
+    CARGO_TARGET_DIR=target-cuda cargo test --release --features cuda --no-run \
+        "${targets[@]}" --message-format=json >"$LOG"
 fi
 
 rm -rf "$OUT/bin"

@@ -253,6 +253,40 @@ pub fn pack(examples: &[Example]) -> Result<Batch> {
     Ok(b)
 }
 
+/// TRL's `packing=True` (`packing_strategy="bfd"`): groups examples of `lengths` (each ≤
+/// `max_length`) into bins of at most `max_length` tokens by best-fit decreasing. Examples are
+/// taken longest first (ties: lower index first), each into the open bin with the least room that
+/// still fits it (ties: the earlier bin), else a new bin. Deterministic; returns the bins (example
+/// indices in placement order) in creation order. Errors name an example longer than `max_length`.
+pub fn pack_bfd(lengths: &[usize], max_length: usize) -> Result<Vec<Vec<usize>>> {
+    if let Some(i) = lengths.iter().position(|&l| l > max_length || l == 0) {
+        return Err(SftError::Trainer(format!(
+            "packing: example {i} has {} tokens; expected 1..={max_length} (model.max_length)",
+            lengths[i]
+        )));
+    }
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    // (room left, bin index) of every bin
+    let mut room = std::collections::BTreeSet::new();
+    for i in order {
+        let len = lengths[i];
+        match room.range((len, 0)..).next().copied() {
+            Some((left, b)) => {
+                room.remove(&(left, b));
+                room.insert((left - len, b));
+                bins[b].push(i);
+            }
+            None => {
+                room.insert((max_length - len, bins.len()));
+                bins.push(vec![i]);
+            }
+        }
+    }
+    Ok(bins)
+}
+
 /// [`pack`] when `packing`, else [`pad`].
 pub fn collate(examples: &[Example], packing: bool) -> Result<Batch> {
     if packing {
@@ -308,6 +342,26 @@ mod tests {
                     false, false, true, false,
                     false, false, true, true];
         assert_eq!(allowed, want);
+    }
+
+    #[test]
+    fn best_fit_decreasing_bins() {
+        // longest first: 7 → bin0 (room 3), 6 → bin1 (4), 4 → bin1 (0, the tighter fit than a
+        // new bin), 3 → bin0 (0), 2 → bin2 (8), 2 → bin2 (6); lengths ≤ 10
+        let bins = pack_bfd(&[2, 7, 3, 6, 2, 4], 10).unwrap();
+        assert_eq!(bins, vec![vec![1, 2], vec![3, 5], vec![0, 4]]);
+        for b in &bins {
+            assert!(b.iter().map(|&i| [2, 7, 3, 6, 2, 4][i]).sum::<usize>() <= 10);
+        }
+        // best fit, not first fit: after 7 → bin0 (room 3), 4, 4 → bin1 (room 2), the 1 goes to
+        // bin1 (first fit would put it in bin0)
+        assert_eq!(
+            pack_bfd(&[1, 4, 7, 4], 10).unwrap(),
+            vec![vec![2], vec![1, 3, 0]]
+        );
+        // [[1, 2, 3], [4, 5, 6, 7], [8]] at max_length 4 packs to [[4, 5, 6, 7], [1, 2, 3, 8]]
+        assert_eq!(pack_bfd(&[3, 4, 1], 4).unwrap(), vec![vec![1], vec![0, 2]]);
+        assert!(pack_bfd(&[3, 11], 10).is_err());
     }
 
     #[test]

@@ -132,47 +132,6 @@ impl Batch {
             device,
         )?)
     }
-
-    /// Sample index of every column of row `row` (`None` on padding).
-    fn segment_ids(&self, row: usize) -> Vec<Option<usize>> {
-        if self.packed {
-            let mut out = Vec::with_capacity(self.seq_len);
-            for (i, l) in self.seq_lens.iter().enumerate() {
-                out.extend(std::iter::repeat_n(Some(i), *l));
-            }
-            out
-        } else {
-            let len = self.seq_lens[row];
-            (0..self.seq_len)
-                .map(|c| (c < len).then_some(row))
-                .collect()
-        }
-    }
-
-    /// Additive attention bias `[rows, 1, seq_len, seq_len]` f32: 0 where query `i` may attend
-    /// key `j` (`j <= i`, same sample, key not padding), `-inf` elsewhere. A padding query row
-    /// attends only itself (0 on the diagonal) so softmax stays finite; its output is unused.
-    pub fn attention_bias(&self, device: &Device) -> Result<Tensor> {
-        let l = self.seq_len;
-        let mut data = vec![f32::NEG_INFINITY; self.rows * l * l];
-        for r in 0..self.rows {
-            let seg = self.segment_ids(r);
-            let base = r * l * l;
-            for i in 0..l {
-                for j in 0..=i {
-                    let ok = match (seg[i], seg[j]) {
-                        (Some(a), Some(b)) => a == b,
-                        (None, _) => i == j,
-                        _ => false,
-                    };
-                    if ok {
-                        data[base + i * l + j] = 0.0;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(data, (self.rows, 1, l, l), device)?)
-    }
 }
 
 fn check(examples: &[Example]) -> Result<()> {
@@ -328,20 +287,6 @@ mod tests {
         assert_eq!(k.labels, vec![-100, 2, 3, -100, 5]);
         assert_eq!(k.cu_seqlens(), vec![0, 3, 5]);
         assert_eq!(k.num_trained_tokens(), 3);
-    }
-
-    #[test]
-    fn packed_bias_blocks_cross_sample_attention() {
-        let k = pack(&[ex(&[1, 2], &[1, 2]), ex(&[3, 4], &[3, 4])]).unwrap();
-        let bias = k.attention_bias(&Device::Cpu).unwrap();
-        let v: Vec<f32> = bias.flatten_all().unwrap().to_vec1().unwrap();
-        let allowed: Vec<bool> = v.iter().map(|x| *x == 0.0).collect();
-        #[rustfmt::skip]
-        let want = [true, false, false, false,
-                    true, true, false, false,
-                    false, false, true, false,
-                    false, false, true, true];
-        assert_eq!(allowed, want);
     }
 
     #[test]

@@ -405,7 +405,11 @@ impl FlashBwd<'_> {
             let n = total as u64;
             a.arg(&acc).arg(&mut out).arg(&n);
             let cfg = LaunchConfig {
-                grid_dim: ((total as u32).div_ceil(256).clamp(1, 132 * 16), 1, 1),
+                grid_dim: (
+                    crate::runtime::grid::grid_stride_blocks(total, 256, 132 * 16),
+                    1,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };

@@ -2,6 +2,8 @@
 //! code) against an attention written out here with its dense mask: every (query, key) pair is
 //! decided element by element from the rules (causal, sliding window, padding, same document).
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
 use gptoss_model::{apply_rotary, init_random, AttnContext, Config, GptOssForCausalLM, LayerType};
 
@@ -68,17 +70,26 @@ fn model() -> GptOssForCausalLM {
     init_random(&cfg, DType::F32, &Device::Cpu, Some(11)).unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+/// Every layer's attention under `ctx` against [`dense_attention`] with the rule `visible`.
+fn check_layers(
+    m: &GptOssForCausalLM,
+    x: &Tensor,
+    ctx: &AttnContext,
+    what: &str,
+    visible: &dyn Fn(usize, usize, usize, usize) -> bool,
+) {
+    for layer in 0..m.model.layers.len() {
+        let got = m.model.layers[layer]
+            .self_attn
+            .forward(x, ctx, None)
+            .unwrap();
+        let want = dense_attention(m, layer, x, ctx, &|bi, i, j| visible(layer, bi, i, j));
+        let diff = common::max_abs(&got, &want);
+        assert!(
+            diff < 1e-5,
+            "layer {layer}: {what} attention differs by {diff}"
+        );
+    }
 }
 
 fn window_ok(model: &GptOssForCausalLM, layer: usize, i: usize, j: usize) -> bool {
@@ -102,20 +113,9 @@ fn padded_attention_matches_dense_mask() {
     let mt = Tensor::from_vec(mask.clone(), (b, t), &Device::Cpu).unwrap();
     let ctx = m.attention_context(b, t, 0, Some(&mt)).unwrap();
     let x = Tensor::randn(0f32, 1.0, (b, t, m.config().hidden_size), &Device::Cpu).unwrap();
-    for layer in 0..m.model.layers.len() {
-        let got = m.model.layers[layer]
-            .self_attn
-            .forward(&x, &ctx, None)
-            .unwrap();
-        let want = dense_attention(&m, layer, &x, &ctx, &|bi, i, j| {
-            j <= i && window_ok(&m, layer, i, j) && mask[bi * t + j] == 1
-        });
-        let diff = max_abs(&got, &want);
-        assert!(
-            diff < 1e-5,
-            "layer {layer}: padded attention differs by {diff}"
-        );
-    }
+    check_layers(&m, &x, &ctx, "padded", &|layer, bi, i, j| {
+        j <= i && window_ok(&m, layer, i, j) && mask[bi * t + j] == 1
+    });
 }
 
 #[test]
@@ -132,20 +132,9 @@ fn packed_rows_attention_matches_dense_mask() {
     };
     let ctx = m.packed_rows_attention_context(&rows).unwrap();
     let x = Tensor::randn(0f32, 1.0, (b, t, m.config().hidden_size), &Device::Cpu).unwrap();
-    for layer in 0..m.model.layers.len() {
-        let got = m.model.layers[layer]
-            .self_attn
-            .forward(&x, &ctx, None)
-            .unwrap();
-        let want = dense_attention(&m, layer, &x, &ctx, &|bi, i, j| {
-            j <= i && window_ok(&m, layer, i, j) && doc(bi, i) == doc(bi, j)
-        });
-        let diff = max_abs(&got, &want);
-        assert!(
-            diff < 1e-5,
-            "layer {layer}: packed attention differs by {diff}"
-        );
-    }
+    check_layers(&m, &x, &ctx, "packed", &|layer, bi, i, j| {
+        j <= i && window_ok(&m, layer, i, j) && doc(bi, i) == doc(bi, j)
+    });
     // rows of different lengths are refused
     assert!(m
         .packed_rows_attention_context(&[vec![2, 3], vec![4]])

@@ -12,7 +12,10 @@
 //! eval:      { eval_split: 0.05, eval_strategy: steps, eval_steps: 50 }
 //! ```
 //! Optional extra sections `data` and `lora`, and extra keys in each section, cover the other
-//! options (see [`YamlConfig`]). Unknown keys and wrong types are errors naming the key.
+//! options (see [`YamlConfig`]); e.g. `data: { packing: true }` packs rows TRL-style (best-fit
+//! decreasing into rows of `max_length`, no attention across documents, positions restarting per
+//! document) and `data: { padding_free: true }` packs each micro-batch into one row without
+//! regrouping. `model.max_length` may not exceed the model's `max_position_embeddings`. Unknown keys and wrong types are errors naming the key.
 //! Precedence: defaults < YAML (`--config`) < explicit CLI flags.
 
 use std::path::{Path, PathBuf};

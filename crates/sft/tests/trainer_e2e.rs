@@ -266,22 +266,7 @@ fn packed_micro_batch_equals_the_padded_batch() -> Result<()> {
         panic!("the aux loss was not computed")
     };
     assert!((aux_a - aux_b).abs() <= 1e-5 * aux_a.abs().max(1.0));
-    for (ga, gb) in a.grads.iter().zip(&b.grads) {
-        let (Some(ga), Some(gb)) = (ga, gb) else {
-            panic!("a LoRA parameter got no gradient")
-        };
-        let diff = (ga - gb)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        let scale = ga.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(
-            diff <= 1e-4 * scale.max(1e-6),
-            "grad diff {diff} vs scale {scale}"
-        );
-    }
-    Ok(())
+    assert_grads_close(&a.grads, &b.grads, 1e-4)
 }
 
 /// `total_flos` as transformers 5.24 counts it: per micro-batch `6 × B·T (padded) ×
@@ -330,6 +315,26 @@ fn total_flos_counts_six_flops_per_padded_token_and_parameter() -> Result<()> {
     Ok(())
 }
 
+/// Every LoRA gradient of `b` within `tol` (relative to the largest |entry| of `a`'s) of `a`'s.
+fn assert_grads_close(a: &[Option<Tensor>], b: &[Option<Tensor>], tol: f32) -> Result<()> {
+    for (ga, gb) in a.iter().zip(b) {
+        let (Some(ga), Some(gb)) = (ga, gb) else {
+            panic!("a LoRA parameter got no gradient")
+        };
+        let diff = (ga - gb)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let scale = ga.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(
+            diff <= tol * scale.max(1e-6),
+            "grad diff {diff} vs scale {scale}"
+        );
+    }
+    Ok(())
+}
+
 /// Log-probability of every trained next token of `batch` under `logits` `[rows, T, V]`, in
 /// row-major order of the (row, position) pairs.
 fn trained_logprobs(batch: &gptoss_sft::collate::Batch, logits: &Tensor) -> Vec<f32> {
@@ -338,11 +343,11 @@ fn trained_logprobs(batch: &gptoss_sft::collate::Batch, logits: &Tensor) -> Vec<
         .unwrap_or_else(|e| panic!("log_softmax: {e}"));
     let t = batch.seq_len;
     let mut out = Vec::new();
-    for r in 0..batch.rows {
+    for (r, row) in lp.iter().enumerate() {
         for c in 1..t {
             let l = batch.labels[r * t + c];
             if l >= 0 {
-                out.push(lp[r][c - 1][l as usize]);
+                out.push(row[c - 1][l as usize]);
             }
         }
     }
@@ -406,22 +411,7 @@ fn bfd_packed_batches_equal_unpacked_per_token_and_in_gradients() -> Result<()> 
     let rb = forward_backward(&model, &vars, &packed, &opts)?;
     assert_eq!(ra.count, rb.count);
     assert!((ra.nll_sum - rb.nll_sum).abs() <= 1e-5 * ra.nll_sum.abs());
-    for (ga, gb) in ra.grads.iter().zip(&rb.grads) {
-        let (Some(ga), Some(gb)) = (ga, gb) else {
-            panic!("a LoRA parameter got no gradient")
-        };
-        let diff = (ga - gb)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        let scale = ga.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(
-            diff <= 1e-5 * scale.max(1e-6),
-            "grad diff {diff} vs scale {scale}"
-        );
-    }
-    Ok(())
+    assert_grads_close(&ra.grads, &rb.grads, 1e-5)
 }
 
 #[test]

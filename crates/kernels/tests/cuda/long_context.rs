@@ -49,6 +49,16 @@ fn cuda_swiglu_past_2_pow_31_elements() -> Result<()> {
     Ok(())
 }
 
+/// Rows `r0..r0 + n` of head `h` of `x` `[1, heads, T, d]`, flattened to f32 on the host.
+fn host_rows(x: &Tensor, h: usize, r0: usize, n: usize) -> Result<Vec<f32>> {
+    x.narrow(1, h, 1)?
+        .narrow(2, r0, n)?
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .to_vec1()
+}
+
 /// Flash attention (bf16, 64 heads over 8, d 64) at T = 131,072: sliding window 128 and full
 /// causal attention over three packed documents; rows near the end and at a document start against
 /// an f64 CPU evaluation over all keys; the backward runs and stays finite.
@@ -94,27 +104,13 @@ fn cuda_flash_attention_at_131072_tokens() -> Result<()> {
             (49_999, 9),
         ] {
             let hk = h / (nh / nkv);
-            let qr: Vec<f32> = q
-                .narrow(1, h, 1)?
-                .narrow(2, row, 1)?
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_device(&cpu)?
-                .to_vec1()?;
+            let qr = host_rows(&q, h, row, 1)?;
             let j0 = match window {
                 Some(w) => (row + 1).saturating_sub(w).max(start(row)),
                 None => start(row),
             };
             let n = row + 1 - j0;
-            let rows_of = |x: &Tensor| -> Result<Vec<f32>> {
-                x.narrow(1, hk, 1)?
-                    .narrow(2, j0, n)?
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_device(&cpu)?
-                    .to_vec1()
-            };
-            let (kr, vr) = (rows_of(&k)?, rows_of(&v)?);
+            let (kr, vr) = (host_rows(&k, hk, j0, n)?, host_rows(&v, hk, j0, n)?);
             let sink = sinks.to_device(&cpu)?.to_vec1::<f32>()?[h] as f64;
             let s: Vec<f64> = (0..n)
                 .map(|j| (0..d).map(|c| (qr[c] * kr[j * d + c]) as f64).sum::<f64>() * scale)
@@ -128,13 +124,7 @@ fn cuda_flash_attention_at_131072_tokens() -> Result<()> {
                         .sum::<f64>() as f32
                 })
                 .collect();
-            let got: Vec<f32> = out
-                .narrow(1, h, 1)?
-                .narrow(2, row, 1)?
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_device(&cpu)?
-                .to_vec1()?;
+            let got = host_rows(&out, h, row, 1)?;
             let diff = got
                 .iter()
                 .zip(&want)

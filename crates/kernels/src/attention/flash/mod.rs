@@ -114,6 +114,16 @@ fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> candle_core::Result<C
     Ok(s.as_cuda_slice::<bf16>()?.slice(a..b))
 }
 
+/// The view of a contiguous operand of element type `T`.
+fn slice_of<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let (a, b) = contiguous_range(l, what)?;
+    Ok(cuda_of(s, what)?.as_cuda_slice::<T>()?.slice(a..b))
+}
+
 /// The q, k, v storages of a custom op call: their dims, the device and the bf16 views.
 type Views<'a> = (CudaView<'a, bf16>, CudaView<'a, bf16>, CudaView<'a, bf16>);
 
@@ -165,25 +175,11 @@ impl FlashFwd {
         let vg = self.valid.as_ref().map(|m| m.storage_and_layout());
         let dg = self.doc_start.as_ref().map(|m| m.storage_and_layout());
         let vv = match &vg {
-            Some((s, l)) => {
-                let (a, b) = contiguous_range(l, "flash attention: key_valid")?;
-                Some(
-                    cuda_of(s, "flash attention: key_valid")?
-                        .as_cuda_slice::<u8>()?
-                        .slice(a..b),
-                )
-            }
+            Some((s, l)) => Some(slice_of::<u8>(s, l, "flash attention: key_valid")?),
             None => None,
         };
         let dv = match &dg {
-            Some((s, l)) => {
-                let (a, b) = contiguous_range(l, "flash attention: doc_start")?;
-                Some(
-                    cuda_of(s, "flash attention: doc_start")?
-                        .as_cuda_slice::<u32>()?
-                        .slice(a..b),
-                )
-            }
+            Some((s, l)) => Some(slice_of::<u32>(s, l, "flash attention: doc_start")?),
             None => None,
         };
         f(vv, dv, if self.masked { 2 } else { 0 })

@@ -14,6 +14,7 @@
 //! ```text
 //! bench_train_step [--seq 1024,2048] [--steps 5] [--warmup 1] [--gc both|on|off]
 //!                  [--layers N] [--model DIR] [--dense-experts] [--cpu --tiny] [--moe-chunk N]
+//!                  [--pack-doc N]
 //! ```
 //! Build: `cargo build --release --features cuda --example bench_train_step` (see docs/cuda.md).
 
@@ -95,6 +96,10 @@ struct Args {
     /// (`Experts::set_backward_chunk`; default: the library's).
     #[arg(long)]
     moe_chunk: Option<usize>,
+    /// Packing (`packing: true`): each step trains one row of `seq` tokens packed from documents
+    /// of this many tokens (must divide every `--seq`), attention kept inside each document.
+    #[arg(long)]
+    pack_doc: Option<usize>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -154,6 +159,13 @@ fn train_steps(
     gc: bool,
 ) -> BoxResult<StepTimer> {
     let n = args.warmup + args.steps;
+    let docs = match args.pack_doc {
+        Some(d) if d == 0 || seq % d != 0 => {
+            return Err(format!("--pack-doc {d} must divide --seq {seq}").into())
+        }
+        Some(d) => seq / d,
+        None => 1,
+    };
     let out = std::env::temp_dir().join(format!("bench_train_step_{}", std::process::id()));
     let cfg = TrainingConfig {
         learning_rate: args.lr,
@@ -167,9 +179,11 @@ fn train_steps(
         logging_steps: n as u64,
         output_dir: out.clone(),
         seed: args.seed,
+        packing: args.pack_doc.is_some(),
         ..TrainingConfig::default()
     };
-    let rows = synthetic_rows(n, seq, model.config().vocab_size, args.seed);
+    // packing: `docs` documents fill each row of `seq` tokens exactly
+    let rows = synthetic_rows(n * docs, seq / docs, model.config().vocab_size, args.seed);
     let trainer = Trainer::new(model, lora, cfg, rows, model.device().clone())?;
     let mut timer = StepTimer::new(true);
     timer.profile_after = Some(args.warmup as u64);

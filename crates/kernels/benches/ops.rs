@@ -145,16 +145,16 @@ fn bench_attention(c: &mut Criterion, dev: &Device, s: &Sizes) -> Result<()> {
     let v = Var::from_tensor(&randn(&[1, s.nkv, t, s.d], 1.0, s.dtype, dev)?)?;
     let sinks = Tensor::randn(0f32, 1.0, s.nh, dev)?;
     let scale = 1.0 / (s.d as f64).sqrt();
-    c.bench_function("attention/sink_attention_structural causal fwd+bwd", |b| {
+    let causal = attention::KeyMask::causal(None);
+    c.bench_function("attention/sink_attention causal fwd+bwd", |b| {
         b.iter(timed(dev, || {
-            let y = attention::sink_attention_structural(
+            let y = attention::sink_attention(
                 q.as_tensor(),
                 k.as_tensor(),
                 v.as_tensor(),
-                None,
+                Some(&causal),
                 &sinks,
                 scale,
-                None,
             )?;
             y.sum_all()?.backward().map(|_| ())
         }))

@@ -10,7 +10,7 @@
 //!
 //! | module | ops |
 //! |---|---|
-//! | [`attention`] | [`attention::sink_softmax`], the chunked attention core with sinks ([`attention::sink_attention`], [`attention::sink_attention_structural`]), flash-attention kernels (CUDA) |
+//! | [`attention`] | [`attention::sink_softmax`], the chunked attention core with sinks ([`attention::sink_attention`], visibility from indices: [`attention::KeyMask`]), flash-attention kernels (CUDA) |
 //! | [`norm`] | [`rms_norm`] (RMSNorm forward and backward in one kernel each) |
 //! | [`rope`] | [`rotary`], [`rotary_tokens_first`] (half-split RoPE, bit-identical to the reference ops) |
 //! | [`moe`] | router top-k + softmax, routed-row gather, SwiGLU with bias, weighted combine, the deferred expert backward |

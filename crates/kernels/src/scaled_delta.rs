@@ -232,7 +232,11 @@ extern "C" __global__ void add_scaled_bwd_bf16(const u16* g, float* o, u64 n, fl
 
     fn config(n: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(256).clamp(1, 132 * 32), 1, 1),
+            grid_dim: (
+                crate::runtime::grid::grid_stride_blocks(n, 256, 132 * 32),
+                1,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }

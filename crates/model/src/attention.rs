@@ -118,48 +118,79 @@ impl Attention {
             }
         };
         let scale = 1.0 / (d as f64).sqrt();
+        let mask = ctx.key_mask(self.layer_type)?;
         if FastPath::ChunkedAttention.on_for(&q) {
             // CUDA: chunked core with a recomputing backward (no [B, nh, T, Tk] tensor kept).
-            let window = match self.layer_type {
-                LayerType::Sliding => ctx.window(),
-                LayerType::Full => None,
-            };
             // [B, T, nh, d]: what the output projection reads, with no transpose in the graph
             let out = gptoss_kernels::profile::scope("attn.core", q.device(), || {
                 gptoss_kernels::attention::sink_attention_token_major(
                     &q.contiguous()?,
                     &k.contiguous()?,
                     &v,
-                    ctx.mask(self.layer_type),
+                    Some(&mask),
                     &self.sinks,
                     scale,
-                    window,
-                    ctx.mask_is_structural(),
                 )
             })?;
             return self.o_proj.forward(&out.reshape((b, t, nh * d))?);
         }
+        // Reference path, over query-row chunks: each chunk builds its `[B, nh, rows, Tk]` scores
+        // and its `[B or 1, 1, rows, Tk]` mask slice only (one chunk when T is small).
         let tk = k.dim(2)?;
+        let kt = k.t()?.contiguous()?;
+        let q = q.contiguous()?;
+        let rows = gptoss_kernels::attention::rows_per_chunk(
+            nh,
+            t,
+            tk,
+            gptoss_kernels::attention::CHUNK_ELEMS,
+        );
+        let mut outs = Vec::with_capacity(t.div_ceil(rows));
+        for r0 in (0..t).step_by(rows) {
+            let n = rows.min(t - r0);
+            let qc = if n == t {
+                q.clone()
+            } else {
+                q.narrow(2, r0, n)?.contiguous()?
+            };
+            let m = mask.additive((r0, n), (0, tk), (t, tk), qc.dtype(), qc.device())?;
+            outs.push(self.core_rows(&qc, &kt, &v, &m, scale)?);
+        }
+        let out = if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(&outs, 2)?
+        };
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        self.o_proj.forward(&out)
+    }
+
+    /// Attention of query rows `q` `[B, nh, n, d]` over keys `kt` `[B, nkv, d, Tk]` and values `v`
+    /// `[B, nkv, Tk, d]` with the additive mask slice `mask` `[B or 1, 1, n, Tk]` (q's dtype) →
+    /// `[B, nh, n, d]`: the fused sink softmax on CUDA, the reference ops elsewhere.
+    fn core_rows(
+        &self,
+        q: &Tensor,
+        kt: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let (b, nh, t, d) = q.dims4()?;
+        let nkv = self.num_kv_heads;
+        let tk = kt.dim(3)?;
         let g = nh / nkv;
         // GQA without repeating K/V: q-head h = kv·g + r uses kv-head kv.
-        let qg = q.contiguous()?.reshape((b, nkv, g * t, d))?;
-        let scores = qg.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, tk))?;
+        let qg = q.reshape((b, nkv, g * t, d))?;
+        let scores = qg.matmul(kt)?.reshape((b, nh, t, tk))?;
         if FastPath::SinkSoftmax.on_for(&scores) {
             // CUDA: one fused kernel (forward and backward) instead of the reference ops below.
-            let probs = gptoss_kernels::attention::sink_softmax(
-                &scores,
-                ctx.mask(self.layer_type),
-                &self.sinks,
-                scale,
-            )?
-            .reshape((b, nkv, g * t, tk))?;
-            let out = probs.matmul(&v)?.reshape((b, nh, t, d))?.transpose(1, 2)?;
-            return self.o_proj.forward(&out.reshape((b, t, nh * d))?);
+            let probs =
+                gptoss_kernels::attention::sink_softmax(&scores, Some(mask), &self.sinks, scale)?
+                    .reshape((b, nkv, g * t, tk))?;
+            return probs.matmul(v)?.reshape((b, nh, t, d));
         }
-        let mut scores = (scores * scale)?;
-        if let Some(m) = ctx.mask(self.layer_type) {
-            scores = scores.broadcast_add(m)?;
-        }
+        let scores = (scores * scale)?.broadcast_add(mask)?;
         // softmax over [scores, sink] without materialising the concatenation; the sink column is dropped.
         let dtype = scores.dtype();
         let sinks = self.sinks.to_dtype(dtype)?.reshape((1, nh, 1, 1))?;
@@ -174,11 +205,6 @@ impl Attention {
             .broadcast_div(&denom)?
             .to_dtype(dtype)?
             .reshape((b, nkv, g * t, tk))?;
-        let out = probs.matmul(&v)?; // [B, nkv, g·T, d]
-        let out = out
-            .reshape((b, nh, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * d))?;
-        self.o_proj.forward(&out)
+        probs.matmul(v)?.reshape((b, nh, t, d)) // [B, nkv, g·T, d] → [B, nh, T, d]
     }
 }

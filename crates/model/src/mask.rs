@@ -1,12 +1,16 @@
-//! Attention context of one batch: RoPE tables and additive masks, built once on the device.
+//! Attention context of one batch: RoPE tables and O(T) visibility structure (key validity,
+//! document starts), built once on the device. No `[T, Tk]` mask is ever built: the attention
+//! kernels test causal / sliding-window / padding / document rules from indices
+//! ([`gptoss_kernels::attention::KeyMask`]).
 
 use candle_core::{DType, Device, Tensor, D};
+use gptoss_kernels::attention::KeyMask;
 
 use crate::config::{Config, LayerType};
 use crate::error::{ModelError, Result};
 use crate::rope::RopeParams;
 
-/// Masks and RoPE tables shared by all layers for one forward call (built on the device, never on the host).
+/// RoPE tables and key visibility shared by all layers for one forward call (built on the device).
 ///
 /// Queries are the `seq_len` new tokens at absolute indices `past_len..past_len + seq_len`. Full-attention
 /// layers see keys `0..past_len + seq_len`; sliding layers see keys from [`AttnContext::key_start`] on (their
@@ -17,8 +21,10 @@ pub struct AttnContext {
     pub cos: Tensor,
     /// sin table `[B, 1, T, head_dim/2]`.
     pub sin: Tensor,
-    full_mask: Option<Tensor>,
-    sliding_mask: Option<Tensor>,
+    /// `[B, past_len + T]` u8: 1 = token, 0 = padding (from an `attention_mask`).
+    key_valid: Option<Tensor>,
+    /// `[B, T]` u32: first index of the packed document holding each token (`past_len` = 0).
+    doc_start: Option<Tensor>,
     /// Number of tokens already in the KV cache.
     pub past_len: usize,
     /// Number of new tokens T.
@@ -26,8 +32,6 @@ pub struct AttnContext {
     /// Batch size B.
     pub batch: usize,
     window: Option<usize>,
-    /// The masks hide exactly the causal / sliding-window keys (no padding, no packed sequences).
-    structural: bool,
 }
 
 impl AttnContext {
@@ -59,18 +63,19 @@ impl AttnContext {
                         ),
                     ));
                 }
-                Some(m.to_device(device)?.ne(0f64)?.to_dtype(DType::F32)?)
+                Some(m.to_device(device)?.ne(0f64)?)
             }
         };
         let positions = match &pad {
             Some(p) => {
                 // A running count per row: the [B, past_len + T] mask goes to the host (candle's cumsum
                 // would build an O(L²) triangular matrix on the device).
-                let rows = p.to_vec2::<f32>()?;
+                let rows = p.to_vec2::<u8>()?;
                 let mut pos = Vec::with_capacity(batch * seq_len);
                 for row in rows {
                     let mut seen = 0f32;
-                    for (j, m) in row.iter().enumerate() {
+                    for (j, &m) in row.iter().enumerate() {
+                        let m = f32::from(m);
                         if j >= past_len {
                             pos.push((seen + m - 1.0).max(0.0));
                         }
@@ -91,8 +96,7 @@ impl AttnContext {
             &positions,
             (batch, seq_len),
             past_len,
-            pad.as_ref(),
-            None,
+            (pad, None),
             (dtype, device),
         )
     }
@@ -109,75 +113,83 @@ impl AttnContext {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if seq_lens.is_empty() || seq_lens.contains(&0) {
+        Self::packed_rows(config, rope, &[seq_lens.to_vec()], dtype, device)
+    }
+
+    /// Context for `rows.len()` packed rows `[B, T]` (TRL's `packing=True`, several rows per
+    /// micro-batch): row `r` holds documents of lengths `rows[r]` back to back, each row summing to
+    /// the same T (a collator closes a short row with one filler document). Positions restart at 0
+    /// per document; no query attends across documents. O(B·T) structure: document starts `[B, T]`.
+    pub fn packed_rows(
+        config: &Config,
+        rope: &RopeParams,
+        rows: &[Vec<usize>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let total: usize = rows.first().map_or(0, |r| r.iter().sum());
+        for (r, lens) in rows.iter().enumerate() {
+            if lens.is_empty() || lens.contains(&0) || lens.iter().sum::<usize>() != total {
+                return Err(ModelError::arg(
+                    "seq_lens",
+                    format!(
+                        "packed row {r}: expected one or more sequence lengths ≥ 1 summing to {total} \
+                         (the first row's length), got {lens:?}"
+                    ),
+                ));
+            }
+        }
+        if rows.is_empty() {
             return Err(ModelError::arg(
                 "seq_lens",
-                format!("expected one or more sequence lengths ≥ 1, got {seq_lens:?}"),
+                "expected one or more packed rows",
             ));
         }
-        let total: usize = seq_lens.iter().sum();
-        let mut positions = Vec::with_capacity(total);
-        let mut segments = Vec::with_capacity(total);
-        for (s, &len) in seq_lens.iter().enumerate() {
-            positions.extend((0..len).map(|p| p as f32));
-            segments.extend(std::iter::repeat_n(s as f32, len));
+        let mut positions = Vec::with_capacity(rows.len() * total);
+        let mut starts = Vec::with_capacity(rows.len() * total);
+        for lens in rows {
+            let mut at = 0u32;
+            for &len in lens {
+                positions.extend((0..len).map(|p| p as f32));
+                starts.extend(std::iter::repeat_n(at, len));
+                at += len as u32;
+            }
         }
-        let positions = Tensor::from_vec(positions, (1, total), device)?;
-        let segments = Tensor::from_vec(segments, total, device)?;
+        let b = rows.len();
+        let positions = Tensor::from_vec(positions, (b, total), device)?;
+        let doc_start = Tensor::from_vec(starts, (b, total), device)?;
         Self::from_parts(
             config,
             rope,
             &positions,
-            (1, total),
+            (b, total),
             0,
-            None,
-            Some(&segments),
+            (None, Some(doc_start)),
             (dtype, device),
         )
     }
 
-    /// RoPE tables for `positions` `[B, T]` (f32) and the additive masks of the layer types present.
-    #[allow(clippy::too_many_arguments)]
+    /// RoPE tables for `positions` `[B, T]` (f32) and the visibility arrays.
     fn from_parts(
         config: &Config,
         rope: &RopeParams,
         positions: &Tensor,
         (batch, seq_len): (usize, usize),
         past_len: usize,
-        pad: Option<&Tensor>,
-        segments: Option<&Tensor>,
-        (dtype, device): (DType, &Device),
+        (key_valid, doc_start): (Option<Tensor>, Option<Tensor>),
+        (dtype, _device): (DType, &Device),
     ) -> Result<Self> {
         let (cos, sin) = rope.cos_sin(positions, dtype)?;
-        let types = config.layer_types();
-        let window = config.sliding_window;
-        let mut ctx = Self {
+        Ok(Self {
             cos,
             sin,
-            full_mask: None,
-            sliding_mask: None,
+            key_valid,
+            doc_start,
             past_len,
             seq_len,
             batch,
-            window,
-            structural: pad.is_none() && segments.is_none(),
-        };
-        let spec = MaskSpec {
-            past_len,
-            seq_len,
-            pad,
-            segments,
-            dtype,
-            device,
-        };
-        if types.contains(&LayerType::Full) {
-            ctx.full_mask = Some(build_mask(&spec, 0, None)?);
-        }
-        if types.contains(&LayerType::Sliding) {
-            let ks = ctx.key_start(LayerType::Sliding);
-            ctx.sliding_mask = Some(build_mask(&spec, ks, window)?);
-        }
-        Ok(ctx)
+            window: config.sliding_window,
+        })
     }
 
     /// First absolute key index a layer of this type attends to (and that its KV cache must start at).
@@ -188,86 +200,32 @@ impl AttnContext {
         }
     }
 
-    /// Additive mask `[B or 1, 1, T, Tk]` (0 = visible, −inf = hidden) for a layer type.
-    pub fn mask(&self, t: LayerType) -> Option<&Tensor> {
-        match t {
-            LayerType::Full => self.full_mask.as_ref(),
-            LayerType::Sliding => self.sliding_mask.as_ref(),
-        }
+    /// Which keys the queries of a layer of this type see: causal, the sliding window (sliding
+    /// layers), padding keys `[B, Tk]` and packed-document starts `[B, T]` (Tk counted from
+    /// [`AttnContext::key_start`]).
+    pub fn key_mask(&self, t: LayerType) -> candle_core::Result<KeyMask> {
+        let ks = self.key_start(t);
+        let key_valid = match &self.key_valid {
+            Some(v) => {
+                let tk = v.dim(1)? - ks;
+                Some(v.narrow(1, ks, tk)?.contiguous()?)
+            }
+            None => None,
+        };
+        Ok(KeyMask {
+            window: match t {
+                LayerType::Sliding => self.window,
+                LayerType::Full => None,
+            },
+            key_valid,
+            doc_start: self.doc_start.clone(),
+        })
     }
 
     /// The sliding window of the config.
     pub fn window(&self) -> Option<usize> {
         self.window
     }
-
-    /// Whether the masks hide exactly the causal (and, for sliding layers, window) keys: built
-    /// without an `attention_mask` and without packed sequences. Kernels may then derive the mask
-    /// from positions instead of reading it ([`gptoss_kernels::attention::sink_attention_structural`]).
-    pub fn mask_is_structural(&self) -> bool {
-        self.structural
-    }
-}
-
-/// What every mask of one context shares.
-struct MaskSpec<'a> {
-    past_len: usize,
-    seq_len: usize,
-    /// `[B, past_len + T]` f32, nonzero = token.
-    pad: Option<&'a Tensor>,
-    /// `[T]` f32 sequence index of each token of a packed row (`past_len` must be 0).
-    segments: Option<&'a Tensor>,
-    dtype: DType,
-    device: &'a Device,
-}
-
-/// key j visible to query i iff `j ≤ i`, `j > i − window` (sliding), `pad[b, j] ≠ 0` and, in a
-/// packed row, `segment[j] == segment[i]`. Returns `[B or 1, 1, T, Tk]` (0 visible, −inf hidden).
-fn build_mask(spec: &MaskSpec, key_start: usize, window: Option<usize>) -> Result<Tensor> {
-    let MaskSpec {
-        past_len,
-        seq_len,
-        pad,
-        segments,
-        dtype,
-        device,
-    } = *spec;
-    let total = past_len + seq_len;
-    let tk = total - key_start;
-    let q = Tensor::arange(past_len as u32, total as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((seq_len, 1))?;
-    let k = Tensor::arange(key_start as u32, total as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((1, tk))?;
-    let mut allowed = k.broadcast_le(&q)?; // [T, Tk] u8
-    if let Some(w) = window {
-        let inside = (k + w as f64)?.broadcast_gt(&q)?;
-        allowed = (allowed * inside)?;
-    }
-    if let Some(seg) = segments {
-        let same = seg
-            .narrow(0, key_start, tk)?
-            .reshape((1, tk))?
-            .broadcast_eq(&seg.reshape((seq_len, 1))?)?;
-        allowed = (allowed * same)?;
-    }
-    let allowed = allowed.reshape((1, 1, seq_len, tk))?;
-    let allowed = match pad {
-        Some(p) => {
-            let b = p.dim(0)?;
-            let keys = p
-                .narrow(1, key_start, tk)?
-                .ne(0f64)?
-                .reshape((b, 1, 1, tk))?;
-            allowed.broadcast_mul(&keys)?
-        }
-        None => allowed,
-    };
-    let shape = allowed.shape().clone();
-    let zeros = Tensor::zeros(&shape, dtype, device)?;
-    let neg = Tensor::full(f32::NEG_INFINITY, &shape, device)?.to_dtype(dtype)?;
-    Ok(allowed.where_cond(&zeros, &neg)?)
 }
 
 /// Keep `D::Minus2`-axis rows `[len − keep, len)` of a cache tensor `[B, h, S, d]` (all when `keep ≥ S`).

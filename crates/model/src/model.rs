@@ -226,6 +226,12 @@ impl GptOssForCausalLM {
         AttnContext::packed(&self.config, &self.rope, seq_lens, self.dtype, &self.device)
     }
 
+    /// The attention context of packed rows `[B, T]` (row `r` holds documents of lengths
+    /// `rows[r]`, every row summing to T). See [`AttnContext::packed_rows`].
+    pub fn packed_rows_attention_context(&self, rows: &[Vec<usize>]) -> Result<AttnContext> {
+        AttnContext::packed_rows(&self.config, &self.rope, rows, self.dtype, &self.device)
+    }
+
     /// Decoder layer `i`: `h` `[B, T, H]` → hidden and router logits (for gradient checkpointing).
     pub fn layer_forward(&self, i: usize, h: &Tensor, ctx: &AttnContext) -> Result<LayerOutput> {
         self.layer_forward_cached(i, h, ctx, None)

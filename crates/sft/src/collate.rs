@@ -132,47 +132,6 @@ impl Batch {
             device,
         )?)
     }
-
-    /// Sample index of every column of row `row` (`None` on padding).
-    fn segment_ids(&self, row: usize) -> Vec<Option<usize>> {
-        if self.packed {
-            let mut out = Vec::with_capacity(self.seq_len);
-            for (i, l) in self.seq_lens.iter().enumerate() {
-                out.extend(std::iter::repeat_n(Some(i), *l));
-            }
-            out
-        } else {
-            let len = self.seq_lens[row];
-            (0..self.seq_len)
-                .map(|c| (c < len).then_some(row))
-                .collect()
-        }
-    }
-
-    /// Additive attention bias `[rows, 1, seq_len, seq_len]` f32: 0 where query `i` may attend
-    /// key `j` (`j <= i`, same sample, key not padding), `-inf` elsewhere. A padding query row
-    /// attends only itself (0 on the diagonal) so softmax stays finite; its output is unused.
-    pub fn attention_bias(&self, device: &Device) -> Result<Tensor> {
-        let l = self.seq_len;
-        let mut data = vec![f32::NEG_INFINITY; self.rows * l * l];
-        for r in 0..self.rows {
-            let seg = self.segment_ids(r);
-            let base = r * l * l;
-            for i in 0..l {
-                for j in 0..=i {
-                    let ok = match (seg[i], seg[j]) {
-                        (Some(a), Some(b)) => a == b,
-                        (None, _) => i == j,
-                        _ => false,
-                    };
-                    if ok {
-                        data[base + i * l + j] = 0.0;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(data, (self.rows, 1, l, l), device)?)
-    }
 }
 
 fn check(examples: &[Example]) -> Result<()> {
@@ -253,6 +212,40 @@ pub fn pack(examples: &[Example]) -> Result<Batch> {
     Ok(b)
 }
 
+/// TRL's `packing=True` (`packing_strategy="bfd"`): groups examples of `lengths` (each ≤
+/// `max_length`) into bins of at most `max_length` tokens by best-fit decreasing. Examples are
+/// taken longest first (ties: lower index first), each into the open bin with the least room that
+/// still fits it (ties: the earlier bin), else a new bin. Deterministic; returns the bins (example
+/// indices in placement order) in creation order. Errors name an example longer than `max_length`.
+pub fn pack_bfd(lengths: &[usize], max_length: usize) -> Result<Vec<Vec<usize>>> {
+    if let Some(i) = lengths.iter().position(|&l| l > max_length || l == 0) {
+        return Err(SftError::Trainer(format!(
+            "packing: example {i} has {} tokens; expected 1..={max_length} (model.max_length)",
+            lengths[i]
+        )));
+    }
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    // (room left, bin index) of every bin
+    let mut room = std::collections::BTreeSet::new();
+    for i in order {
+        let len = lengths[i];
+        match room.range((len, 0)..).next().copied() {
+            Some((left, b)) => {
+                room.remove(&(left, b));
+                room.insert((left - len, b));
+                bins[b].push(i);
+            }
+            None => {
+                room.insert((max_length - len, bins.len()));
+                bins.push(vec![i]);
+            }
+        }
+    }
+    Ok(bins)
+}
+
 /// [`pack`] when `packing`, else [`pad`].
 pub fn collate(examples: &[Example], packing: bool) -> Result<Batch> {
     if packing {
@@ -297,17 +290,23 @@ mod tests {
     }
 
     #[test]
-    fn packed_bias_blocks_cross_sample_attention() {
-        let k = pack(&[ex(&[1, 2], &[1, 2]), ex(&[3, 4], &[3, 4])]).unwrap();
-        let bias = k.attention_bias(&Device::Cpu).unwrap();
-        let v: Vec<f32> = bias.flatten_all().unwrap().to_vec1().unwrap();
-        let allowed: Vec<bool> = v.iter().map(|x| *x == 0.0).collect();
-        #[rustfmt::skip]
-        let want = [true, false, false, false,
-                    true, true, false, false,
-                    false, false, true, false,
-                    false, false, true, true];
-        assert_eq!(allowed, want);
+    fn best_fit_decreasing_bins() {
+        // longest first: 7 → bin0 (room 3), 6 → bin1 (4), 4 → bin1 (0, the tighter fit than a
+        // new bin), 3 → bin0 (0), 2 → bin2 (8), 2 → bin2 (6); lengths ≤ 10
+        let bins = pack_bfd(&[2, 7, 3, 6, 2, 4], 10).unwrap();
+        assert_eq!(bins, vec![vec![1, 2], vec![3, 5], vec![0, 4]]);
+        for b in &bins {
+            assert!(b.iter().map(|&i| [2, 7, 3, 6, 2, 4][i]).sum::<usize>() <= 10);
+        }
+        // best fit, not first fit: after 7 → bin0 (room 3), 4, 4 → bin1 (room 2), the 1 goes to
+        // bin1 (first fit would put it in bin0)
+        assert_eq!(
+            pack_bfd(&[1, 4, 7, 4], 10).unwrap(),
+            vec![vec![2], vec![1, 3, 0]]
+        );
+        // [[1, 2, 3], [4, 5, 6, 7], [8]] at max_length 4 packs to [[4, 5, 6, 7], [1, 2, 3, 8]]
+        assert_eq!(pack_bfd(&[3, 4, 1], 4).unwrap(), vec![vec![1], vec![0, 2]]);
+        assert!(pack_bfd(&[3, 11], 10).is_err());
     }
 
     #[test]

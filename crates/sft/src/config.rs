@@ -12,7 +12,10 @@
 //! eval:      { eval_split: 0.05, eval_strategy: steps, eval_steps: 50 }
 //! ```
 //! Optional extra sections `data` and `lora`, and extra keys in each section, cover the other
-//! options (see [`YamlConfig`]). Unknown keys and wrong types are errors naming the key.
+//! options (see [`YamlConfig`]); e.g. `data: { packing: true }` packs rows TRL-style (best-fit
+//! decreasing into rows of `max_length`, no attention across documents, positions restarting per
+//! document) and `data: { padding_free: true }` packs each micro-batch into one row without
+//! regrouping. `model.max_length` may not exceed the model's `max_position_embeddings`. Unknown keys and wrong types are errors naming the key.
 //! Precedence: defaults < YAML (`--config`) < explicit CLI flags.
 
 use std::path::{Path, PathBuf};
@@ -118,8 +121,15 @@ pub struct TrainingConfig {
     pub loss_mask: LossMaskMode,
     /// The date printed by the chat template, `YYYY-MM-DD`; `None` = harmony's fixed default.
     pub template_date: Option<String>,
-    /// Padding-free packing of each micro-batch into one row (default false).
+    /// Padding-free packing of each micro-batch into one row (TRL `padding_free`, default false):
+    /// positions restart per example, no attention across examples, no pad tokens.
     pub padding_free: bool,
+    /// TRL `packing=True` (`packing_strategy="bfd"`, default false): the training rows are grouped
+    /// once by best-fit decreasing into bins of at most `max_length` tokens
+    /// ([`crate::collate::pack_bfd`]); a bin is what the sampler shuffles and what
+    /// `per_device_train_batch_size` counts, and micro-batches are collated padding-free (implies
+    /// `padding_free`). YAML `data.packing`, flag `--packing`.
+    pub packing: bool,
     /// Shuffle rows each epoch with `seed` (default true, like the HF Trainer's sampler).
     pub shuffle: bool,
     // ---- lora
@@ -222,6 +232,7 @@ impl Default for TrainingConfig {
             loss_mask: LossMaskMode::All,
             template_date: None,
             padding_free: false,
+            packing: false,
             shuffle: true,
             peft: PeftMode::Lora,
             lora_r: 8,
@@ -289,6 +300,21 @@ impl TrainingConfig {
     pub fn apply_yaml_str(&mut self, text: &str) -> Result<()> {
         let y: YamlConfig = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(&e))?;
         y.apply(self)
+    }
+
+    /// Checks `model.max_length` against the model's context (`max_position_embeddings`, 131,072
+    /// for gpt-oss): longer rows would use RoPE positions the model was never trained for.
+    pub fn check_context(&self, max_position_embeddings: usize) -> Result<()> {
+        if self.max_length > max_position_embeddings {
+            return Err(SftError::config(
+                "model.max_length",
+                format!(
+                    "{} exceeds the model's context: max_position_embeddings is {max_position_embeddings}",
+                    self.max_length
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks ranges and combinations; errors name the offending key.
@@ -640,6 +666,8 @@ pub struct DataSection {
     pub template_date: Option<String>,
     /// Padding-free packing.
     pub padding_free: Option<bool>,
+    /// Best-fit-decreasing packing into rows of `max_length`.
+    pub packing: Option<bool>,
     /// Shuffle each epoch.
     pub shuffle: Option<bool>,
 }
@@ -881,6 +909,7 @@ impl DataSection {
         set(&mut cfg.loss_mask, self.loss_mask);
         set_opt(&mut cfg.template_date, self.template_date);
         set(&mut cfg.padding_free, self.padding_free);
+        set(&mut cfg.packing, self.packing);
         set(&mut cfg.shuffle, self.shuffle);
     }
 }
@@ -1008,6 +1037,10 @@ pub struct TrainingArgs {
     /// Padding-free packing. [default: false]
     #[arg(long)]
     pub padding_free: Option<bool>,
+    /// TRL packing=True: best-fit-decreasing bins of max_length tokens, collated padding-free.
+    /// [default: false]
+    #[arg(long)]
+    pub packing: Option<bool>,
     /// Shuffle rows each epoch. [default: true]
     #[arg(long)]
     pub shuffle: Option<bool>,
@@ -1157,6 +1190,7 @@ impl TrainingArgs {
         set(&mut cfg.loss_mask, a.loss_mask);
         set_opt(&mut cfg.template_date, a.template_date);
         set(&mut cfg.padding_free, a.padding_free);
+        set(&mut cfg.packing, a.packing);
         set(&mut cfg.shuffle, a.shuffle);
         set(&mut cfg.peft, a.peft);
         set(&mut cfg.lora_r, a.lora_r);

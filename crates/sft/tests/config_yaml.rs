@@ -149,3 +149,22 @@ fn cli_overrides_yaml_overrides_defaults() {
         .iter()
         .any(|(k, v)| k == "lr_scheduler_kwargs" && v == "{'min_lr_rate': 0.1}"));
 }
+
+#[test]
+fn max_length_past_the_model_context_names_the_field_and_limit() {
+    let mut c = TrainingConfig::default();
+    c.apply_yaml_str("model:\n  max_length: 131073\n").unwrap();
+    match c.check_context(131_072) {
+        Err(SftError::Config { key, message }) => {
+            assert_eq!(key, "model.max_length");
+            assert!(
+                message.contains("131073") && message.contains("131072"),
+                "{message}"
+            );
+            assert!(message.contains("max_position_embeddings"), "{message}");
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    c.max_length = 131_072;
+    assert!(c.check_context(131_072).is_ok());
+}

@@ -169,7 +169,7 @@ impl InplaceOp2 for AdamWOp {
         let gv = gs.slice(g0..g1);
         let n64 = n as u64;
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+            grid_dim: (crate::runtime::grid::grid_stride_blocks(n, 256, 4096), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -17,6 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
 use super::sink_softmax::{sink_softmax, sink_softmax_grad};
+use super::visibility::KeyMask;
 
 /// Upper bound on `heads · rows · keys` of one chunk's score tensor (2^26 elements: 128 MiB in bf16).
 pub const CHUNK_ELEMS: usize = 1 << 26;
@@ -24,9 +25,10 @@ pub const CHUNK_ELEMS: usize = 1 << 26;
 /// What a call needs besides q, k, v.
 #[derive(Clone)]
 struct Plan {
-    mask: Option<Tensor>,
+    mask: Option<KeyMask>,
     sinks: Tensor,
     scale: f64,
+    /// The mask's sliding window (`None` without a mask).
     window: Option<usize>,
     /// Bound on `heads · rows · keys` per chunk.
     budget: usize,
@@ -36,10 +38,9 @@ struct Plan {
 ///
 /// * `q` `[B, nh, T, d]`, `k`, `v` `[B, nkv, Tk, d]` (run dtype; `nh` a multiple of `nkv`, query
 ///   head `h` uses key/value head `h / (nh / nkv)`); query `i` sits at key index `Tk − T + i`.
-/// * `mask`: additive `[B or 1, 1, T, Tk]` (0 / −inf, q's dtype). When given it must be causal
-///   (query `i` sees no key after `Tk − T + i`) and, with `window = Some(w)`, hide keys at or before
-///   `Tk − T + i − w`: chunks skip the keys the mask hides for all of their rows. `None`: every key
-///   is visible (and `window` is ignored).
+/// * `mask`: which keys each query sees ([`KeyMask`]: causal, sliding window, padding, packed
+///   documents), computed from indices; chunks skip the keys the causal / window rules hide for all
+///   of their rows. `None`: every key is visible.
 /// * `sinks` `[nh]`, `scale` (`1/√d`).
 ///
 /// Returns `[B, nh, T, d]` (q's dtype), differentiable in `q`, `k` and `v`.
@@ -47,45 +48,25 @@ pub fn sink_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    mask: Option<&KeyMask>,
     sinks: &Tensor,
     scale: f64,
-    window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, false)?.head_major()
+    with_budget(q, k, v, mask, sinks, scale, CHUNK_ELEMS)?.head_major()
 }
 
-/// [`sink_attention`] for a `mask` that hides exactly the causal keys (query `i` sees keys up to
-/// `Tk − T + i`) and, with `window = Some(w)`, the keys at or before `Tk − T + i − w` — no padding,
-/// no packed-sequence boundaries (`gptoss_model::AttnContext::mask_is_structural`). The CUDA kernel then
-/// derives the mask from the positions instead of reading it; the results are the same.
-pub fn sink_attention_structural(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    sinks: &Tensor,
-    scale: f64,
-    window: Option<usize>,
-) -> candle_core::Result<Tensor> {
-    with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, true)?.head_major()
-}
-
-/// [`sink_attention`] (`structural = false`) or [`sink_attention_structural`] (`true`) returning
-/// `[B, T, nh, d]`, the layout the output projection reads. The CUDA kernel writes that layout, so
-/// no transpose enters the autograd graph (each transpose's gradient would be materialized).
-#[allow(clippy::too_many_arguments)]
+/// [`sink_attention`] returning `[B, T, nh, d]`, the layout the output projection reads. The CUDA
+/// kernel writes that layout, so no transpose enters the autograd graph (each transpose's gradient
+/// would be materialized).
 pub fn sink_attention_token_major(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    mask: Option<&KeyMask>,
     sinks: &Tensor,
     scale: f64,
-    window: Option<usize>,
-    structural: bool,
 ) -> candle_core::Result<Tensor> {
-    match with_budget(q, k, v, mask, sinks, scale, window, CHUNK_ELEMS, structural)? {
+    match with_budget(q, k, v, mask, sinks, scale, CHUNK_ELEMS)? {
         CoreOut::TokenMajor(t) => Ok(t),
         CoreOut::HeadMajor(t) => t.transpose(1, 2),
     }
@@ -111,36 +92,33 @@ impl CoreOut {
 }
 
 /// [`sink_attention`] with a chosen chunk bound (tests use small ones).
-#[allow(clippy::too_many_arguments)]
 fn with_budget(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    mask: Option<&KeyMask>,
     sinks: &Tensor,
     scale: f64,
-    window: Option<usize>,
     budget: usize,
-    structural: bool,
 ) -> candle_core::Result<CoreOut> {
+    if let Some(m) = mask {
+        m.check(q.dim(0)?, k.dim(2)?)?;
+    }
     let plan = Plan {
         mask: mask.cloned(),
         sinks: sinks.clone(),
         scale,
-        window: mask.and(window),
+        window: mask.and_then(|m| m.window),
         budget,
     };
     let track = q.track_op() || k.track_op() || v.track_op();
-    #[cfg(not(feature = "cuda"))]
-    let _ = structural;
     #[cfg(feature = "cuda")]
     if crate::fast_path::FastPath::FlashForward.on_for(q)
         && super::flash::supports(q, k, v, plan.mask.as_ref())
     {
         // One kernel, run inside the autograd node; it writes `[B, T, nh, d]` (what the output
         // projection reads).
-        let fwd =
-            super::flash::FlashFwd::new(plan.mask.as_ref(), structural, sinks, scale, plan.window)?;
+        let fwd = super::flash::FlashFwd::new(plan.mask.as_ref(), sinks, scale)?;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let out = if track {
             q.apply_op3(
@@ -287,11 +265,13 @@ impl Plan {
             .matmul(&kc.t()?.contiguous()?)?
             .reshape((dm.b, dm.nh, c.rows, c.kw))?;
         let mc = match &self.mask {
-            Some(m) => Some(
-                m.narrow(2, c.r0, c.rows)?
-                    .narrow(3, c.k0, c.kw)?
-                    .contiguous()?,
-            ),
+            Some(m) => Some(m.additive(
+                (c.r0, c.rows),
+                (c.k0, c.kw),
+                (dm.t, dm.tk),
+                s.dtype(),
+                s.device(),
+            )?),
             None => None,
         };
         let p = sink_softmax(&s, mc.as_ref(), &self.sinks, self.scale)?;
@@ -503,23 +483,61 @@ mod tests {
             .reshape((b, nh, t, d))
     }
 
-    /// Causal (+ sliding) mask `[B, 1, T, Tk]` with padding of key 0 in batch row 1.
-    fn mask(b: usize, t: usize, tk: usize, w: Option<usize>) -> candle_core::Result<Tensor> {
+    /// A [`KeyMask`] and, built element by element from the same rules, its dense additive mask
+    /// `[B or 1, 1, T, Tk]`: causal (+ sliding `w`), with `padded` key 0 of batch row 1 hidden, with
+    /// `docs` documents starting at keys `tk / 3` and `2·tk / 3` (row 0) and `tk / 2` (row 1).
+    fn rules(
+        b: usize,
+        t: usize,
+        tk: usize,
+        w: Option<usize>,
+        padded: bool,
+        docs: bool,
+    ) -> candle_core::Result<(KeyMask, Tensor)> {
         let off = tk - t;
-        let mut m = vec![0f32; b * t * tk];
-        for bi in 0..b {
+        let valid: Vec<u8> = (0..b * tk)
+            .map(|x| u8::from(!(padded && x / tk == 1 && x % tk == 0)))
+            .collect();
+        let start = |bi: usize, j: usize| -> usize {
+            let cuts: &[usize] = if bi == 0 {
+                &[tk / 3, 2 * tk / 3]
+            } else {
+                &[tk / 2]
+            };
+            cuts.iter().copied().filter(|&c| c <= j).max().unwrap_or(0)
+        };
+        let ds: Vec<u32> = (0..b * tk).map(|x| start(x / tk, x % tk) as u32).collect();
+        let mb = if padded || docs { b } else { 1 };
+        let mut m = vec![0f32; mb * t * tk];
+        for bi in 0..mb {
             for i in 0..t {
+                let p = off + i;
                 for j in 0..tk {
-                    let hidden = j > off + i
-                        || w.is_some_and(|w| j + w <= off + i)
-                        || (bi == 1 && j == 0 && off + i > 0);
+                    let hidden = j > p
+                        || w.is_some_and(|w| j + w <= p)
+                        || (padded && valid[bi * tk + j] == 0)
+                        || (docs && j < start(bi, p));
                     if hidden {
                         m[(bi * t + i) * tk + j] = f32::NEG_INFINITY;
                     }
                 }
             }
         }
-        Tensor::from_vec(m, (b, 1, t, tk), &Device::Cpu)
+        let dev = Device::Cpu;
+        let km = KeyMask {
+            window: w,
+            key_valid: if padded {
+                Some(Tensor::from_vec(valid, (b, tk), &dev)?)
+            } else {
+                None
+            },
+            doc_start: if docs {
+                Some(Tensor::from_vec(ds, (b, tk), &dev)?)
+            } else {
+                None
+            },
+        };
+        Ok((km, Tensor::from_vec(m, (mb, 1, t, tk), &dev)?))
     }
 
     /// The flash forward kernel (bf16) against the f32 reference on the same bf16-rounded inputs,
@@ -530,19 +548,21 @@ mod tests {
         let gpu = Device::new_cuda(0)?;
         let cpu = Device::Cpu;
         let (b, nh, nkv, d) = (2, 64, 8, 64);
-        // (t, tk, window, masked, structural): structural masks have no padding row
+        // (t, tk, window, masked, padded, docs)
         let cases = [
-            (1100, 1100, None, true, false),
-            (1100, 1100, Some(128), true, false),
-            (1100, 1100, None, true, true),
-            (1100, 1100, Some(128), true, true),
-            (70, 70, None, true, false),
-            (5, 300, Some(128), true, false),
-            (5, 300, Some(128), true, true),
-            (1, 37, None, true, true),
-            (130, 130, None, false, false),
+            (1100, 1100, None, true, true, false),
+            (1100, 1100, Some(128), true, true, false),
+            (1100, 1100, None, true, false, false),
+            (1100, 1100, Some(128), true, false, false),
+            (1100, 1100, None, true, false, true),
+            (1100, 1100, Some(128), true, true, true),
+            (70, 70, None, true, true, false),
+            (5, 300, Some(128), true, true, false),
+            (5, 300, Some(128), true, false, false),
+            (1, 37, None, true, false, false),
+            (130, 130, None, false, false, false),
         ];
-        for (t, tk, w, masked, structural) in cases {
+        for (t, tk, w, masked, padded, docs) in cases {
             let bf = |dims: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
                 Tensor::randn(0f32, 1.0, dims, &cpu)?
                     .to_dtype(DType::BF16)?
@@ -554,16 +574,26 @@ mod tests {
                 bf((b, nkv, tk, d))?,
             );
             let sinks = Tensor::randn(0f32, 1.0, nh, &cpu)?;
-            let m = if structural {
-                mask(1, t, tk, w)?
-            } else if masked {
-                mask(b, t, tk, w)?
+            let (km, m) = if masked {
+                rules(b, t, tk, w, padded, docs)?
             } else {
-                Tensor::zeros((1, 1, t, tk), DType::F32, &cpu)?
+                (
+                    KeyMask::causal(None),
+                    Tensor::zeros((1, 1, t, tk), DType::F32, &cpu)?,
+                )
             };
             let want = reference(&q, &k, &v, &m, &sinks, 0.125)?;
             let g = |x: &Tensor| x.to_dtype(DType::BF16)?.to_device(&gpu);
-            let mg = if masked { Some(g(&m)?) } else { None };
+            let on_gpu = |x: &Option<Tensor>| x.as_ref().map(|x| x.to_device(&gpu)).transpose();
+            let mg = if masked {
+                Some(KeyMask {
+                    window: km.window,
+                    key_valid: on_gpu(&km.key_valid)?,
+                    doc_start: on_gpu(&km.doc_start)?,
+                })
+            } else {
+                None
+            };
             let (qg, kg, vg) = (g(&q)?, g(&k)?, g(&v)?);
             assert!(super::super::flash::supports(&qg, &kg, &vg, mg.as_ref()));
             let (qv, kv, vv) = (
@@ -572,25 +602,19 @@ mod tests {
                 Var::from_tensor(&vg)?,
             );
             let sg = sinks.to_device(&gpu)?;
-            let core = if structural {
-                sink_attention_structural
-            } else {
-                sink_attention
-            };
-            let out = core(
+            let out = sink_attention(
                 qv.as_tensor(),
                 kv.as_tensor(),
                 vv.as_tensor(),
                 mg.as_ref(),
                 &sg,
                 0.125,
-                w,
             )?;
             let got = out.to_device(&cpu)?;
             let diff = max_diff(&got, &want);
             assert!(
                 diff < 1.5e-2,
-                "t {t} tk {tk} window {w:?} masked {masked}: differs by {diff}"
+                "t {t} tk {tk} window {w:?} masked {masked} padded {padded} docs {docs}: differs by {diff}"
             );
             // gradients: flash forward output layout through the chunked backward
             let go = Tensor::randn(0f32, 1.0, (b, nh, t, d), &cpu)?;
@@ -618,7 +642,7 @@ mod tests {
                 let dd = max_diff(&a.to_device(&cpu)?, r);
                 assert!(
                     dd < 3e-2,
-                    "t {t} tk {tk} window {w:?}: d{name} differs by {dd}"
+                    "t {t} tk {tk} window {w:?} padded {padded} docs {docs}: d{name} differs by {dd}"
                 );
             }
         }
@@ -630,19 +654,36 @@ mod tests {
     }
 
     fn check(t: usize, tk: usize, w: Option<usize>, budget: usize) -> candle_core::Result<()> {
+        for (padded, docs) in [(true, false), (false, true), (true, true)] {
+            check_with(t, tk, w, budget, padded, docs)?;
+        }
+        Ok(())
+    }
+
+    fn check_with(
+        t: usize,
+        tk: usize,
+        w: Option<usize>,
+        budget: usize,
+        padded: bool,
+        docs: bool,
+    ) -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let (b, nh, nkv, d) = (2, 4, 2, 8);
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nh, t, d), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, tk, d), &dev)?)?;
         let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, tk, d), &dev)?)?;
         let sinks = Tensor::randn(0f32, 1.0, nh, &dev)?;
-        let m = mask(b, t, tk, w)?;
+        let (km, m) = rules(b, t, tk, w, padded, docs)?;
         let scale = 1.0 / (d as f64).sqrt();
         let g = Tensor::randn(0f32, 1.0, (b, nh, t, d), &dev)?;
-        let a = with_budget(&q, &k, &v, Some(&m), &sinks, scale, w, budget, false)?.head_major()?;
+        let a = with_budget(&q, &k, &v, Some(&km), &sinks, scale, budget)?.head_major()?;
         let r = reference(&q, &k, &v, &m, &sinks, scale)?;
         let d0 = max_diff(&a, &r);
-        assert!(d0 < 1e-5, "t {t} tk {tk} w {w:?}: forward differs by {d0}");
+        assert!(
+            d0 < 1e-5,
+            "t {t} tk {tk} w {w:?} padded {padded} docs {docs}: forward differs by {d0}"
+        );
         let ga = (&a * &g)?.sum_all()?.backward()?;
         let gr = (&r * &g)?.sum_all()?.backward()?;
         for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
@@ -672,10 +713,7 @@ mod tests {
     #[test]
     fn chunks_cover_rows_and_visible_keys() {
         let plan = Plan {
-            mask: Some(
-                Tensor::zeros((1, 1, 1, 1), DType::F32, &Device::Cpu)
-                    .unwrap_or_else(|_| unreachable!("zeros on the CPU")),
-            ),
+            mask: Some(KeyMask::causal(Some(128))),
             sinks: Tensor::zeros(1, DType::F32, &Device::Cpu)
                 .unwrap_or_else(|_| unreachable!("zeros on the CPU")),
             scale: 1.0,

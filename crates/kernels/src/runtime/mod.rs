@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod fast_path;
+pub mod grid;
 pub mod memory;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;

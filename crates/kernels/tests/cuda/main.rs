@@ -5,6 +5,7 @@
 #![cfg(feature = "cuda")]
 
 mod attention;
+mod long_context;
 mod lora;
 mod moe;
 mod norm_rope;

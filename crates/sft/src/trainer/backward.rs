@@ -43,6 +43,11 @@ pub trait LayeredCausalLm {
     /// Number of base-model parameters except the input embedding (HF's
     /// `num_parameters(exclude_embeddings=True)` before LoRA is added; for `total_flos`).
     fn num_parameters_excluding_embeddings(&self) -> u64;
+    /// The longest sequence the model's positions cover (`max_position_embeddings`); `None`
+    /// (the default): unbounded.
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One micro-batch, already on the model's device.

@@ -24,6 +24,10 @@ impl LayeredCausalLm for GptOssForCausalLM {
         gptoss_model::num_parameters(c) - (c.vocab_size * c.hidden_size) as u64
     }
 
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config().max_position_embeddings)
+    }
+
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         GptOssForCausalLM::embed(self, input_ids).map_err(wrap)
     }

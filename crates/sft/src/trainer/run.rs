@@ -20,7 +20,7 @@ use super::backward::{forward_backward, BackwardOptions, LayeredCausalLm};
 use super::batch::micro_batch;
 use super::driver::{accumulate, LogPoint, Objective, StepLoss, TrainLoop};
 use super::evaluate::eval_loss;
-use crate::collate::{pad, Example};
+use crate::collate::{pack, pack_bfd, pad, Example};
 use crate::config::TrainingConfig;
 use crate::error::{Result, SftError};
 use crate::logging::{EvalRecord, LogEntry, LogRecord, TrainSummary};
@@ -116,6 +116,9 @@ pub struct Trainer<'a, M: LayeredCausalLm> {
     adapters: &'a dyn TrainableAdapters,
     config: TrainingConfig,
     rows: Vec<Example>,
+    /// What the sampler orders: one row each, or (with `packing`) the best-fit-decreasing bins
+    /// of rows.
+    units: Vec<Vec<usize>>,
     options: TrainerOptions,
     device: Device,
     extra_files: Option<ExtraFiles<'a>>,
@@ -144,11 +147,21 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
                 "must be at least 1",
             ));
         }
+        if let Some(limit) = model.max_positions() {
+            config.check_context(limit)?;
+        }
+        let units = if config.packing {
+            let lens: Vec<usize> = rows.iter().map(|r| r.input_ids.len()).collect();
+            pack_bfd(&lens, config.max_length)?
+        } else {
+            (0..rows.len()).map(|i| vec![i]).collect()
+        };
         Ok(Self {
             model,
             adapters,
             config,
             rows,
+            units,
             options: TrainerOptions::default(),
             device,
             extra_files: None,
@@ -227,14 +240,14 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
 
     /// Micro-batches per epoch.
     pub fn micro_batches_per_epoch(&self) -> usize {
-        self.rows
+        self.units
             .len()
             .div_ceil(self.config.per_device_train_batch_size)
     }
 
     /// Optimizer steps of the whole run (`max_steps`, else `ceil(epochs · updates/epoch)`).
     pub fn total_steps(&self) -> u64 {
-        self.config.total_steps(self.rows.len())
+        self.config.total_steps(self.units.len())
     }
 
     /// The shared loop over this trainer's objective.
@@ -268,7 +281,7 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
     type Window = LogWindow;
 
     fn num_rows(&self) -> usize {
-        self.rows.len()
+        self.units.len()
     }
 
     fn new_window(&self) -> LogWindow {
@@ -289,8 +302,17 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
         let batches = mbs
             .iter()
             .map(|idx| {
-                let rows: Vec<Example> = idx.iter().map(|&i| self.rows[i].clone()).collect();
-                micro_batch(&pad(&rows)?, self.options.pad_token_id, &self.device)
+                let rows: Vec<Example> = idx
+                    .iter()
+                    .flat_map(|&u| &self.units[u])
+                    .map(|&i| self.rows[i].clone())
+                    .collect();
+                let batch = if cfg.packing || cfg.padding_free {
+                    pack(&rows)?
+                } else {
+                    pad(&rows)?
+                };
+                micro_batch(&batch, self.options.pad_token_id, &self.device)
             })
             .collect::<Result<Vec<_>>>()?;
         let num_items: usize = batches.iter().map(|b| b.targets.len()).sum();

@@ -8,10 +8,10 @@
 //! running row maximum and sum in base 2 (`exp2f` of `x·log₂e`; the sink enters as the initial
 //! maximum with weight 1), rounds the probabilities to bf16 and accumulates `P·V` with the same
 //! MMA; it also keeps each row's log-sum-exp for the backward. The key tiles are limited to the
-//! rows' causal / sliding-window range exactly as [`crate::attention::sink_attention`] documents for its mask.
-//! The mask is read from its tensor, or — for a structural mask
-//! ([`crate::attention::sink_attention_structural`]) — computed from the positions, with no per-element test
-//! for tiles every row sees completely.
+//! rows' causal / sliding-window range (and, with packed documents, start at the document of the
+//! block's first row). Visibility is computed from indices ([`crate::attention::KeyMask`]: causal,
+//! window, per-key validity `[B, Tk]`, per-key document start `[B, Tk]`), with no per-element test
+//! for tiles every row of a warp sees completely; no `[T, Tk]` mask exists.
 //!
 //! Backward ([`backward`]): `D = Σ dO·O` per row, then one block per 64 keys and query head
 //! recomputes `Pᵀ` from the saved log-sum-exp for the query tiles that see those keys and
@@ -31,6 +31,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
 
+use super::KeyMask;
 use crate::nvrtc::{contiguous_range, Kernels};
 use crate::storage::cuda_of;
 
@@ -38,13 +39,11 @@ mod src;
 
 pub(crate) static KERNELS: Kernels = Kernels::new("gptoss_flash", src::SRC);
 
-/// Whether the kernels handle these inputs: CUDA, bf16, head dim 64, `nh` a multiple of `nkv`, a
-/// mask (if any) of `[B or 1, 1, T, Tk]`, start offsets of whole 16-byte chunks (the kernel
-/// copies 16-byte chunks; the mask is read as bf16 pairs).
-pub(crate) fn supports(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> bool {
+/// Whether the kernels handle these inputs: CUDA, bf16, head dim 64, `nh` a multiple of `nkv`,
+/// the mask's per-key arrays (if any) of `[B, Tk]`, start offsets of whole 16-byte chunks (the
+/// kernel copies 16-byte chunks).
+pub(crate) fn supports(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&KeyMask>) -> bool {
     let (qd, kd) = (q.dims(), k.dims());
-    // bf16 pairs for the mask, 16-byte chunks (cp.async) for q, k, v
-    let even = |x: &Tensor| x.layout().start_offset() % 2 == 0;
     let aligned = |x: &Tensor| x.layout().start_offset() % 8 == 0;
     let shapes = qd.len() == 4
         && kd.len() == 4
@@ -55,18 +54,7 @@ pub(crate) fn supports(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>
         && kd[1] > 0
         && qd[1] % kd[1] == 0
         && kd[2] >= qd[2];
-    let mask_ok = match mask {
-        None => true,
-        Some(m) => {
-            let md = m.dims();
-            md.len() == 4
-                && (md[0] == 1 || md[0] == qd[0])
-                && md[1] == 1
-                && md[2] == qd[2]
-                && md[3] == kd[2]
-                && even(m)
-        }
-    };
+    let mask_ok = mask.is_none_or(|m| m.check(qd[0], kd[2]).is_ok());
     shapes
         && mask_ok
         && q.device().is_cuda()
@@ -80,8 +68,12 @@ pub(crate) fn supports(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>
 /// contiguous: the layout the output projection reads). Not differentiable by itself: the attention
 /// core's autograd node runs it as its forward and [`backward`] as its backward.
 pub(crate) struct FlashFwd {
-    mask: Option<Tensor>,
-    structural: bool,
+    /// `[B, Tk]` u8 key validity (contiguous), if any.
+    valid: Option<Tensor>,
+    /// `[B, Tk]` u32 document start of every key (contiguous), if any.
+    doc_start: Option<Tensor>,
+    /// Causal / window rules apply (else every key is visible).
+    masked: bool,
     sinks: Tensor,
     scale: f32,
     window: usize,
@@ -122,6 +114,16 @@ fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> candle_core::Result<C
     Ok(s.as_cuda_slice::<bf16>()?.slice(a..b))
 }
 
+/// The view of a contiguous operand of element type `T`.
+fn slice_of<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let (a, b) = contiguous_range(l, what)?;
+    Ok(cuda_of(s, what)?.as_cuda_slice::<T>()?.slice(a..b))
+}
+
 /// The q, k, v storages of a custom op call: their dims, the device and the bf16 views.
 type Views<'a> = (CudaView<'a, bf16>, CudaView<'a, bf16>, CudaView<'a, bf16>);
 
@@ -139,51 +141,48 @@ fn inputs<'a>(
 }
 
 impl FlashFwd {
-    /// With the additive `mask` `[B or 1, 1, T, Tk]` (causal / sliding as [`crate::attention::sink_attention`]
-    /// requires; `None`: every key visible, `window` ignored), `sinks` `[nh]`, `scale`, `window`.
-    /// `structural`: the mask hides exactly the causal / window keys
-    /// ([`crate::attention::sink_attention_structural`]), so the kernels compute it instead of reading it.
+    /// With `mask` (`None`: every key visible), `sinks` `[nh]`, `scale`.
     pub(crate) fn new(
-        mask: Option<&Tensor>,
-        structural: bool,
+        mask: Option<&KeyMask>,
         sinks: &Tensor,
         scale: f64,
-        window: Option<usize>,
     ) -> candle_core::Result<Self> {
-        let structural = structural && mask.is_some();
+        let arr = |x: Option<&Tensor>, dt: DType| -> candle_core::Result<Option<Tensor>> {
+            x.map(|x| x.to_dtype(dt)?.contiguous()).transpose()
+        };
         Ok(Self {
-            mask: match (mask, structural) {
-                (Some(m), false) => Some(m.to_dtype(DType::BF16)?.contiguous()?),
-                _ => None,
-            },
-            structural,
+            valid: arr(mask.and_then(|m| m.key_valid.as_ref()), DType::U8)?,
+            doc_start: arr(mask.and_then(|m| m.doc_start.as_ref()), DType::U32)?,
+            masked: mask.is_some(),
             sinks: sinks.to_dtype(DType::F32)?.contiguous()?,
             scale: scale as f32,
             // without a mask the kernels ignore the window (every key is visible)
-            window: window.unwrap_or(0),
+            window: mask.and_then(|m| m.window).unwrap_or(0),
             lse: Mutex::new(None),
         })
     }
 
-    /// Calls `f` with the mask view (or `None`), its batch extent `mb` and the kernels' mask mode
-    /// (0 all visible, 1 read, 2 structural).
+    /// Calls `f` with the views of the key-validity and document-start arrays (or `None`) and the
+    /// kernels' mask mode (0 all visible, 2 causal / window from indices, plus the arrays).
     fn with_mask<R>(
         &self,
-        f: impl FnOnce(Option<CudaView<'_, bf16>>, i32, i32) -> candle_core::Result<R>,
+        f: impl FnOnce(
+            Option<CudaView<'_, u8>>,
+            Option<CudaView<'_, u32>>,
+            i32,
+        ) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
-        let guard = self.mask.as_ref().map(|m| m.storage_and_layout());
-        match &guard {
-            Some((ms, ml)) => {
-                let mb = ml.shape().dims().first().copied().unwrap_or(1) as i32;
-                let v = view(
-                    cuda_of(ms, "flash attention: mask")?,
-                    ml,
-                    "flash attention: mask",
-                )?;
-                f(Some(v), mb, 1)
-            }
-            None => f(None, 1, if self.structural { 2 } else { 0 }),
-        }
+        let vg = self.valid.as_ref().map(|m| m.storage_and_layout());
+        let dg = self.doc_start.as_ref().map(|m| m.storage_and_layout());
+        let vv = match &vg {
+            Some((s, l)) => Some(slice_of::<u8>(s, l, "flash attention: key_valid")?),
+            None => None,
+        };
+        let dv = match &dg {
+            Some((s, l)) => Some(slice_of::<u32>(s, l, "flash attention: doc_start")?),
+            None => None,
+        };
+        f(vv, dv, if self.masked { 2 } else { 0 })
     }
 
     /// The log-sum-exp slot.
@@ -231,7 +230,7 @@ impl CustomOp3 for FlashFwd {
         let mut out = unsafe { dev.alloc::<bf16>(rows * 64)? };
         let mut lse = unsafe { dev.alloc::<f32>(rows.max(1))? };
         if rows > 0 {
-            self.with_mask(|mview, mb, mode| {
+            self.with_mask(|valid, dstart, mode| {
                 let f = KERNELS.func(&dev, "flash_fwd_bf16")?;
                 let stream = dev.cuda_stream();
                 let mut a = stream.launch_builder(&f);
@@ -239,12 +238,16 @@ impl CustomOp3 for FlashFwd {
                 let [ti, tki, nhi, nkvi] = dm.ints();
                 let wi = self.window as i32;
                 a.arg(&qv).arg(&kv).arg(&vv);
-                match &mview {
+                match &valid {
+                    Some(m) => a.arg(m),
+                    None => a.arg(&null),
+                };
+                match &dstart {
                     Some(m) => a.arg(m),
                     None => a.arg(&null),
                 };
                 a.arg(&sv).arg(&mut out).arg(&mut lse);
-                a.arg(&ti).arg(&tki).arg(&nhi).arg(&nkvi).arg(&mb);
+                a.arg(&ti).arg(&tki).arg(&nhi).arg(&nkvi);
                 a.arg(&self.scale).arg(&wi).arg(&mode);
                 let cfg = LaunchConfig {
                     grid_dim: (dm.t.div_ceil(64) as u32, dm.nh as u32, dm.b as u32),
@@ -252,8 +255,8 @@ impl CustomOp3 for FlashFwd {
                     shared_mem_bytes: 0,
                 };
                 // SAFETY: shapes checked by `supports` and the layouts above; the kernel stays
-                // within q `[b, nh, t, 64]`, out `[b, t, nh, 64]`, k/v `[b, nkv, tk, 64]`, mask
-                // `[mb, 1, t, tk]`, sinks `[nh]`, lse `[b, nh, t]`.
+                // within q `[b, nh, t, 64]`, out `[b, t, nh, 64]`, k/v `[b, nkv, tk, 64]`,
+                // key_valid / doc_start `[b, tk]`, sinks `[nh]`, lse `[b, nh, t]`.
                 unsafe { a.launch(cfg) }.w()?;
                 Ok(())
             })?;
@@ -362,20 +365,24 @@ impl FlashBwd<'_> {
         }
         // dq | dk | dv accumulated in f32, then rounded to bf16 in one pass
         let mut acc = dev.alloc_zeros::<f32>(nq + 2 * nk)?;
-        self.fwd.with_mask(|mview, mb, mode| {
+        self.fwd.with_mask(|valid, dstart, mode| {
             let f = KERNELS.func(dev, "flash_bwd_bf16")?;
             let mut a = stream.launch_builder(&f);
             let null = 0u64;
             let (mut dq, mut rest) = acc.split_at_mut(nq);
             let (mut dk, mut dv) = rest.split_at_mut(nk);
             a.arg(&q).arg(&k).arg(&v).arg(&gv).arg(&self.lse).arg(&dvec);
-            match &mview {
+            match &valid {
+                Some(m) => a.arg(m),
+                None => a.arg(&null),
+            };
+            match &dstart {
                 Some(m) => a.arg(m),
                 None => a.arg(&null),
             };
             a.arg(&mut dq).arg(&mut dk).arg(&mut dv);
             let wi = self.fwd.window as i32;
-            a.arg(&ti).arg(&tki).arg(&nhi).arg(&nkvi).arg(&mb);
+            a.arg(&ti).arg(&tki).arg(&nhi).arg(&nkvi);
             a.arg(&self.fwd.scale).arg(&wi).arg(&mode);
             let cfg = LaunchConfig {
                 grid_dim: (dm.tk.div_ceil(64) as u32, dm.nh as u32, dm.b as u32),
@@ -394,7 +401,11 @@ impl FlashBwd<'_> {
             let n = total as u64;
             a.arg(&acc).arg(&mut out).arg(&n);
             let cfg = LaunchConfig {
-                grid_dim: ((total as u32).div_ceil(256).clamp(1, 132 * 16), 1, 1),
+                grid_dim: (
+                    crate::runtime::grid::grid_stride_blocks(total, 256, 132 * 16),
+                    1,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };

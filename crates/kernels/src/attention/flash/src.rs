@@ -63,13 +63,15 @@ __device__ __forceinline__ void a_trans(const u16* tile, int k0, int r0, u32* r)
 }
 
 // q [B, nh, t, 64], k/v [B, nkv, tk, 64], sinks [nh] f32, out [B, t, nh, 64] (all bf16 but sinks).
-// mode 0: every key visible; 1: additive mask [mb, 1, t, tk] (causal / sliding structure assumed
-// for the key range); 2: causal (+ window > 0) derived from positions, mask unused.
+// mode 0: every key visible; 2: causal (+ window > 0) derived from positions, plus (when not null)
+// valid [B, tk] (0 = padding key, hidden) and dstart [B, tk] (key index where the document of a key
+// starts; query at key index p sees keys ≥ dstart[p] only). No [t, tk] mask exists.
 // Softmax in base 2: x·log2(e), exp2f.
 extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u16* __restrict__ mask, const float* __restrict__ sinks, u16* __restrict__ out,
-    float* __restrict__ lse, int t, int tk, int nh, int nkv, int mb, float scale, int window, int mode) {
+    const unsigned char* __restrict__ valid, const u32* __restrict__ dstart,
+    const float* __restrict__ sinks, u16* __restrict__ out,
+    float* __restrict__ lse, int t, int tk, int nh, int nkv, float scale, int window, int mode) {
     __shared__ __align__(16) u32 ks[2][BC * LDS];
     __shared__ __align__(16) u32 vs[2][BC * LDS];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -95,13 +97,23 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16(
     const float sl2 = scale * LOG2E;
     float m0 = sink, m1 = sink;                       // running maxima (base 2) of rows r0, r1
     float l0 = tq == 0 ? 1.f : 0.f, l1 = l0;          // partial sums (the sink's 2^(sink - m) once)
+    const u64 vrow = (u64)b * tk;  // row of valid / dstart
+    const int wr0 = q0 + warp * 16, wr1 = min(wr0 + 15, t - 1);
+    // document starts of this thread's rows and of the warp's last row (mode 2 with dstart)
+    int ds0 = 0, ds1 = 0, dsw = 0;
+    if (dstart) {
+        if (r0 < t) ds0 = (int)dstart[vrow + off + r0];
+        if (r1 < t) ds1 = (int)dstart[vrow + off + r1];
+        if (wr1 >= wr0) dsw = (int)dstart[vrow + off + wr1];
+    }
     int kbeg = 0, kend = tk;
     if (mode != 0) {
         kend = min(tk, off + min(q0 + BR, t));
         if (window > 0) kbeg = max(0, off + q0 + 1 - window);
+        // the block's first row has the smallest document start
+        if (dstart && q0 < t) kbeg = max(kbeg, (int)dstart[vrow + off + q0]);
     }
     const float ninf = __int_as_float(0xff800000);
-    const u64 mrow = (u64)(mb > 1 ? b : 0) * t;
     // Stage key tile `kt` (keys kt..kt+63, zeros past kend) into buffer `buf` with cp.async.
     auto stage = [&](int kt, int buf) {
 #pragma unroll
@@ -131,9 +143,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16(
         float s[8][4];
         mma_rows(s, qa, kst);
         // Whether every key of the tile is visible to every row of this warp (no per-element test).
-        const int wr0 = q0 + warp * 16, wr1 = min(wr0 + 15, t - 1);
         const bool full = k0 + BC <= kend && wr1 >= wr0 && wr1 < t
-            && (mode == 0 || (mode == 2 && k0 + BC - 1 <= off + wr0
+            && (mode == 0 || (mode == 2 && !valid && (!dstart || k0 >= dsw)
+                              && k0 + BC - 1 <= off + wr0
                               && (window == 0 || k0 + window > off + wr1)));
         float mx0 = ninf, mx1 = ninf;
 #pragma unroll
@@ -146,8 +158,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16(
                     const int row = c < 2 ? r0 : r1;
                     const int pos = off + row;
                     if (key >= kend || row >= t) x = ninf;
-                    else if (mode == 1) x += ld(mask, (mrow + row) * (u64)tk + key) * LOG2E;
-                    else if (mode == 2 && (key > pos || (window > 0 && key + window <= pos))) x = ninf;
+                    else if (mode == 2 && (key > pos || (window > 0 && key + window <= pos)
+                                           || (valid && !valid[vrow + key])
+                                           || (dstart && key < (c < 2 ? ds0 : ds1)))) x = ninf;
                 }
                 s[j][c] = x;
                 if (c < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
@@ -233,17 +246,19 @@ extern "C" __global__ void flash_bwd_cast(const float* __restrict__ x, u16* __re
 // dSᵀ. dQ, and at the end dK/dV (summed over the heads of a key/value group), are added to f32
 // buffers with atomics.
 // q [B, nh, t, 64], k/v [B, nkv, tk, 64], dout [B, t, nh, 64], lse/dvec [B, nh, t] f32,
-// dq [B, nh, t, 64], dk/dv [B, nkv, tk, 64] f32 (zeroed); mask and mode as in flash_fwd_bf16.
+// dq [B, nh, t, 64], dk/dv [B, nkv, tk, 64] f32 (zeroed); valid, dstart and mode as in flash_fwd_bf16.
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dvec,
-    const u16* __restrict__ mask, float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
-    int t, int tk, int nh, int nkv, int mb, float scale, int window, int mode) {
+    const unsigned char* __restrict__ valid, const u32* __restrict__ dstart,
+    float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+    int t, int tk, int nh, int nkv, float scale, int window, int mode) {
     __shared__ __align__(16) u32 qs[BR * LDS];
     __shared__ __align__(16) u32 dos[BR * LDS];
     __shared__ __align__(16) u32 kss[BC * LDS];
     __shared__ __align__(16) u32 dss[BC * LDS];
     __shared__ float lse_s[BR], d_s[BR];
+    __shared__ int ds_s[BR];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int k0 = blockIdx.x * BC, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / (nh / nkv), off = tk - t;
@@ -284,11 +299,17 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
         if (window > 0) qend = min(t, k0 + BC - 1 + window - off);
     }
     const float sl2 = scale * LOG2E;
-    const u64 mrow = (u64)(mb > 1 ? b : 0) * t;
+    const u64 vrow = (u64)b * tk;  // row of valid / dstart
+    // this thread's keys exist and are not padding
+    const bool kv0 = kr0 < tk && (!valid || valid[vrow + kr0]);
+    const bool kv1 = kr1 < tk && (!valid || valid[vrow + kr1]);
     {
         const u64 qbase = ((u64)(b * nh + h) * t) * D;
         const u64 sb = (u64)(b * nh + h) * t;
         for (int q0 = (qbeg / BR) * BR; q0 < qend; q0 += BR) {
+            // packed documents: once the tile's first row starts its document after the block's
+            // last key, no later row sees these keys (document starts never decrease)
+            if (dstart && (int)dstart[vrow + off + q0] > k0 + BC - 1) break;
             __syncthreads();
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -305,6 +326,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
                 const int qi = q0 + threadIdx.x;
                 lse_s[threadIdx.x] = qi < t ? lse[sb + qi] : 0.f;
                 d_s[threadIdx.x] = qi < t ? dvec[sb + qi] : 0.f;
+                ds_s[threadIdx.x] = dstart && qi < t ? (int)dstart[vrow + off + qi] : 0;
             }
             asm volatile("cp.async.wait_group 0;\n" ::);
             __syncthreads();
@@ -320,9 +342,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16(
                     const int qi = q0 + ql;
                     const int pos = off + qi;
                     bool vis = key < tk && qi < t;
-                    float x = st[j][c] * sl2;
-                    if (vis && mode == 1) x += ld(mask, (mrow + qi) * (u64)tk + key) * LOG2E;
-                    if (mode == 2 && (key > pos || (window > 0 && key + window <= pos))) vis = false;
+                    const float x = st[j][c] * sl2;
+                    if (mode == 2 && (key > pos || (window > 0 && key + window <= pos)
+                                      || !(c < 2 ? kv0 : kv1) || key < ds_s[ql])) vis = false;
                     st[j][c] = vis ? exp2f(x - lse_s[ql]) : 0.f;
                 }
             }

@@ -18,24 +18,27 @@ LIMIT=$((60 * 1024 * 1024)) # below 64 MiB, leaving room for the runner and the 
 mkdir -p "$OUT"
 
 # The test targets that exercise CUDA code: the `cfg(feature = "cuda")` unit tests of kernels and
-# mxfp4 and the test files that need a GPU. `--all` builds every test binary of the workspace.
+# mxfp4 and the test files that need a GPU (one cargo call per package: target filters are global).
+# `--all` builds every test binary of the workspace.
 GPU_TARGETS=(
-    -p gptoss-kernels --lib --test cuda
-    -p gptoss-mxfp4 --lib --test cuda
-    -p gptoss-model --test cuda
-    -p gptoss-lora --test cuda_expert_lora --test peft_parity
-    -p gptoss-sft --test cuda_lm_loss --test cuda_optim
+    "-p gptoss-kernels --lib --test cuda"
+    "-p gptoss-mxfp4 --lib --test cuda"
+    "-p gptoss-model --test cuda"
+    "-p gptoss-lora --test cuda_expert_lora --test peft_parity"
+    "-p gptoss-sft --test cuda_lm_loss --test cuda_optim"
 )
 if [[ "${1:-}" != "--collect" ]]; then
     # shellcheck disable=SC1091
     source /opt/cuda13-pip/env.sh
     if [[ "${1:-}" == "--all" ]]; then
-        targets=(--workspace)
-    else
-        targets=("${GPU_TARGETS[@]}")
+        GPU_TARGETS=("--workspace")
     fi
-    CARGO_TARGET_DIR=target-cuda cargo test --release --features cuda --no-run \
-        "${targets[@]}" --message-format=json >"$LOG"
+    : >"$LOG"
+    for targets in "${GPU_TARGETS[@]}"; do
+        # shellcheck disable=SC2086
+        CARGO_TARGET_DIR=target-cuda cargo test --release --features cuda --no-run $targets \
+            --message-format=json >>"$LOG"
+    done
 fi
 
 rm -rf "$OUT/bin"

@@ -201,6 +201,8 @@ pub fn local_rank_env(nproc: usize, rank: usize, port: u16) -> Vec<(String, Stri
 /// and [`local_rank_env`] (`MASTER_PORT` from the environment, default 29500), and waits. When a
 /// rank exits with an error the others are killed and the error names that rank.
 pub fn spawn_local_ranks(nproc: usize, args: &[String]) -> Result<()> {
+    // Ctrl-C reaches every rank (same process group); this process keeps waiting for them
+    crate::trainer::interrupt::install();
     let exe = std::env::current_exe().map_err(|e| SftError::io("current executable", e))?;
     let port = match number(&std::env::vars().collect(), "MASTER_PORT")? {
         Some(p) => port(p, "MASTER_PORT")?,
@@ -252,6 +254,23 @@ pub fn spawn_local_ranks(nproc: usize, args: &[String]) -> Result<()> {
             message: format!("local rank {rank} failed ({why}); the other ranks were stopped"),
         }),
     }
+}
+
+/// `args` without `flag` and its value (`--flag N` or `--flag=N`): the command line a spawned
+/// rank runs.
+pub fn args_without(args: &[String], flag: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip_value = false;
+    for a in args {
+        if skip_value {
+            skip_value = false;
+        } else if a == flag {
+            skip_value = true;
+        } else if !a.starts_with(&format!("{flag}=")) {
+            out.push(a.clone());
+        }
+    }
+    out
 }
 
 /// Kills and reaps the children still running (each by its own handle).
@@ -350,6 +369,23 @@ mod tests {
             let err = LaunchEnv::parse(&env(vars)).expect_err("invalid");
             assert!(err.to_string().contains(key), "{vars:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_spawn_flag_is_dropped_from_the_ranks_command_line() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let args = a(&[
+            "--max-steps",
+            "3",
+            "--nproc-per-node",
+            "2",
+            "--nproc-per-node=4",
+            "x",
+        ]);
+        assert_eq!(
+            args_without(&args, "--nproc-per-node"),
+            a(&["--max-steps", "3", "x"])
+        );
     }
 
     #[test]

@@ -64,6 +64,76 @@ pub trait GradReducer: Send + Sync {
     fn is_main(&self) -> bool {
         self.rank() == 0
     }
+    /// The normal end of this rank's run (NCCL: tells the others goodbye, so that its exit is
+    /// not reported as a failure). Default: nothing.
+    fn finish(&self) {}
+}
+
+/// Which reducer [`join`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backend {
+    /// NCCL when the launcher's world size is above 1, else [`Single`].
+    #[default]
+    Auto,
+    /// [`Single`], whatever the launcher variables say.
+    Off,
+    /// NCCL, also at world size 1 (to check the NCCL path on one GPU).
+    Nccl,
+}
+
+/// How long ranks wait for each other at the rendezvous (`GPTOSS_RENDEZVOUS_TIMEOUT_S`,
+/// default 300 s: loading a 120b checkpoint on a busy node takes minutes).
+pub fn rendezvous_timeout() -> std::time::Duration {
+    let secs = std::env::var("GPTOSS_RENDEZVOUS_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(300.0);
+    std::time::Duration::from_secs_f64(secs)
+}
+
+/// This process's reducer per `backend` and the launch environment `env`, on `device`: a
+/// [`Single`], or (feature `nccl`) an NCCL rank that met the others (a dead rank then exits
+/// this process with an error naming it).
+///
+/// # Errors
+/// [`SftError::Config`] when NCCL is asked for (or the launcher's world size is above 1) in a
+/// build without the `nccl` feature; [`SftError::Distributed`] when the rendezvous or NCCL fails.
+pub fn join(
+    backend: Backend,
+    env: &LaunchEnv,
+    device: &candle_core::Device,
+) -> Result<Box<dyn GradReducer>> {
+    let nccl = match backend {
+        Backend::Off => false,
+        Backend::Auto => env.is_distributed(),
+        Backend::Nccl => true,
+    };
+    if !nccl {
+        return Ok(Box::new(Single));
+    }
+    #[cfg(feature = "nccl")]
+    {
+        let r = nccl::Nccl::init(
+            env,
+            device,
+            rendezvous_timeout(),
+            rendezvous::exit_on_failure(),
+        )?;
+        Ok(Box::new(r))
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = device;
+        Err(SftError::config(
+            "distributed",
+            format!(
+                "rank {} of {}: data parallel needs NCCL; build with `--features nccl` (or pass \
+                 --distributed off to ignore the launcher's variables)",
+                env.rank, env.world_size
+            ),
+        ))
+    }
 }
 
 /// One rank: every reduction is the identity.

@@ -248,11 +248,10 @@ pub fn spawn_local_ranks(nproc: usize, args: &[String]) -> Result<()> {
     kill_all(&mut children);
     match failed {
         None => Ok(()),
-        Some((rank, why)) => Err(SftError::Distributed {
-            rank: 0,
-            world_size: nproc,
-            message: format!("local rank {rank} failed ({why}); the other ranks were stopped"),
-        }),
+        Some((rank, why)) => Err(SftError::Trainer(format!(
+            "--nproc-per-node {nproc}: local rank {rank} failed ({why}); the other ranks were \
+             stopped"
+        ))),
     }
 }
 

@@ -39,6 +39,13 @@ fn run() -> Result<Outcome, gptoss::cli::Error> {
         .clone()
         .ok_or("--model (or model.name_or_path) is required for DPO")?;
     let dtype = gptoss::cli::run_dtype(&cli.dtype)?;
+    if gptoss_sft::distributed::LaunchEnv::from_env()?.is_distributed() {
+        return Err(
+            "DPO runs on one GPU only (docs/multi-gpu.md): launch it without torchrun / \
+                    srun / mpirun ranks"
+                .into(),
+        );
+    }
     let device = gptoss_kernels::cuda_if_available(0)?;
     let tok = HarmonyTokenizer::o200k_harmony()?;
     let mut model = gptoss::cli::load_model(&dir, &device, dtype, cfg.dequantize)?;

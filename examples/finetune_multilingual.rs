@@ -12,14 +12,18 @@
 //! cargo run --release --example finetune_multilingual -- --config train.yaml --learning-rate 1e-4
 //! ```
 //! Every trainer option is a flag (`--help`) or a YAML key (`--config`).
+//!
+//! Data parallel (build with `--features nccl`; docs/multi-gpu.md): launched by torchrun, srun or
+//! mpirun (one process per GPU), or `--nproc-per-node N` to spawn the local ranks itself.
 
 use clap::Parser;
 use gptoss::cli::Outcome;
 use gptoss_harmony::HarmonyTokenizer;
 use gptoss_sft::config::{TrainingArgs, TrainingConfig};
+use gptoss_sft::distributed::{launch, Backend, LaunchEnv};
 use gptoss_sft::evaluation::{evaluate_now, load_train_and_eval};
 use gptoss_sft::trainer::pipeline::{
-    demo_base_model, demo_training_config, finetune_on, BUNDLED_DATASET,
+    demo_base_model, demo_training_config, finetune_on_ranks, BUNDLED_DATASET,
 };
 use gptoss_sft::trainer::{
     chat_generate, chat_prompt, cookbook_generation_config, print_channel_deltas,
@@ -60,6 +64,14 @@ struct Cli {
     /// demo, 32 with --model]
     #[arg(long)]
     eval_rows: Option<usize>,
+    /// Spawn N local ranks of this command, one GPU each (data parallel over NCCL), as
+    /// `torchrun --nproc-per-node N` would.
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
+    /// Data parallel: `auto` (NCCL when a launcher's WORLD_SIZE is above 1), `off` (ignore the
+    /// launcher's variables), `nccl` (NCCL even at world size 1).
+    #[arg(long, value_enum, default_value = "auto")]
+    distributed: Backend,
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,8 +93,21 @@ fn run() -> Result<Outcome, gptoss::cli::Error> {
     }
     cli.train.apply(&mut cfg)?;
     cfg.validate()?;
-
-    let device = gptoss_kernels::cuda_if_available(0)?;
+    if let Some(n) = cli
+        .nproc_per_node
+        .filter(|_| std::env::var_os("RANK").is_none())
+    {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        launch::spawn_local_ranks(n, &launch::args_without(&args, "--nproc-per-node"))?;
+        return Ok(Outcome::Done);
+    }
+    let env = match cli.distributed {
+        Backend::Off => LaunchEnv::single(),
+        _ => LaunchEnv::from_env()?,
+    };
+    let device = gptoss_kernels::cuda_if_available(env.device_ordinal())?;
+    let reducer = gptoss_sft::distributed::join(cli.distributed, &env, &device)?;
+    let main = reducer.is_main();
     let tok = HarmonyTokenizer::o200k_harmony()?;
     let mut model = match &cfg.model_name_or_path {
         Some(dir) => {
@@ -91,12 +116,22 @@ fn run() -> Result<Outcome, gptoss::cli::Error> {
         }
         None => {
             let base = cfg.output_dir.join("base_model");
-            println!(
-                "no --model given: a small random-init gpt-oss (real architecture and \
-                 o200k_harmony tokenizer, tiny dims), saved as {}",
-                base.display()
-            );
-            let model = demo_base_model(&base, cfg.seed, &device)?;
+            if main {
+                println!(
+                    "no --model given: a small random-init gpt-oss (real architecture and \
+                     o200k_harmony tokenizer, tiny dims), saved as {}",
+                    base.display()
+                );
+            }
+            // rank 0 writes the base checkpoint; the others load it once it is there
+            let model = if main {
+                let m = demo_base_model(&base, cfg.seed, &device)?;
+                reducer.barrier()?;
+                m
+            } else {
+                reducer.barrier()?;
+                demo_base_model(&base, cfg.seed, &device)?
+            };
             cfg.model_name_or_path = Some(base);
             model
         }
@@ -106,7 +141,7 @@ fn run() -> Result<Outcome, gptoss::cli::Error> {
     let eval_rows = cli.eval_rows.unwrap_or(if demo { 8 } else { 32 });
     let eval_tokens = cli.max_new_tokens.unwrap_or(if demo { 48 } else { 512 });
     let base = match &data.eval {
-        Some(set) if eval_rows > 0 => Some(evaluate_now(
+        Some(set) if eval_rows > 0 && main => Some(evaluate_now(
             &model,
             &tok,
             &cfg,
@@ -117,7 +152,15 @@ fn run() -> Result<Outcome, gptoss::cli::Error> {
         )?),
         _ => None,
     };
-    let out = finetune_on(&mut model, &cfg, &tok, data)?;
+    let out = finetune_on_ranks(&mut model, &cfg, &tok, data, reducer.as_ref())?;
+    reducer.finish();
+    if !main {
+        return Ok(if out.outcome.interrupted {
+            Outcome::Interrupted
+        } else {
+            Outcome::Done
+        });
+    }
     if let Some(loc) = &out.mlflow {
         println!("MLflow run: {loc}");
         println!("  view: MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file://$(realpath mlruns)");

@@ -544,16 +544,31 @@ impl TrainingConfig {
     /// Optimizer updates per epoch for `num_rows` training rows (HF:
     /// `ceil(ceil(rows / batch) / grad_accum)`; the last update may have fewer micro-batches).
     pub fn updates_per_epoch(&self, num_rows: usize) -> u64 {
+        self.updates_per_epoch_on(num_rows, 1)
+    }
+
+    /// [`Self::updates_per_epoch`] of a data-parallel run over `world_size` ranks (HF:
+    /// `ceil(ceil(rows / (batch · world)) / grad_accum)`, the same as one rank accumulating
+    /// `grad_accum · world` micro-batches).
+    pub fn updates_per_epoch_on(&self, num_rows: usize, world_size: usize) -> u64 {
         let micro = num_rows.div_ceil(self.per_device_train_batch_size.max(1));
-        micro.div_ceil(self.gradient_accumulation_steps.max(1)) as u64
+        micro.div_ceil(self.gradient_accumulation_steps.max(1) * world_size.max(1)) as u64
     }
 
     /// Total optimizer steps: `max_steps` if set, else `ceil(epochs · updates_per_epoch)`.
     /// The cookbook (1000 rows, batch 4, accumulation 4, 1 epoch) gives 63.
     pub fn total_steps(&self, num_rows: usize) -> u64 {
+        self.total_steps_on(num_rows, 1)
+    }
+
+    /// [`Self::total_steps`] of a data-parallel run over `world_size` ranks.
+    pub fn total_steps_on(&self, num_rows: usize, world_size: usize) -> u64 {
         match self.max_steps {
             Some(m) => m,
-            None => (self.num_train_epochs * self.updates_per_epoch(num_rows) as f64).ceil() as u64,
+            None => {
+                let upe = self.updates_per_epoch_on(num_rows, world_size);
+                (self.num_train_epochs * upe as f64).ceil() as u64
+            }
         }
     }
 

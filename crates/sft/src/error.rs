@@ -70,6 +70,17 @@ pub enum SftError {
     /// Training-loop level failures (model / LoRA / harmony errors reported as text).
     #[error("trainer: {0}")]
     Trainer(String),
+    /// A data-parallel failure seen by rank `rank` of `world_size`: a peer that did not arrive
+    /// in time, died, or a rendezvous / reduction error; `message` names the peer at fault.
+    #[error("distributed rank {rank} of {world_size}: {message}")]
+    Distributed {
+        /// The rank reporting the failure.
+        rank: usize,
+        /// Ranks of the job.
+        world_size: usize,
+        /// What failed and which rank is at fault.
+        message: String,
+    },
     /// Rendering or tokenizing a conversation failed.
     #[error(transparent)]
     Harmony(#[from] gptoss_harmony::HarmonyError),

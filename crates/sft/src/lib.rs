@@ -12,6 +12,7 @@
 //! - [`evaluation`]: eval rows (file or seeded split), eval prompts, eval loss + generation metrics.
 //! - [`checkpoint`]: `checkpoint-N/` directories: atomic save, rotation, resume.
 //! - [`atomic`]: atomic file writes (temp file + rename).
+//! - [`distributed`]: data parallelism (the reduction interface, threads / NCCL, launch, rendezvous).
 //! - [`dpo`]: DPO preference fine-tuning (TRL `DPOTrainer` parity) on the same trainer parts.
 
 pub mod atomic;
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod collate;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod dpo;
 pub mod error;
 pub mod evaluation;

@@ -5,6 +5,12 @@
 //! order ([`epoch_order`]), the non-finite loss check, clipping + AdamW with the schedule's lr,
 //! logging every `logging_steps`, evaluation per `eval_strategy`, checkpoints every `save_steps`
 //! and on Ctrl-C (written atomically), resume, the end-of-training summary and `save_model`.
+//!
+//! Data parallel ([`crate::distributed`]): with the objective's [`GradReducer`] of `N` ranks,
+//! optimizer step `s` spans `GA · N` micro-batches of the epoch order; rank `r` runs those at
+//! `r, r + N, …` (`GA` of them), the gradients are summed over the ranks after the step's
+//! micro-batches, and only rank 0 writes files. `N` ranks thus train exactly what one rank with
+//! accumulation `GA · N` trains (up to the order of the gradient sums).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,6 +25,7 @@ use crate::checkpoint::{
     CheckpointContents, RngState, TrainerState, TRAINER_STATE_FILE,
 };
 use crate::config::{EvalStrategy, TrainingConfig};
+use crate::distributed::{all_reduce_gradients, any_rank, GradReducer, Single};
 use crate::error::{Result, SftError};
 use crate::flos::FlosCounter;
 use crate::logging::{loss_points, write_loss_curve_png, EvalRecord, LogEntry, TrainSummary};
@@ -80,6 +87,11 @@ pub trait Objective {
     /// Whether there are held-out rows to evaluate.
     fn can_evaluate(&self) -> bool {
         false
+    }
+    /// The ranks this objective's steps are reduced over ([`Single`] unless it says): `step`
+    /// receives this rank's micro-batches and returns the step's loss and counts over all ranks.
+    fn reducer(&self) -> &dyn GradReducer {
+        &Single
     }
     /// The evaluation at `step` / `epoch` (only called when [`Self::can_evaluate`]).
     fn evaluate(&self, _step: u64, _epoch: f64) -> Result<EvalRecord> {
@@ -150,23 +162,31 @@ impl<O: Objective> TrainLoop<'_, O> {
 
     /// Optimizer steps of the whole run (`max_steps`, else `ceil(epochs · updates/epoch)`).
     pub fn total_steps(&self) -> u64 {
-        self.config.total_steps(self.objective.num_rows())
+        let world = self.objective.reducer().world_size();
+        self.config.total_steps_on(self.objective.num_rows(), world)
     }
 
-    /// The micro-batches (as row indices) of optimizer step `step` (0-based), its epoch, and the
-    /// epoch-relative index after the last one.
+    /// This rank's micro-batches (as row indices) of optimizer step `step` (0-based), its epoch,
+    /// and the epoch-relative index after the step's last micro-batch (over all ranks). The step
+    /// spans micro-batches `first..first + GA·N` of the epoch; rank `r` takes `first + r`,
+    /// `first + r + N`, … (accelerate's `BatchSamplerShard`), fewer (maybe none) at the end of an
+    /// epoch.
     fn step_micro_batches(&self, step: u64) -> (Vec<Vec<usize>>, u64, usize) {
         let cfg = self.config;
+        let reducer = self.objective.reducer();
+        let (rank, world) = (reducer.rank(), reducer.world_size().max(1));
         let n = self.objective.num_rows();
-        let upe = cfg.updates_per_epoch(n).max(1);
+        let upe = cfg.updates_per_epoch_on(n, world).max(1);
         let epoch = step / upe;
         let in_epoch = (step % upe) as usize;
-        let ga = cfg.gradient_accumulation_steps;
+        let ga = cfg.gradient_accumulation_steps * world;
         let bs = cfg.per_device_train_batch_size;
         let order = epoch_order(n, cfg.seed, epoch, cfg.shuffle);
         let first = in_epoch * ga;
         let last = (first + ga).min(self.micro_batches_per_epoch());
         let mbs = (first..last)
+            .skip(rank)
+            .step_by(world)
             .map(|m| order[m * bs..((m + 1) * bs).min(order.len())].to_vec())
             .collect();
         (mbs, epoch, last)
@@ -196,6 +216,11 @@ impl<O: Objective> TrainLoop<'_, O> {
             self.log_if_due(&mut run, &step, &schedule, total, observer)?;
             self.evaluate_if_due(&mut run, &step, total, observer)?;
             interrupted = interrupt::requested();
+            let reducer = self.objective.reducer();
+            if !reducer.is_identity() {
+                // one rank's Ctrl-C stops all of them at the same step
+                interrupted = any_rank(reducer, interrupted)?;
+            }
             self.checkpoint_if_due(&mut run, &step, &schedule, total, interrupted, observer)?;
             if interrupted {
                 break;
@@ -225,7 +250,9 @@ impl<O: Objective> TrainLoop<'_, O> {
             start_step: 0,
             flos,
         };
-        remove_stale_temporaries(&cfg.output_dir)?;
+        if self.objective.reducer().is_main() {
+            remove_stale_temporaries(&cfg.output_dir)?;
+        }
         if let Some(spec) = &cfg.resume_from_checkpoint {
             let dir = resolve_resume(&cfg.output_dir, spec)?;
             let loaded = load_checkpoint(&dir)?;
@@ -257,6 +284,10 @@ impl<O: Objective> TrainLoop<'_, O> {
         let out = self
             .objective
             .step(&run.vars, &mbs, &mut run.grads, &mut run.window)?;
+        let reducer = self.objective.reducer();
+        if !reducer.is_identity() {
+            all_reduce_gradients(reducer, &run.vars, &mut run.grads)?;
+        }
         run.num_tokens += out.tokens;
         run.flos.add_batch(out.input_numel);
         let step_no = run.global_step + 1;
@@ -357,7 +388,7 @@ impl<O: Objective> TrainLoop<'_, O> {
         let g = run.global_step;
         // HF saves every `save_steps` and, with step saving on, at the last step too.
         let save_now = cfg.save_steps > 0 && (g % cfg.save_steps == 0 || g == total);
-        if !save_now && !interrupted {
+        if (!save_now && !interrupted) || !self.objective.reducer().is_main() {
             return Ok(());
         }
         let mut ts = TrainerState::new(
@@ -427,9 +458,14 @@ impl<O: Objective> TrainLoop<'_, O> {
             (before + step_losses.iter().sum::<f64>()) / global_step as f64
         };
         let runtime_s = started.elapsed().as_secs_f64();
-        let samples =
-            step_losses.len() * cfg.gradient_accumulation_steps * cfg.per_device_train_batch_size;
-        let upe = cfg.updates_per_epoch(self.objective.num_rows()).max(1);
+        let world = self.objective.reducer().world_size();
+        let samples = step_losses.len()
+            * cfg.gradient_accumulation_steps
+            * cfg.per_device_train_batch_size
+            * world;
+        let upe = cfg
+            .updates_per_epoch_on(self.objective.num_rows(), world)
+            .max(1);
         let summary = (!interrupted).then(|| TrainSummary {
             train_runtime: runtime_s,
             train_samples_per_second: samples as f64 / runtime_s.max(1e-9),
@@ -441,8 +477,10 @@ impl<O: Objective> TrainLoop<'_, O> {
         });
         if let Some(s) = &summary {
             history.push(LogEntry::Summary(s.clone()));
-            let at = (global_step, s.epoch, total, num_tokens, total_flos);
-            self.write_final_state(at, &history)?;
+            if self.objective.reducer().is_main() {
+                let at = (global_step, s.epoch, total, num_tokens, total_flos);
+                self.write_final_state(at, &history)?;
+            }
         }
         let outcome = TrainOutcome {
             global_step,
@@ -492,9 +530,13 @@ impl<O: Objective> TrainLoop<'_, O> {
 
     /// TRL's `save_model`: the final adapter files plus the tokenizer / chat template files in
     /// `dir` (default `output_dir`), and the run's resolved config as `training_args.json` (TRL
-    /// writes `training_args.bin`), so evaluation can rebuild the same held-out rows.
+    /// writes `training_args.bin`), so evaluation can rebuild the same held-out rows. Only rank 0
+    /// writes; every rank returns the directory.
     pub fn save_model(&self, dir: Option<&Path>) -> Result<PathBuf> {
         let dir = dir.unwrap_or(&self.config.output_dir).to_path_buf();
+        if !self.objective.reducer().is_main() {
+            return Ok(dir);
+        }
         std::fs::create_dir_all(&dir).map_err(|e| SftError::io(&dir, e))?;
         self.write_model_files(&dir)?;
         crate::atomic::write_json(

@@ -251,10 +251,28 @@ pub fn finetune_on(
     tok: &HarmonyTokenizer,
     data: TrainEvalData,
 ) -> Result<FinetuneOutput> {
-    print_dataset_summary(cfg, &data);
+    finetune_on_ranks(model, cfg, tok, data, &crate::distributed::Single)
+}
+
+/// [`finetune_on`] as one rank of a data-parallel job ([`crate::distributed`]): this rank's
+/// shard of every global batch, gradients summed by `reducer`; only rank 0 prints, reports
+/// (progress bar, MLflow), generates during evaluation and writes files.
+pub fn finetune_on_ranks(
+    model: &mut GptOssForCausalLM,
+    cfg: &TrainingConfig,
+    tok: &HarmonyTokenizer,
+    data: TrainEvalData,
+    reducer: &dyn crate::distributed::GradReducer,
+) -> Result<FinetuneOutput> {
+    let main = reducer.is_main();
+    if main {
+        print_dataset_summary(cfg, &data);
+    }
     let TrainEvalData { train: data, eval } = data;
     let trained = Trained::install(model, cfg)?;
-    println!("{}", trained.trainable_parameters_line());
+    if main {
+        println!("{}", trained.trainable_parameters_line());
+    }
     let model_dir = cfg.model_name_or_path.clone();
     let extra = move |dir: &Path| write_processor_files(dir, model_dir.as_deref());
     let pad = model.config().pad_token_id.unwrap_or(199_999);
@@ -267,7 +285,7 @@ pub fn finetune_on(
     let eval_opts = eval_options(cfg, &options, Some(cfg.eval_generate));
     let hook = |step: u64| -> Result<std::collections::BTreeMap<String, f64>> {
         match &eval {
-            Some(set) if cfg.eval_generate > 0 => {
+            Some(set) if cfg.eval_generate > 0 && main => {
                 let label = format!("step {step}");
                 let scored =
                     generate_and_score(model, tok, set, &label, &eval_opts, &mut |_, _| {})?;
@@ -285,7 +303,8 @@ pub fn finetune_on(
     )?
     .with_options(options)
     .with_extra_files(&extra)
-    .with_eval_hook(&hook);
+    .with_eval_hook(&hook)
+    .with_reducer(reducer);
     if let Some(set) = &eval {
         trainer = trainer.with_eval_rows(set.examples.clone());
     }
@@ -293,7 +312,11 @@ pub fn finetune_on(
     if let Some(p) = &pool {
         p.reset_high();
     }
-    let mut observer = StandardObserver::new(cfg, trainer.total_steps())?;
+    // ranks other than 0 report nothing (their records are rank 0's)
+    let mut observer = match main {
+        true => StandardObserver::new(cfg, trainer.total_steps())?,
+        false => StandardObserver::silent(trainer.total_steps()),
+    };
     if let Some(loc) = observer.mlflow_location() {
         println!("MLflow: {loc}");
     }

@@ -27,6 +27,15 @@ impl StandardObserver {
         })
     }
 
+    /// An observer that times the steps but reports nothing (no bar, console lines or MLflow):
+    /// data-parallel ranks other than 0.
+    pub fn silent(total_steps: u64) -> Self {
+        Self {
+            logger: TrainLogger::with_parts(None, total_steps, false, false),
+            timer: StepTimer::default(),
+        }
+    }
+
     /// Where the MLflow run went, if any.
     pub fn mlflow_location(&self) -> Option<String> {
         self.logger.mlflow_location()

@@ -22,6 +22,7 @@ use super::driver::{accumulate, LogPoint, Objective, StepLoss, TrainLoop};
 use super::evaluate::eval_loss;
 use crate::collate::{pack, pack_bfd, pad, Example};
 use crate::config::TrainingConfig;
+use crate::distributed::{GradReducer, Single};
 use crate::error::{Result, SftError};
 use crate::logging::{EvalRecord, LogEntry, LogRecord, TrainSummary};
 use crate::optim::Gradients;
@@ -124,6 +125,7 @@ pub struct Trainer<'a, M: LayeredCausalLm> {
     extra_files: Option<ExtraFiles<'a>>,
     eval_rows: Vec<Example>,
     eval_hook: Option<EvalHook<'a>>,
+    reducer: &'a dyn GradReducer,
 }
 
 impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
@@ -167,7 +169,16 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
             extra_files: None,
             eval_rows: Vec::new(),
             eval_hook: None,
+            reducer: &Single,
         })
+    }
+
+    /// Trains as one rank of a data-parallel job ([`crate::distributed`]): this rank's shard of
+    /// every global batch (per-device batch × grad-accum × world size), gradients and loss
+    /// tokens summed over the ranks, files written by rank 0 only. Default: [`Single`].
+    pub fn with_reducer(mut self, reducer: &'a dyn GradReducer) -> Self {
+        self.reducer = reducer;
+        self
     }
 
     /// Replaces the [`TrainerOptions`].
@@ -247,7 +258,8 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
 
     /// Optimizer steps of the whole run (`max_steps`, else `ceil(epochs · updates/epoch)`).
     pub fn total_steps(&self) -> u64 {
-        self.config.total_steps(self.units.len())
+        self.config
+            .total_steps_on(self.units.len(), self.reducer.world_size())
     }
 
     /// The shared loop over this trainer's objective.
@@ -291,6 +303,12 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
     /// The micro-batches of one step (row indices): collated, forwarded and back-propagated with
     /// the loss `Σ nll / num_items_in_batch (+ aux)` (TRL's token count over the whole step),
     /// their gradients summed into `grads`.
+    ///
+    /// Over `N` ranks `mbs` is this rank's share; the token count is summed over the ranks
+    /// first (TRL's `average_tokens_across_devices`), the aux loss weighs `coef / (GA · N)`, and
+    /// the per-micro-batch metrics are gathered into the step's global micro-batch order (rank
+    /// `r`'s `j`-th at `j · N + r`), so the loss and the window are those of one rank running
+    /// all `GA · N` micro-batches. The gradients are summed over the ranks by the loop.
     fn step(
         &self,
         vars: &[Var],
@@ -299,6 +317,7 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
         window: &mut LogWindow,
     ) -> Result<StepLoss> {
         let cfg = &self.config;
+        let (rank, world) = (self.reducer.rank(), self.reducer.world_size().max(1));
         let batches = mbs
             .iter()
             .map(|idx| {
@@ -315,31 +334,48 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
                 micro_batch(&batch, self.options.pad_token_id, &self.device)
             })
             .collect::<Result<Vec<_>>>()?;
-        let num_items: usize = batches.iter().map(|b| b.targets.len()).sum();
-        let ga = cfg.gradient_accumulation_steps;
+        let mut num_items = [batches.iter().map(|b| b.targets.len()).sum::<usize>() as f64];
+        self.reducer.all_reduce_f64(&mut num_items)?;
+        let num_items = num_items[0] as usize;
+        let ga = cfg.gradient_accumulation_steps * world;
         let opts = BackwardOptions {
             num_items_in_batch: num_items,
             aux_scale: cfg.router_aux_loss_coef / ga as f64,
             gradient_checkpointing: cfg.gradient_checkpointing,
             lm_head_chunk: self.options.lm_head_chunk,
         };
-        let (mut nll, mut aux_sum, mut tokens) = (0.0, 0.0, 0u64);
-        let input_numel = batches
-            .iter()
-            .map(|b| b.input_ids.elem_count() as u64)
-            .sum();
-        for mb in &batches {
+        let mut slots = vec![0.0; ga * MicroStats::LEN];
+        for (j, mb) in batches.iter().enumerate() {
             let out = forward_backward(self.model, vars, mb, &opts)?;
-            nll += out.nll_sum;
-            aux_sum += out.aux.unwrap_or(0.0);
-            if out.count > 0 {
-                window.accuracy.push(out.correct as f64 / out.count as f64);
-                window.entropy.push(out.entropy_sum / out.count as f64);
+            let stats = MicroStats {
+                nll_sum: out.nll_sum,
+                aux: out.aux.unwrap_or(0.0),
+                correct: out.correct as f64,
+                count: out.count as f64,
+                entropy_sum: out.entropy_sum,
+                tokens: mb.token_mask.iter().filter(|&&m| m != 0.0).count() as f64,
+                input_numel: mb.input_ids.elem_count() as f64,
+            };
+            let k = (j * world + rank) * MicroStats::LEN;
+            stats.write(&mut slots[k..k + MicroStats::LEN]);
+            accumulate(grads, out.grads)?;
+        }
+        self.reducer.all_reduce_f64(&mut slots)?;
+        let (mut nll, mut aux_sum, mut tokens, mut input_numel) = (0.0, 0.0, 0u64, 0u64);
+        for m in slots
+            .chunks_exact(MicroStats::LEN)
+            .filter_map(MicroStats::read)
+        {
+            nll += m.nll_sum;
+            aux_sum += m.aux;
+            if m.count > 0.0 {
+                window.accuracy.push(m.correct / m.count);
+                window.entropy.push(m.entropy_sum / m.count);
             }
-            let toks = mb.token_mask.iter().filter(|&&m| m != 0.0).count() as u64;
+            let toks = m.tokens as u64;
             tokens += toks;
             window.tokens += toks;
-            accumulate(grads, out.grads)?;
+            input_numel += m.input_numel as u64;
         }
         let ce = if num_items > 0 {
             nll / num_items as f64
@@ -357,6 +393,10 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
             tokens,
             input_numel,
         })
+    }
+
+    fn reducer(&self) -> &dyn GradReducer {
+        self.reducer
     }
 
     /// HF's `num_parameters(exclude_embeddings=True)` of the trained model: the base model without
@@ -381,6 +421,49 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
 
     fn evaluate(&self, step: u64, epoch: f64) -> Result<EvalRecord> {
         Trainer::evaluate(self, step, epoch)
+    }
+}
+
+/// What one micro-batch of a step contributes to its loss and log window, as the `f64`s the
+/// ranks sum (a slot no rank filled stays all zero, `present` included; integers are exact).
+struct MicroStats {
+    nll_sum: f64,
+    aux: f64,
+    correct: f64,
+    count: f64,
+    entropy_sum: f64,
+    tokens: f64,
+    input_numel: f64,
+}
+
+impl MicroStats {
+    /// `f64`s per slot: `present` then the fields.
+    const LEN: usize = 8;
+
+    fn write(&self, out: &mut [f64]) {
+        out.copy_from_slice(&[
+            1.0,
+            self.nll_sum,
+            self.aux,
+            self.correct,
+            self.count,
+            self.entropy_sum,
+            self.tokens,
+            self.input_numel,
+        ]);
+    }
+
+    /// The stats of a filled slot (`None`: no micro-batch there).
+    fn read(s: &[f64]) -> Option<Self> {
+        (s[0] > 0.0).then(|| MicroStats {
+            nll_sum: s[1],
+            aux: s[2],
+            correct: s[3],
+            count: s[4],
+            entropy_sum: s[5],
+            tokens: s[6],
+            input_numel: s[7],
+        })
     }
 }
 

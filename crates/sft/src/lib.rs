@@ -12,9 +12,11 @@
 //! - [`evaluation`]: eval rows (file or seeded split), eval prompts, eval loss + generation metrics.
 //! - [`checkpoint`]: `checkpoint-N/` directories: atomic save, rotation, resume.
 //! - [`atomic`]: atomic file writes (temp file + rename).
+//! - [`backdoor`]: the backdoor attack/defense pipeline (base → attack → defenses → re-attack).
 //! - [`dpo`]: DPO preference fine-tuning (TRL `DPOTrainer` parity) on the same trainer parts.
 
 pub mod atomic;
+pub mod backdoor;
 pub mod checkpoint;
 pub mod collate;
 pub mod config;

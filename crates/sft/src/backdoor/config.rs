@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use gptoss_eval::backdoor::{PoisonConfig, SyntheticConfig};
-use gptoss_model::{Config, LayerType};
+use gptoss_model::Config;
 
 use crate::config::ReportTo;
 
@@ -178,17 +178,7 @@ pub fn small_gpt_oss(
     c.num_local_experts = experts;
     c.num_experts_per_tok = 2.min(experts);
     c.experts_per_token = None;
-    c.layer_types = Some(
-        (0..layers)
-            .map(|i| {
-                if i % 2 == 0 {
-                    LayerType::Sliding
-                } else {
-                    LayerType::Full
-                }
-            })
-            .collect(),
-    );
+    c.layer_types = Some(Config::alternating(layers));
     c
 }
 
@@ -239,7 +229,7 @@ impl PipelineConfig {
     /// experts top-2, intermediate 512) trained from scratch in f32 for 3,000 steps of 32 rows
     /// on 20,000 synthetic train rows (≈ 5 epochs), then attack 300, clean SFT 150,
     /// Critical-CoT SFT 200, DPO 100 and re-attack 60 steps, evaluated on 200 test rows
-    /// untriggered and triggered. Sized for one H100 within 8 minutes (not measured here).
+    /// untriggered and triggered (up to 128 generated tokens). Sized for one H100 within 8 minutes (not measured here).
     pub fn gpu_small() -> Self {
         let cpu = Self::cpu_quick();
         Self {
@@ -260,6 +250,7 @@ impl PipelineConfig {
                 reattack: StageTraining::new(60, 5e-4, 16),
             },
             eval_rows: 200,
+            max_new_tokens: 128,
             generate_batch_size: 100,
             output_dir: PathBuf::from("backdoor_defense_gpu_small"),
             progress_bar: false,

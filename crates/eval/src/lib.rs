@@ -12,6 +12,7 @@
 //! - [`format`](mod@format): Harmony format validity of generated token ids, channel texts and lengths;
 //! - [`generation`]: prompts → batched generation → parsed [`RowRecord`]s, and the flat
 //!   `eval_*` metrics a training log takes;
+//! - [`hub`]: the local Hugging Face hub cache layout (snapshot directories);
 //! - [`proportion`]: a share with its 95 % Wilson interval (also for backdoor ASR/BDR/TDR);
 //! - [`metrics`]: per-row records and scores, and the aggregate [`EvalSummary`];
 //! - [`report`] and [`chart`]: `eval.json`, `eval.md` and the PNG bar chart;
@@ -40,6 +41,7 @@ pub mod chart;
 pub mod error;
 pub mod format;
 pub mod generation;
+pub mod hub;
 pub mod language;
 pub mod metrics;
 pub mod proportion;

@@ -374,7 +374,9 @@ impl Config {
         c
     }
 
-    fn alternating(layers: usize) -> Vec<LayerType> {
+    /// gpt-oss's layer pattern for `layers` layers: sliding-window attention on even layers, full
+    /// attention on odd ones.
+    pub fn alternating(layers: usize) -> Vec<LayerType> {
         (0..layers)
             .map(|i| {
                 if i % 2 == 0 {

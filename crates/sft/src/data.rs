@@ -413,48 +413,10 @@ pub fn resolve_hub_snapshot(
     resolve_snapshot(&repo_dir, revision)
 }
 
-/// The snapshot directory inside a hub cache repo directory (`datasets--org--name`).
-///
-/// Walked by hand rather than through the `hf-hub` crate: its offline `Cache`/`CacheRepo` API
-/// resolves one file of a known name through `refs/` (`CacheRepo::get`), but a dataset here is a
-/// snapshot *directory* whose split files (`data/train-*.parquet`, `*.jsonl`) must be listed, and a
-/// `revision` may be a commit hash; both need the snapshot path itself, which hf-hub does not
-/// expose. Its default features would also pull in an HTTP/TLS stack this offline tool never uses.
+/// The snapshot directory inside a hub cache repo directory (`datasets--org--name`): see
+/// [`gptoss_eval::hub::resolve_snapshot`].
 fn resolve_snapshot(repo_dir: &Path, revision: Option<&str>) -> Result<PathBuf> {
-    let snapshots = repo_dir.join("snapshots");
-    let rev = revision.unwrap_or("main");
-    let direct = snapshots.join(rev);
-    if direct.is_dir() {
-        return Ok(direct);
-    }
-    let ref_file = repo_dir.join("refs").join(rev);
-    if let Ok(hash) = std::fs::read_to_string(&ref_file) {
-        let dir = snapshots.join(hash.trim());
-        if dir.is_dir() {
-            return Ok(dir);
-        }
-        return Err(SftError::Dataset(format!(
-            "{} points at {}, which is not in {}",
-            ref_file.display(),
-            hash.trim(),
-            snapshots.display()
-        )));
-    }
-    if revision.is_none() {
-        // No refs/main: accept a single snapshot.
-        let entries: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-            .map_err(|e| SftError::io(&snapshots, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        if let [only] = entries.as_slice() {
-            return Ok(only.clone());
-        }
-    }
-    Err(SftError::Dataset(format!(
-        "revision `{rev}` not found under {}",
-        snapshots.display()
-    )))
+    Ok(gptoss_eval::hub::resolve_snapshot(repo_dir, revision)?)
 }
 
 #[cfg(test)]

@@ -13,9 +13,11 @@
 //! - [`checkpoint`]: `checkpoint-N/` directories: atomic save, rotation, resume.
 //! - [`atomic`]: atomic file writes (temp file + rename).
 //! - [`distributed`]: data parallelism (the reduction interface, threads / NCCL, launch, rendezvous).
+//! - [`backdoor`]: the backdoor attack/defense pipeline (base → attack → defenses → re-attack).
 //! - [`dpo`]: DPO preference fine-tuning (TRL `DPOTrainer` parity) on the same trainer parts.
 
 pub mod atomic;
+pub mod backdoor;
 pub mod checkpoint;
 pub mod collate;
 pub mod config;

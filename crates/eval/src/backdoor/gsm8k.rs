@@ -298,31 +298,6 @@ fn is_data_file(path: &Path) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
-/// The snapshot directory of an HF hub cache repo directory (`refs/main`, else its only
-/// snapshot).
-fn resolve_snapshot(repo_dir: &Path) -> Result<PathBuf> {
-    let snapshots = repo_dir.join("snapshots");
-    if let Ok(hash) = std::fs::read_to_string(repo_dir.join("refs").join("main")) {
-        let dir = snapshots.join(hash.trim());
-        if dir.is_dir() {
-            return Ok(dir);
-        }
-    }
-    let entries: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-        .map_err(|e| EvalError::io(&snapshots, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    match entries.as_slice() {
-        [only] => Ok(only.clone()),
-        _ => Err(EvalError::Invalid {
-            context: snapshots.display().to_string(),
-            expected: "refs/main naming a snapshot, or exactly one snapshot".to_string(),
-            found: format!("{} snapshots and no usable refs/main", entries.len()),
-        }),
-    }
-}
-
 /// The data files of `path` with their splits, sorted by split then name (see the module
 /// docs for the accepted layouts).
 pub fn gsm8k_files(path: &Path) -> Result<Vec<(PathBuf, String)>> {
@@ -339,7 +314,7 @@ pub fn gsm8k_files(path: &Path) -> Result<Vec<(PathBuf, String)>> {
     }
     let mut dir = path.to_path_buf();
     if dir.join("snapshots").is_dir() {
-        dir = resolve_snapshot(&dir)?;
+        dir = crate::hub::resolve_snapshot(&dir, None)?;
     }
     if dir.join("main").is_dir() {
         dir = dir.join("main");

@@ -130,10 +130,23 @@ pub(crate) fn write_err(source: std::io::Error) -> ModelError {
 
 /// Counts the bytes a producer writes, to check them against the header, and keeps the first
 /// write error (disk full, ...).
-struct Counting<'a> {
+pub(crate) struct Counting<'a> {
     inner: &'a mut dyn Write,
-    n: u64,
-    failed: Option<std::io::ErrorKind>,
+    /// Bytes written so far.
+    pub n: u64,
+    /// The kind of the first write error.
+    pub failed: Option<std::io::ErrorKind>,
+}
+
+impl<'a> Counting<'a> {
+    /// Counts what goes into `inner`.
+    pub fn new(inner: &'a mut dyn Write) -> Self {
+        Self {
+            inner,
+            n: 0,
+            failed: None,
+        }
+    }
 }
 
 impl Write for Counting<'_> {
@@ -198,11 +211,7 @@ pub(crate) fn write_checkpoint_files(
         w.write_all(&h).map_err(io(&tmp))?;
         for &i in shard {
             let e = &entries[i];
-            let mut c = Counting {
-                inner: &mut w,
-                n: 0,
-                failed: None,
-            };
+            let mut c = Counting::new(&mut w);
             if let Err(err) = produce(i, &mut c) {
                 return Err(match (c.failed, err) {
                     (Some(_), ModelError::Io { source, .. }) => ModelError::Io {

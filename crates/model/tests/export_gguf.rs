@@ -200,6 +200,45 @@ fn dense_experts_requantize_to_the_converters_file() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+#[test]
+fn gguf_output_rules_and_refusals() {
+    let root = tmp("rules");
+    let input = root.join("gpt-oss-tiny");
+    gguf_input::write(&input);
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        experts: ExpertLoading::Resident,
+    };
+    let model = load_with(&input, &Device::Cpu, &opts).unwrap();
+    let mut opts = ExportOptions::new(ExportFormat::Gguf);
+    let out = root.join("m.gguf");
+    let err = |opts: &ExportOptions, out: &Path| export(&model, out, opts).unwrap_err().to_string();
+    // no source directory: no tokenizer to write
+    let e = err(&opts, &out);
+    assert!(e.contains("source checkpoint directory"), "{e}");
+    // a source without tokenizer.json
+    opts.source_dir = Some(root.clone());
+    let e = err(&opts, &out);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not found"),
+        "{e}"
+    );
+    assert!(!out.exists() && !root.join("m.gguf.tmp").exists());
+    // a directory as output
+    opts.source_dir = Some(input.clone());
+    let e = err(&opts, &input);
+    assert!(e.contains("is a directory"), "{e}");
+    // an existing file is kept unless --overwrite
+    std::fs::write(&out, b"old").unwrap();
+    let e = err(&opts, &out);
+    assert!(e.contains("exists") && e.contains("--overwrite"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"old");
+    opts.overwrite = true;
+    export(&model, &out, &opts).unwrap();
+    assert_eq!(&std::fs::read(&out).unwrap()[..4], b"GGUF");
+    let _ = std::fs::remove_dir_all(root);
+}
+
 /// Writes the golden checkpoint to `$GPTOSS_GGUF_INPUT` (the input of
 /// `scripts/fixtures/export/make_gguf_golden.py`).
 #[test]

@@ -130,22 +130,35 @@ pub(crate) fn write_err(source: std::io::Error) -> ModelError {
 
 /// Counts the bytes a producer writes, to check them against the header, and keeps the first
 /// write error (disk full, ...).
-pub(crate) struct Counting<'a> {
+struct Counting<'a> {
     inner: &'a mut dyn Write,
-    /// Bytes written so far.
-    pub n: u64,
-    /// The kind of the first write error.
-    pub failed: Option<std::io::ErrorKind>,
+    n: u64,
+    failed: Option<std::io::ErrorKind>,
 }
 
-impl<'a> Counting<'a> {
-    /// Counts what goes into `inner`.
-    pub fn new(inner: &'a mut dyn Write) -> Self {
-        Self {
-            inner,
-            n: 0,
-            failed: None,
-        }
+/// Runs `produce` on `w` and returns the number of bytes it wrote; a failed write (disk full,
+/// ...) comes back as [`ModelError::Io`] naming `path` and `tensor`, any other error as it is.
+pub(crate) fn produce_counted(
+    w: &mut dyn Write,
+    path: &Path,
+    tensor: &str,
+    produce: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<u64> {
+    let mut c = Counting {
+        inner: w,
+        n: 0,
+        failed: None,
+    };
+    match (produce(&mut c), c.failed) {
+        (Ok(()), _) => Ok(c.n),
+        (Err(ModelError::Io { source, .. }), Some(_)) => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                source.kind(),
+                format!("writing tensor `{tensor}`: {source}"),
+            ),
+        }),
+        (Err(e), _) => Err(e),
     }
 }
 
@@ -211,26 +224,14 @@ pub(crate) fn write_checkpoint_files(
         w.write_all(&h).map_err(io(&tmp))?;
         for &i in shard {
             let e = &entries[i];
-            let mut c = Counting::new(&mut w);
-            if let Err(err) = produce(i, &mut c) {
-                return Err(match (c.failed, err) {
-                    (Some(_), ModelError::Io { source, .. }) => ModelError::Io {
-                        path: tmp.clone(),
-                        source: std::io::Error::new(
-                            source.kind(),
-                            format!("writing tensor `{}`: {source}", e.name),
-                        ),
-                    },
-                    (_, err) => err,
-                });
-            }
-            if c.n != e.nbytes() {
+            let n = produce_counted(&mut w, &tmp, &e.name, |w| produce(i, w))?;
+            if n != e.nbytes() {
                 return Err(ModelError::Safetensors {
                     path: tmp.clone(),
                     reason: format!(
                         "tensor `{}`: {} bytes written, {} expected for {:?} {:?}",
                         e.name,
-                        c.n,
+                        n,
                         e.nbytes(),
                         e.dtype,
                         e.shape

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::super::writer::io;
+use super::super::writer::{io, produce_counted};
 use crate::error::{ModelError, Result};
 
 /// `GGUF` magic.
@@ -179,21 +179,7 @@ pub(crate) fn write_gguf(
     w.write_all(&h).map_err(io(path))?;
     let mut size = h.len() as u64;
     for (i, t) in tensors.iter().enumerate() {
-        let mut c = super::super::writer::Counting::new(&mut w);
-        let r = produce(i, &mut c);
-        let (n, failed) = (c.n, c.failed);
-        if let Err(err) = r {
-            return Err(match (failed, err) {
-                (Some(_), ModelError::Io { source, .. }) => ModelError::Io {
-                    path: path.to_path_buf(),
-                    source: std::io::Error::new(
-                        source.kind(),
-                        format!("writing tensor `{}`: {source}", t.name),
-                    ),
-                },
-                (_, err) => err,
-            });
-        }
+        let n = produce_counted(&mut w, path, &t.name, |w| produce(i, w))?;
         if n != t.nbytes() {
             return Err(ModelError::arg(
                 "gguf",

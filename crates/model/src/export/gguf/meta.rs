@@ -92,10 +92,9 @@ pub(crate) fn size_label(tensors: &[TensorInfo]) -> String {
         }
         total += size;
     }
-    if n_expert > 0 {
-        format!("{}x{}", expert_sum / n_expert, rounded(shared + expert))
-    } else {
-        rounded(total)
+    match expert_sum.checked_div(n_expert) {
+        Some(e) => format!("{e}x{}", rounded(shared + expert)),
+        None => rounded(total),
     }
 }
 

@@ -264,12 +264,15 @@ pub(crate) fn write_ggml_mxfp4(
 /// The even or odd entries of the last dim of `t` as a new tensor (`[.., n/2]`, same dtype).
 pub(crate) fn strided(t: &Tensor, rows: Rows) -> Result<Tensor> {
     let d = t.dims();
-    let n = *d.last().unwrap_or(&0);
+    let Some(&n) = d.last() else {
+        return Err(ModelError::arg(
+            "gguf",
+            "cannot split the last dim of a scalar",
+        ));
+    };
     let mut shape = d.to_vec();
     shape.push(2);
-    if let Some(l) = shape.get_mut(d.len() - 1) {
-        *l = n / 2;
-    }
+    shape[d.len() - 1] = n / 2;
     let start = usize::from(rows == Rows::Odd);
     Ok(t.to_dtype(DType::F32)?
         .reshape(shape)?

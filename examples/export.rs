@@ -1,10 +1,12 @@
 //! Export a gpt-oss checkpoint, with a PEFT LoRA adapter merged in, as a checkpoint that
 //! transformers (and vLLM) load: bf16, or with the experts re-quantized to MXFP4 as the released
-//! checkpoints store them (`docs/export.md`).
+//! checkpoints store them, or as one llama.cpp GGUF file (`docs/export.md`).
 //!
 //! ```text
 //! cargo run --release --example export -- --model /path/to/gpt-oss-20b \
 //!     --adapter gpt-oss-20b-multilingual-reasoner --out gpt-oss-20b-merged --format mxfp4
+//! cargo run --release --example export -- --model /path/to/gpt-oss-20b \
+//!     --adapter gpt-oss-20b-multilingual-reasoner --out gpt-oss-20b-merged.gguf --format gguf
 //! ```
 //! Exit status 1 on any error (message names the file or tensor and what was expected); a failed
 //! export leaves no complete-looking `--out`.
@@ -28,10 +30,10 @@ struct Cli {
     /// PEFT adapter directory to merge (adapter_config.json + adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
-    /// Output directory (must be absent or empty unless --overwrite).
+    /// Output directory (must be absent or empty unless --overwrite); gguf: the output file.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// bf16 or mxfp4 (gguf: not implemented, see docs/export.md).
+    /// bf16, mxfp4 or gguf (one llama.cpp file, experts MXFP4; see docs/export.md).
     #[arg(long, default_value = "bf16")]
     format: String,
     /// Replace a non-empty output directory.
@@ -81,6 +83,13 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let format: ExportFormat = cli.format.parse()?;
+    if format == ExportFormat::Gguf && cli.probe_tokens > 0 {
+        return Err(
+            "--probe-tokens: a gguf export cannot be loaded back here (llama.cpp reads it); \
+                    check it with scripts/fixtures/export/check_export.py OUT.gguf CHECKPOINT"
+                .into(),
+        );
+    }
     if cli.shard_gb.is_nan() || cli.shard_gb <= 0.0 {
         return Err(format!("--shard-gb {}: expected a positive size", cli.shard_gb).into());
     }

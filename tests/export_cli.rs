@@ -301,18 +301,35 @@ fn merged_exports_match_the_unmerged_adapter_and_bad_input_fails_cleanly() {
     );
     assert!(!bad_out.exists());
 
-    // gguf is refused with the reason
+    // gguf: one file; the synthetic checkpoint has no tokenizer.json, which the export names
+    let gguf_out = tmp("gguf").with_extension("gguf");
     let o = run(&[
         "--model",
         s(&base),
         "--out",
-        s(&bad_out),
+        s(&gguf_out),
         "--format",
         "gguf",
     ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("gguf export is not implemented"));
-    assert!(!bad_out.exists());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(!gguf_out.exists());
+    let o = run(&[
+        "--model",
+        s(&base),
+        "--out",
+        s(&gguf_out),
+        "--format",
+        "gguf",
+        "--probe-tokens",
+        "4",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be loaded back"));
 
     for d in [base, ad, f32_out, bf16_out, mx_out, other, other_ad] {
         let _ = std::fs::remove_dir_all(d);

@@ -33,10 +33,14 @@
 //!
 //! Streaming: tensor by tensor (experts expert by expert when quantizing), each shard's header
 //! first, so the export holds at most one tensor on the host besides the model; everything goes to
-//! `<out>.tmp`, which is renamed to `<out>` only when complete. GGUF is not written: see
-//! [`GGUF_UNSUPPORTED`].
+//! `<out>.tmp`, which is renamed to `<out>` only when complete.
+//!
+//! [`ExportFormat::Gguf`] writes one `.gguf` file instead (`out` is the file): llama.cpp's gpt-oss
+//! GGUF as its `convert_hf_to_gguf.py` writes it, experts in ggml MXFP4, the tokenizer of
+//! [`ExportOptions::source_dir`] (required); see the `gguf` module and `docs/export.md`.
 
 mod bf16;
+mod gguf;
 mod mxfp4;
 pub(crate) mod writer;
 
@@ -69,12 +73,6 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "chat_template.json",
 ];
 
-/// Why `--format gguf` is refused (the error text of parsing `"gguf"`).
-pub const GGUF_UNSUPPORTED: &str = "gguf export is not implemented: it needs llama.cpp's gpt-oss \
-     tensor layout and tokenizer metadata checked against a file made by llama.cpp's own \
-     convert_hf_to_gguf.py, which this project does not have yet (docs/export.md); export bf16 and \
-     run convert_hf_to_gguf.py on the result";
-
 /// The weight format of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
@@ -83,20 +81,23 @@ pub enum ExportFormat {
     /// Expert weights as MXFP4 `_blocks`/`_scales`, everything else in the float dtype, with
     /// the `mxfp4` `quantization_config`.
     Mxfp4,
+    /// One llama.cpp GGUF file: experts in ggml MXFP4, other matrices in the float dtype,
+    /// vectors in f32, the tokenizer metadata of the source checkpoint.
+    Gguf,
 }
 
 impl FromStr for ExportFormat {
     type Err = ModelError;
 
-    /// `"bf16"` or `"mxfp4"`; `"gguf"` is an error saying why ([`GGUF_UNSUPPORTED`]).
+    /// `"bf16"`, `"mxfp4"` or `"gguf"`.
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "bf16" => Ok(Self::Bf16),
             "mxfp4" => Ok(Self::Mxfp4),
-            "gguf" => Err(ModelError::arg("format", GGUF_UNSUPPORTED)),
+            "gguf" => Ok(Self::Gguf),
             other => Err(ModelError::arg(
                 "format",
-                format!("{other:?}: expected bf16 or mxfp4"),
+                format!("{other:?}: expected bf16, mxfp4 or gguf"),
             )),
         }
     }
@@ -107,6 +108,7 @@ impl std::fmt::Display for ExportFormat {
         f.write_str(match self {
             Self::Bf16 => "bf16",
             Self::Mxfp4 => "mxfp4",
+            Self::Gguf => "gguf",
         })
     }
 }
@@ -145,19 +147,20 @@ impl ExportOptions {
 /// What [`export`] wrote.
 #[derive(Debug, Clone)]
 pub struct ExportReport {
-    /// The output directory.
+    /// The output directory (gguf: the output file).
     pub dir: PathBuf,
     /// The weight format.
     pub format: ExportFormat,
-    /// The safetensors files, in order.
+    /// The safetensors files, in order (gguf: the file).
     pub files: Vec<PathBuf>,
     /// Tensors written.
     pub tensors: usize,
-    /// Bytes of tensor data.
+    /// Bytes of tensor data (gguf: the file size).
     pub total_bytes: u64,
     /// Files copied from the source directory (names).
     pub copied: Vec<String>,
-    /// One entry per MXFP4 expert tensor (empty for bf16), in file order.
+    /// One entry per MXFP4 expert tensor (empty for bf16), in file order (gguf: per expert
+    /// parameter, before its split into gate and up).
     pub quantization: Vec<QuantError>,
 }
 
@@ -558,6 +561,9 @@ pub fn export(model: &GptOssForCausalLM, out: &Path, opts: &ExportOptions) -> Re
     writer::dtype_name(opts.dtype)?;
     if opts.dtype == DType::U8 {
         return Err(ModelError::arg("dtype", "floats cannot be stored as u8"));
+    }
+    if opts.format == ExportFormat::Gguf {
+        return gguf::export_gguf(model, out, opts);
     }
     let tmp = prepare(out, opts)?;
     match write_all(model, &tmp, out, opts).and_then(|r| finish(&tmp, out).map(|()| r)) {

@@ -136,6 +136,32 @@ struct Counting<'a> {
     failed: Option<std::io::ErrorKind>,
 }
 
+/// Runs `produce` on `w` and returns the number of bytes it wrote; a failed write (disk full,
+/// ...) comes back as [`ModelError::Io`] naming `path` and `tensor`, any other error as it is.
+pub(crate) fn produce_counted(
+    w: &mut dyn Write,
+    path: &Path,
+    tensor: &str,
+    produce: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<u64> {
+    let mut c = Counting {
+        inner: w,
+        n: 0,
+        failed: None,
+    };
+    match (produce(&mut c), c.failed) {
+        (Ok(()), _) => Ok(c.n),
+        (Err(ModelError::Io { source, .. }), Some(_)) => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                source.kind(),
+                format!("writing tensor `{tensor}`: {source}"),
+            ),
+        }),
+        (Err(e), _) => Err(e),
+    }
+}
+
 impl Write for Counting<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self.inner.write(buf) {
@@ -198,30 +224,14 @@ pub(crate) fn write_checkpoint_files(
         w.write_all(&h).map_err(io(&tmp))?;
         for &i in shard {
             let e = &entries[i];
-            let mut c = Counting {
-                inner: &mut w,
-                n: 0,
-                failed: None,
-            };
-            if let Err(err) = produce(i, &mut c) {
-                return Err(match (c.failed, err) {
-                    (Some(_), ModelError::Io { source, .. }) => ModelError::Io {
-                        path: tmp.clone(),
-                        source: std::io::Error::new(
-                            source.kind(),
-                            format!("writing tensor `{}`: {source}", e.name),
-                        ),
-                    },
-                    (_, err) => err,
-                });
-            }
-            if c.n != e.nbytes() {
+            let n = produce_counted(&mut w, &tmp, &e.name, |w| produce(i, w))?;
+            if n != e.nbytes() {
                 return Err(ModelError::Safetensors {
                     path: tmp.clone(),
                     reason: format!(
                         "tensor `{}`: {} bytes written, {} expected for {:?} {:?}",
                         e.name,
-                        c.n,
+                        n,
                         e.nbytes(),
                         e.dtype,
                         e.shape

@@ -248,43 +248,60 @@ pub fn run_pipeline(
         max_new_tokens: cfg.max_new_tokens,
         batch_size: cfg.generate_batch_size,
     };
-    let mut report = BackdoorReport::new();
-    let mut stage_secs = Vec::new();
-    let mut evaluate = |model: &GptOssForCausalLM,
-                        label: &str,
-                        started: std::time::Instant,
-                        report: &mut BackdoorReport|
-     -> Result<BackdoorMetrics> {
-        let (m, records) = score_stage(model, tok, &data.eval, &score, label)?;
-        let name = label.replace(' ', "_");
-        write_records(
-            &cfg.output_dir.join(format!("generations_{name}.jsonl")),
-            &records,
-        )?;
-        println!(
-            "[{label}] clean accuracy {}/{}, ASR {}/{}, BDR {}/{}, TDR {}/{}",
-            m.clean_accuracy.hits,
-            m.clean_accuracy.total,
-            m.asr.hits,
-            m.asr.total,
-            m.bdr.hits,
-            m.bdr.total,
-            m.tdr.hits,
-            m.tdr.total
-        );
-        report.push(label, m.clone());
-        // Written after every stage, so a run cut short keeps the stages it finished.
-        report.write(&cfg.output_dir)?;
-        stage_secs.push((label.to_string(), started.elapsed().as_secs_f64()));
-        Ok(m)
+    let mut stages = StageEvaluator {
+        tok,
+        eval: &data.eval,
+        score,
+        output_dir: &cfg.output_dir,
+        report: BackdoorReport::new(),
+        stage_secs: Vec::new(),
     };
 
     let t = std::time::Instant::now();
     let (mut model, model_dir) = base_model(cfg, tok, &files, device)?;
-    evaluate(&model, STAGE_BASE, t, &mut report)?;
+    stages.evaluate(&model, STAGE_BASE, t)?;
 
+    for (name, label, training, stage_data) in stage_plan(cfg, &files) {
+        if training.steps == 0 {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        let dataset = match stage_data {
+            StageData::Sft(p) | StageData::Dpo(p) => p,
+        };
+        let tcfg = stage_config(cfg, name, dataset, PeftMode::Lora, training, &model_dir);
+        println!(
+            "\n== stage {name}: {} steps on {}",
+            training.steps,
+            dataset.display()
+        );
+        lora_stage(&mut model, tok, &tcfg, stage_data, cfg.dpo_beta)?;
+        stages.evaluate(&model, label, t)?;
+    }
+
+    let StageEvaluator {
+        report, stage_secs, ..
+    } = stages;
+    let files = report.write(&cfg.output_dir)?;
+    let mlflow = match cfg.report_to {
+        ReportTo::Mlflow => Some(log_report(&report, &files)?),
+        ReportTo::None => None,
+    };
+    Ok(PipelineOutput {
+        report,
+        files,
+        mlflow,
+        stage_secs,
+    })
+}
+
+/// The LoRA stages after the base, in order: (name, report label, training, data).
+fn stage_plan<'a>(
+    cfg: &PipelineConfig,
+    files: &'a DataFiles,
+) -> [(&'static str, &'static str, StageTraining, StageData<'a>); 5] {
     let s = &cfg.stages;
-    let plan = [
+    [
         (
             "attack",
             STAGE_AFTER_ATTACK,
@@ -310,34 +327,50 @@ pub fn run_pipeline(
             s.reattack,
             StageData::Sft(&files.poisoned),
         ),
-    ];
-    for (name, label, training, stage_data) in plan {
-        if training.steps == 0 {
-            continue;
-        }
-        let t = std::time::Instant::now();
-        let dataset = match stage_data {
-            StageData::Sft(p) | StageData::Dpo(p) => p,
-        };
-        let tcfg = stage_config(cfg, name, dataset, PeftMode::Lora, training, &model_dir);
-        println!(
-            "\n== stage {name}: {} steps on {}",
-            training.steps,
-            dataset.display()
-        );
-        lora_stage(&mut model, tok, &tcfg, stage_data, cfg.dpo_beta)?;
-        evaluate(&model, label, t, &mut report)?;
-    }
+    ]
+}
 
-    let files = report.write(&cfg.output_dir)?;
-    let mlflow = match cfg.report_to {
-        ReportTo::Mlflow => Some(log_report(&report, &files)?),
-        ReportTo::None => None,
-    };
-    Ok(PipelineOutput {
-        report,
-        files,
-        mlflow,
-        stage_secs,
-    })
+/// Scores each stage's model on the evaluation rows and keeps the report (rewritten after every
+/// stage, so a run cut short keeps the stages it finished) and the stage times.
+struct StageEvaluator<'a> {
+    tok: &'a HarmonyTokenizer,
+    eval: &'a [gptoss_eval::backdoor::Example],
+    score: ScoreOptions,
+    output_dir: &'a Path,
+    report: BackdoorReport,
+    stage_secs: Vec<(String, f64)>,
+}
+
+impl StageEvaluator<'_> {
+    /// Evaluates `model` as stage `label` (started at `started`): generations file, console line,
+    /// report row.
+    fn evaluate(
+        &mut self,
+        model: &GptOssForCausalLM,
+        label: &str,
+        started: std::time::Instant,
+    ) -> Result<BackdoorMetrics> {
+        let (m, records) = score_stage(model, self.tok, self.eval, &self.score, label)?;
+        let name = label.replace(' ', "_");
+        write_records(
+            &self.output_dir.join(format!("generations_{name}.jsonl")),
+            &records,
+        )?;
+        println!(
+            "[{label}] clean accuracy {}/{}, ASR {}/{}, BDR {}/{}, TDR {}/{}",
+            m.clean_accuracy.hits,
+            m.clean_accuracy.total,
+            m.asr.hits,
+            m.asr.total,
+            m.bdr.hits,
+            m.bdr.total,
+            m.tdr.hits,
+            m.tdr.total
+        );
+        self.report.push(label, m.clone());
+        self.report.write(self.output_dir)?;
+        self.stage_secs
+            .push((label.to_string(), started.elapsed().as_secs_f64()));
+        Ok(m)
+    }
 }

@@ -308,26 +308,7 @@ pub fn finetune_on_ranks(
     if let Some(set) = &eval {
         trainer = trainer.with_eval_rows(set.examples.clone());
     }
-    let pool = gptoss_kernels::MemoryPool::of(&device);
-    if let Some(p) = &pool {
-        p.reset_high();
-    }
-    // ranks other than 0 report nothing (their records are rank 0's)
-    let mut observer = match main {
-        true => StandardObserver::new(cfg, trainer.total_steps())?,
-        false => StandardObserver::silent(trainer.total_steps()),
-    };
-    if let Some(loc) = observer.mlflow_location() {
-        println!("MLflow: {loc}");
-    }
-    let outcome = match trainer.train(&mut observer) {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = observer.fail();
-            return Err(e);
-        }
-    };
-    let peak_memory = pool.as_ref().map(|p| p.stats());
+    let (outcome, mut observer, peak_memory) = train_observed(&trainer, cfg, main, &device)?;
     let timed = observer.step_times().steps.len().saturating_sub(2);
     let steady_step_secs = (timed > 0).then(|| (observer.step_times().median_secs(2), timed));
     // Interrupted: the checkpoint just written is what there is (and what to resume from).
@@ -351,6 +332,39 @@ pub fn finetune_on_ranks(
         eval,
         tracking,
     })
+}
+
+/// Runs `trainer` under the standard observer (console, progress bar, MLflow; silent on ranks
+/// other than 0, whose records are rank 0's), marking the MLflow run failed on an error.
+/// Returns the outcome, the observer (step times, MLflow run) and the device pool's peak.
+fn train_observed(
+    trainer: &Trainer<'_, GptOssForCausalLM>,
+    cfg: &TrainingConfig,
+    main: bool,
+    device: &candle_core::Device,
+) -> Result<(
+    TrainOutcome,
+    StandardObserver,
+    Option<gptoss_kernels::PoolStats>,
+)> {
+    let pool = gptoss_kernels::MemoryPool::of(device);
+    if let Some(p) = &pool {
+        p.reset_high();
+    }
+    let mut observer = match main {
+        true => StandardObserver::new(cfg, trainer.total_steps())?,
+        false => StandardObserver::silent(trainer.total_steps()),
+    };
+    if let Some(loc) = observer.mlflow_location() {
+        println!("MLflow: {loc}");
+    }
+    match trainer.train(&mut observer) {
+        Ok(o) => Ok((o, observer, pool.as_ref().map(|p| p.stats()))),
+        Err(e) => {
+            let _ = observer.fail();
+            Err(e)
+        }
+    }
 }
 
 /// The `dataset …: N examples (…)` and `eval: N rows` lines of a run.

@@ -16,7 +16,7 @@ use std::time::Instant;
 use candle_core::{Device, Var};
 
 use super::adapters::TrainableAdapters;
-use super::backward::{forward_backward, BackwardOptions, LayeredCausalLm};
+use super::backward::{forward_backward, BackwardOptions, LayeredCausalLm, MicroBatch};
 use super::batch::micro_batch;
 use super::driver::{accumulate, LogPoint, Objective, StepLoss, TrainLoop};
 use super::evaluate::eval_loss;
@@ -249,6 +249,27 @@ impl<'a, M: LayeredCausalLm> Trainer<'a, M> {
         &self.config
     }
 
+    /// The micro-batches of `mbs` (each a list of units: rows, or packed bins of rows) on the
+    /// device: padded, or padding-free when `packing` / `padding_free`.
+    fn collate_units(&self, mbs: &[Vec<usize>]) -> Result<Vec<MicroBatch>> {
+        let cfg = &self.config;
+        mbs.iter()
+            .map(|idx| {
+                let rows: Vec<Example> = idx
+                    .iter()
+                    .flat_map(|&u| &self.units[u])
+                    .map(|&i| self.rows[i].clone())
+                    .collect();
+                let batch = if cfg.packing || cfg.padding_free {
+                    pack(&rows)?
+                } else {
+                    pad(&rows)?
+                };
+                micro_batch(&batch, self.options.pad_token_id, &self.device)
+            })
+            .collect()
+    }
+
     /// Micro-batches per epoch.
     pub fn micro_batches_per_epoch(&self) -> usize {
         self.units
@@ -318,22 +339,7 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
     ) -> Result<StepLoss> {
         let cfg = &self.config;
         let (rank, world) = (self.reducer.rank(), self.reducer.world_size().max(1));
-        let batches = mbs
-            .iter()
-            .map(|idx| {
-                let rows: Vec<Example> = idx
-                    .iter()
-                    .flat_map(|&u| &self.units[u])
-                    .map(|&i| self.rows[i].clone())
-                    .collect();
-                let batch = if cfg.packing || cfg.padding_free {
-                    pack(&rows)?
-                } else {
-                    pad(&rows)?
-                };
-                micro_batch(&batch, self.options.pad_token_id, &self.device)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let batches = self.collate_units(mbs)?;
         let mut num_items = [batches.iter().map(|b| b.targets.len()).sum::<usize>() as f64];
         self.reducer.all_reduce_f64(&mut num_items)?;
         let num_items = num_items[0] as usize;

@@ -129,7 +129,8 @@ fn bad_requests_fail_before_any_generation() {
     let model = model();
     let ctx = model.config().max_position_embeddings;
     let good = requests(2, false);
-    let cases: Vec<(Box<dyn Fn(&mut GenerationRequest)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut GenerationRequest)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|r| r.prompt.clear()), "no tokens"),
         (Box::new(|r| r.prompt[0] = 512), "outside the vocabulary"),
         (Box::new(|r| r.config.temperature = -0.5), "temperature"),

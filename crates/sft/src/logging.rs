@@ -518,29 +518,61 @@ pub fn write_loss_curve_png(path: &Path, history: &[LogEntry]) -> Result<()> {
 type PlotArea<'a> =
     plotters::drawing::DrawingArea<plotters::prelude::BitMapBackend<'a>, plotters::coord::Shift>;
 
+/// The chart of one panel: margins, label areas, the `optimizer step` x axis and `y_desc`.
+fn panel<'a, 'b>(
+    area: &'a PlotArea<'b>,
+    caption: Option<&str>,
+    y_desc: &str,
+    y_format: Option<&dyn Fn(&f64) -> String>,
+    (xs, ys): (std::ops::Range<f64>, std::ops::Range<f64>),
+) -> std::result::Result<
+    plotters::chart::ChartContext<
+        'a,
+        plotters::prelude::BitMapBackend<'b>,
+        plotters::coord::cartesian::Cartesian2d<
+            plotters::coord::types::RangedCoordf64,
+            plotters::coord::types::RangedCoordf64,
+        >,
+    >,
+    String,
+> {
+    let mut builder = plotters::prelude::ChartBuilder::on(area);
+    if let Some(c) = caption {
+        builder.caption(c, ("sans-serif", 22));
+    }
+    let mut chart = builder
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xs, ys)
+        .map_err(|e| e.to_string())?;
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc("optimizer step")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14));
+    if let Some(f) = y_format {
+        mesh.y_label_formatter(f);
+    }
+    mesh.draw().map_err(|e| e.to_string())?;
+    Ok(chart)
+}
+
 /// The upper panel: train loss (line) and eval loss (line + dots) over optimizer steps.
 fn draw_loss_panel(
     area: &PlotArea<'_>,
     train: &[(f64, f64)],
     eval: &[(f64, f64)],
-    (xs, ys): (std::ops::Range<f64>, std::ops::Range<f64>),
+    ranges: (std::ops::Range<f64>, std::ops::Range<f64>),
 ) -> std::result::Result<(), String> {
     use plotters::prelude::*;
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let mut chart = ChartBuilder::on(area)
-        .caption("Training loss", ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
-        .build_cartesian_2d(xs, ys)
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("loss (nats / token)")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(|x| e(&x))?;
+    let mut chart = panel(
+        area,
+        Some("Training loss"),
+        "loss (nats / token)",
+        None,
+        ranges,
+    )?;
     if !train.is_empty() {
         chart
             .draw_series(LineSeries::new(train.to_vec(), BLUE.stroke_width(2)))
@@ -571,28 +603,15 @@ fn draw_loss_panel(
 fn draw_lr_panel(
     area: &PlotArea<'_>,
     lr: &[(f64, f64)],
-    (xs, ys): (std::ops::Range<f64>, std::ops::Range<f64>),
+    ranges: (std::ops::Range<f64>, std::ops::Range<f64>),
 ) -> std::result::Result<(), String> {
     use plotters::prelude::*;
-    let e = |e: &dyn std::fmt::Display| e.to_string();
-    let mut chart = ChartBuilder::on(area)
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
-        .build_cartesian_2d(xs, ys)
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("learning rate")
-        .y_label_formatter(&|v| format!("{v:.1e}"))
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(|x| e(&x))?;
+    let sci = |v: &f64| format!("{v:.1e}");
+    let mut chart = panel(area, None, "learning rate", Some(&sci), ranges)?;
     chart
         .draw_series(LineSeries::new(lr.to_vec(), GREEN.stroke_width(2)))
         .map(|_| ())
-        .map_err(|x| e(&x))
+        .map_err(|x| x.to_string())
 }
 
 #[cfg(test)]

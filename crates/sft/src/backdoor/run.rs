@@ -135,6 +135,7 @@ fn base_model(
             );
             let tcfg = stage_config(cfg, "base", &files.clean, PeftMode::None, *train, &init_dir);
             let out = finetune(&mut model, &tcfg, tok)?;
+            stop_if_interrupted("base", out.outcome.interrupted, &out.adapter_dir)?;
             drop(out.trained);
             drop(model);
             // Reloaded so that later stages train adapters over plain (untracked) weights.
@@ -142,6 +143,19 @@ fn base_model(
                 gptoss_model::load_with(&out.adapter_dir, device, &f32).map_err(model_err)?;
             Ok((model, out.adapter_dir))
         }
+    }
+}
+
+/// A stage stopped by Ctrl-C / SIGTERM ends the pipeline: the later stages and the report would
+/// otherwise be computed from a model that did not finish its training.
+fn stop_if_interrupted(stage: &str, interrupted: bool, checkpoint: &Path) -> Result<()> {
+    match interrupted {
+        false => Ok(()),
+        true => Err(SftError::Trainer(format!(
+            "backdoor pipeline: stage `{stage}` was interrupted (Ctrl-C / SIGTERM); its checkpoint \
+             is {}; the later stages and the report were not run",
+            checkpoint.display()
+        ))),
     }
 }
 
@@ -161,21 +175,28 @@ fn lora_stage(
     data: StageData<'_>,
     beta: f64,
 ) -> Result<()> {
+    let stage = tcfg.run_name.as_deref().unwrap_or("lora");
     let lora = match data {
-        StageData::Sft(_) => match finetune(model, tcfg, tok)?.trained {
-            Trained::Lora(l) => *l,
-            Trained::Full(_) => {
-                return Err(SftError::Trainer(
-                    "backdoor pipeline: a LoRA stage trained full-parameter".into(),
-                ))
+        StageData::Sft(_) => {
+            let out = finetune(model, tcfg, tok)?;
+            stop_if_interrupted(stage, out.outcome.interrupted, &out.adapter_dir)?;
+            match out.trained {
+                Trained::Lora(l) => *l,
+                Trained::Full(_) => {
+                    return Err(SftError::Trainer(
+                        "backdoor pipeline: a LoRA stage trained full-parameter".into(),
+                    ))
+                }
             }
-        },
+        }
         StageData::Dpo(_) => {
             let dpo = DpoConfig {
                 beta,
                 ..DpoConfig::default()
             };
-            run_dpo(model, tcfg, &dpo, tok)?.lora
+            let out = run_dpo(model, tcfg, &dpo, tok)?;
+            stop_if_interrupted(stage, out.outcome.interrupted, &out.adapter_dir)?;
+            out.lora
         }
     };
     lora.merge_and_unload(model)

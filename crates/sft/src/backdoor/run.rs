@@ -395,3 +395,20 @@ impl StageEvaluator<'_> {
         Ok(m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_stage_ends_the_pipeline_naming_stage_and_checkpoint() {
+        let ckpt = Path::new("/tmp/bd/attack/checkpoint-120");
+        assert!(stop_if_interrupted("backdoor-attack", false, ckpt).is_ok());
+        let err = stop_if_interrupted("backdoor-attack", true, ckpt)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("`backdoor-attack` was interrupted"), "{err}");
+        assert!(err.contains("/tmp/bd/attack/checkpoint-120"), "{err}");
+    }
+}

@@ -8,43 +8,13 @@ use gptoss_eval::backdoor::report::{
     STAGE_AFTER_CLEAN_SFT, STAGE_AFTER_CRITICAL_COT_SFT, STAGE_AFTER_DPO, STAGE_AFTER_REATTACK,
     STAGE_BASE,
 };
-use gptoss_eval::backdoor::SyntheticConfig;
 use gptoss_eval::EvalError;
 use gptoss_harmony::HarmonyTokenizer;
-use gptoss_sft::backdoor::{
-    run_pipeline, small_gpt_oss, BaseModel, DataSource, PipelineConfig, StagePlan, StageTraining,
-};
-use gptoss_sft::config::ReportTo;
+use gptoss_sft::backdoor::{run_pipeline, PipelineConfig};
 use gptoss_sft::SftError;
 
-fn tiny(dir: &std::path::Path) -> PipelineConfig {
-    let step = StageTraining::new(1, 1e-3, 1);
-    PipelineConfig {
-        data: DataSource::Synthetic {
-            train: 8,
-            test: 2,
-            config: SyntheticConfig::default(),
-        },
-        base: BaseModel::FromScratch {
-            config: Box::new(small_gpt_oss(64, 1, 2, 1, 2, 32)),
-            train: step,
-        },
-        stages: StagePlan {
-            attack: StageTraining::new(2, 1e-3, 1),
-            clean_sft: step,
-            critical_cot_sft: step,
-            dpo: step,
-            reattack: step,
-        },
-        eval_rows: 2,
-        max_new_tokens: 6,
-        generate_batch_size: 4,
-        output_dir: dir.to_path_buf(),
-        report_to: ReportTo::None,
-        progress_bar: false,
-        ..PipelineConfig::cpu_quick()
-    }
-}
+mod backdoor_support;
+use backdoor_support::tiny;
 
 #[test]
 fn every_stage_is_trained_evaluated_and_reported() {

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Device script (one H100/H200 call, ≈ 8 min): a synthetic gpt-oss-20b checkpoint (random MXFP4 experts,
+# HF layout) feeds two measurements that need a 20b model and a large host:
+#  - issue 19's packing bar: the trainer on the bundled Multilingual-Thinking sample at the recipe's
+#    settings (max_length 2048, batch 4 × accumulation 4, gradient checkpointing), unpacked and with
+#    `--packing`; compare the logged tokens/s, which counts non-pad tokens;
+#  - issue 24's export bar: `export --format gguf` and `--format bf16` wall time and peak RSS.
+#
+# Build here (CUDA binaries; see docs/cuda.md), stripped and xz-compressed into an ignored folder, e.g. devbin/:
+#   make_checkpoint, finetune_multilingual, export  ->  devbin/<name>.xz
+# Run on the device from the repository root, carrying devbin:
+#   BIN=devbin bash scripts/bench/packing_export_20b.sh
+set -u
+BIN=${BIN:-devbin}
+OUT=${OUT:-/tmp/packing-export}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+for f in "$BIN"/*.xz; do [ -f "$f" ] && xz -d -T8 "$f"; done
+chmod +x "$BIN"/make_checkpoint "$BIN"/finetune_multilingual "$BIN"/export
+CK=/dev/shm/gpt-oss-20b-synthetic
+/usr/bin/time -v "$BIN"/make_checkpoint --arch 20b --out "$CK" 2>&1 | grep -E "Elapsed|Maximum resident" | tee "$OUT/make_checkpoint.txt"
+common=(--model "$CK" --max-steps 8 --eval-strategy no --eval-rows 0 --no-generate --report-to none
+        --progress-bar false --save-steps 0)
+for mode in unpacked packed; do
+    extra=(); [ "$mode" = packed ] && extra=(--packing)
+    timeout 240 "$BIN"/finetune_multilingual "${common[@]}" "${extra[@]}" --output-dir "/tmp/ft-$mode" 2>&1 \
+        | grep -E "tokens/s|steady-state|peak device|dataset" | tee "$OUT/finetune_$mode.txt"
+done
+for fmt in gguf bf16; do
+    dest=/tmp/export-$fmt; [ "$fmt" = gguf ] && dest=/tmp/export.gguf
+    /usr/bin/time -v "$BIN"/export --model "$CK" --format "$fmt" --out "$dest" 2>&1 \
+        | grep -E "Elapsed|Maximum resident|error" | tee "$OUT/export_$fmt.txt"
+    du -sh "$dest" | tee -a "$OUT/export_$fmt.txt"; rm -rf "$dest"
+done

@@ -22,7 +22,7 @@ CK=/dev/shm/gpt-oss-20b-synthetic
 common=(--model "$CK" --max-steps 8 --eval-strategy no --eval-rows 0 --no-generate --report-to none
         --progress-bar false --save-steps 0)
 for mode in unpacked packed; do
-    extra=(); [ "$mode" = packed ] && extra=(--packing)
+    extra=(); [ "$mode" = packed ] && extra=(--packing true)
     timeout 240 "$BIN"/finetune_multilingual "${common[@]}" "${extra[@]}" --output-dir "/tmp/ft-$mode" 2>&1 \
         | grep -E "tokens/s|steady-state|peak device|dataset" | tee "$OUT/finetune_$mode.txt"
 done

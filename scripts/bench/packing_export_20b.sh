@@ -19,7 +19,7 @@ for f in "$BIN"/*.xz; do [ -f "$f" ] && xz -d -T8 "$f"; done
 chmod +x "$BIN"/make_checkpoint "$BIN"/finetune_multilingual "$BIN"/export
 CK=/dev/shm/gpt-oss-20b-synthetic
 /usr/bin/time -v "$BIN"/make_checkpoint --arch 20b --out "$CK" 2>&1 | grep -E "Elapsed|Maximum resident" | tee "$OUT/make_checkpoint.txt"
-common=(--model "$CK" --max-steps 8 --eval-strategy no --eval-rows 0 --no-generate --report-to none
+common=(--model "$CK" --dataset crates/sft/data/multilingual_thinking_sample.jsonl --max-steps 8 --eval-strategy no --eval-rows 0 --no-generate --report-to none
         --progress-bar false --save-steps 0)
 for mode in unpacked packed; do
     extra=(); [ "$mode" = packed ] && extra=(--packing true)

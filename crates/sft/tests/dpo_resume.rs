@@ -208,3 +208,31 @@ fn a_dataset_without_valid_rows_names_them_and_writes_nothing() -> Result<()> {
     assert!(!out.exists());
     Ok(())
 }
+
+#[test]
+fn max_length_past_the_model_context_is_a_config_error_before_any_data() -> Result<()> {
+    let tmp = tempfile::tempdir().map_err(|e| SftError::io("tempdir", e))?;
+    let model_dir = write_model(tmp.path())?;
+    let mut model = gptoss_model::load(&model_dir, DType::F32, &Device::Cpu).map_err(err)?;
+    let context = model.config().max_position_embeddings;
+    let out = tmp.path().join("out");
+    let mut cfg = config(&out);
+    cfg.max_length = context + 1;
+    // the dataset does not exist: the context check must come first
+    cfg.dataset = Some(tmp.path().join("absent.jsonl").display().to_string());
+    let tok = HarmonyTokenizer::o200k_harmony()?;
+    let e = match run_dpo(&mut model, &cfg, &DpoConfig::default(), &tok) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("trained past the model's context"),
+    };
+    assert!(
+        e.contains("model.max_length") && e.contains(&format!("{}", context + 1)),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("max_position_embeddings is {context}")),
+        "{e}"
+    );
+    assert!(!out.exists());
+    Ok(())
+}

@@ -45,6 +45,7 @@ pub fn run_dpo(
     dpo: &DpoConfig,
     tok: &HarmonyTokenizer,
 ) -> Result<DpoOutput> {
+    cfg.check_context(model.config().max_position_embeddings)?;
     let spec = cfg
         .dataset
         .as_deref()

@@ -167,15 +167,14 @@ enum StageData<'a> {
     Dpo(&'a Path),
 }
 
-/// Trains LoRA adapters on `model` for one stage and merges them into its weights.
+/// Trains LoRA adapters on `model` for stage `stage` and merges them into its weights.
 fn lora_stage(
     model: &mut GptOssForCausalLM,
     tok: &HarmonyTokenizer,
-    tcfg: &TrainingConfig,
+    (stage, tcfg): (&str, &TrainingConfig),
     data: StageData<'_>,
     beta: f64,
 ) -> Result<()> {
-    let stage = tcfg.run_name.as_deref().unwrap_or("lora");
     let lora = match data {
         StageData::Sft(_) => {
             let out = finetune(model, tcfg, tok)?;
@@ -296,7 +295,7 @@ pub fn run_pipeline(
             training.steps,
             dataset.display()
         );
-        lora_stage(&mut model, tok, &tcfg, stage_data, cfg.dpo_beta)?;
+        lora_stage(&mut model, tok, (name, &tcfg), stage_data, cfg.dpo_beta)?;
         stages.evaluate(&model, label, t)?;
     }
 
@@ -403,12 +402,12 @@ mod tests {
     #[test]
     fn an_interrupted_stage_ends_the_pipeline_naming_stage_and_checkpoint() {
         let ckpt = Path::new("/tmp/bd/attack/checkpoint-120");
-        assert!(stop_if_interrupted("backdoor-attack", false, ckpt).is_ok());
-        let err = stop_if_interrupted("backdoor-attack", true, ckpt)
+        assert!(stop_if_interrupted("attack", false, ckpt).is_ok());
+        let err = stop_if_interrupted("attack", true, ckpt)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("`backdoor-attack` was interrupted"), "{err}");
+        assert!(err.contains("stage `attack` was interrupted"), "{err}");
         assert!(err.contains("/tmp/bd/attack/checkpoint-120"), "{err}");
     }
 }

@@ -226,10 +226,12 @@ impl PipelineConfig {
     }
 
     /// `--preset gpu-small`: a 4-layer, hidden-256 gpt-oss (8 query heads over 2 kv heads, 4
-    /// experts top-2, intermediate 512) trained from scratch in f32 for 3,000 steps of 32 rows
-    /// on 20,000 synthetic train rows (≈ 5 epochs), then attack 300, clean SFT 150,
-    /// Critical-CoT SFT 200, DPO 100 and re-attack 60 steps, evaluated on 200 test rows
-    /// untriggered and triggered (up to 128 generated tokens). Sized for one H100 within 8 minutes (not measured here).
+    /// experts top-2, intermediate 512) trained from scratch in f32 for 1,800 steps of 32 rows
+    /// on 20,000 synthetic train rows (≈ 2.9 epochs, lr 1e-3), then LoRA attack 1,200 steps
+    /// (lr 2e-3), clean SFT 300 and Critical-CoT SFT 400 (lr 1e-3), DPO 100 (lr 5e-5) and
+    /// re-attack 200 (lr 2e-3), evaluated on 200 test rows untriggered and triggered (up to 128
+    /// generated tokens). Sized for one 10-minute H100 call: session 11 measured ≈ 0.17 s per
+    /// base step and ≈ 18 ms per LoRA step on an H100 (docs/backdoor.md).
     pub fn gpu_small() -> Self {
         let cpu = Self::cpu_quick();
         Self {
@@ -240,18 +242,18 @@ impl PipelineConfig {
             },
             base: BaseModel::FromScratch {
                 config: Box::new(small_gpt_oss(256, 4, 8, 2, 4, 512)),
-                train: StageTraining::new(3_000, 1e-3, 32),
+                train: StageTraining::new(1_800, 1e-3, 32),
             },
             stages: StagePlan {
-                attack: StageTraining::new(300, 5e-4, 16),
-                clean_sft: StageTraining::new(150, 5e-4, 16),
-                critical_cot_sft: StageTraining::new(200, 5e-4, 16),
-                dpo: StageTraining::new(100, 2e-4, 8),
-                reattack: StageTraining::new(60, 5e-4, 16),
+                attack: StageTraining::new(1_200, 2e-3, 16),
+                clean_sft: StageTraining::new(300, 1e-3, 16),
+                critical_cot_sft: StageTraining::new(400, 1e-3, 16),
+                dpo: StageTraining::new(100, 5e-5, 8),
+                reattack: StageTraining::new(200, 2e-3, 16),
             },
             eval_rows: 200,
             max_new_tokens: 128,
-            generate_batch_size: 100,
+            generate_batch_size: 200,
             output_dir: PathBuf::from("backdoor_defense_gpu_small"),
             progress_bar: false,
             ..cpu

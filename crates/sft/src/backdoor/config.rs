@@ -226,8 +226,8 @@ impl PipelineConfig {
     }
 
     /// `--preset gpu-small`: a 4-layer, hidden-256 gpt-oss (8 query heads over 2 kv heads, 4
-    /// experts top-2, intermediate 512) trained from scratch in f32 for 1,800 steps of 32 rows
-    /// on 20,000 synthetic train rows (≈ 2.9 epochs, lr 1e-3), then LoRA attack 1,200 steps
+    /// experts top-2, intermediate 512) trained from scratch in f32 for 1,200 steps of 32 rows
+    /// on 20,000 synthetic train rows (≈ 1.9 epochs, lr 1e-3), then LoRA attack 1,200 steps
     /// (lr 2e-3), clean SFT 300 and Critical-CoT SFT 400 (lr 1e-3), DPO 100 (lr 5e-5) and
     /// re-attack 200 (lr 2e-3), evaluated on 200 test rows untriggered and triggered (up to 128
     /// generated tokens). Sized for one 10-minute H100 call: session 11 measured ≈ 0.17 s per
@@ -242,7 +242,7 @@ impl PipelineConfig {
             },
             base: BaseModel::FromScratch {
                 config: Box::new(small_gpt_oss(256, 4, 8, 2, 4, 512)),
-                train: StageTraining::new(1_800, 1e-3, 32),
+                train: StageTraining::new(1_200, 1e-3, 32),
             },
             stages: StagePlan {
                 attack: StageTraining::new(1_200, 2e-3, 16),

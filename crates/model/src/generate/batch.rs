@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use super::sampler::{GenerationConfig, Sampler};
+use super::sampler::{argmax_rows, GenerationConfig, Sampler};
 use crate::error::{ModelError, Result};
 use crate::model::{GptOssForCausalLM, KvCache};
 
@@ -259,9 +259,7 @@ fn prefill(
     }
     let mut cache = model.new_cache();
     let logits = forward_rows(model, ids, &slots, longest, &mut cache)?;
-    for (s, row) in slots.iter_mut().zip(&logits) {
-        s.last = s.sampler.sample(row);
-    }
+    sample_slots(&logits, &mut slots)?;
     Ok((cache, slots))
 }
 
@@ -272,30 +270,39 @@ fn decode_step(model: &GptOssForCausalLM, slots: &mut [Slot], cache: &mut KvCach
         s.mask.push(1);
     }
     let logits = forward_rows(model, ids, slots, 1, cache)?;
-    for (s, row) in slots.iter_mut().zip(&logits) {
-        s.last = s.sampler.sample(row);
+    sample_slots(&logits, slots)
+}
+
+/// Each slot's next token from its row of `logits` `[B, V]` (on the device when all are greedy).
+fn sample_slots(logits: &Tensor, slots: &mut [Slot]) -> Result<()> {
+    if slots.iter().all(|s| s.sampler.is_greedy()) {
+        for (s, id) in slots.iter_mut().zip(argmax_rows(logits)?) {
+            s.last = id;
+        }
+        return Ok(());
+    }
+    for (s, row) in slots.iter_mut().zip(logits.to_vec2::<f32>()?) {
+        s.last = s.sampler.sample(&row);
     }
     Ok(())
 }
 
 /// `ids` `[B, t]` (row-major) after the cached positions, masked by the slots' mask rows (each
-/// `cache.seen + t` long) → last-position logits per row.
+/// `cache.seen + t` long) → last-position logits `[B, V]` f32, on the model's device.
 fn forward_rows(
     model: &GptOssForCausalLM,
     ids: Vec<u32>,
     slots: &[Slot],
     t: usize,
     cache: &mut KvCache,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Tensor> {
     let dev = model.device();
     let b = slots.len();
     let width = cache.seen + t;
     let mask: Vec<u32> = slots.iter().flat_map(|s| s.mask.iter().copied()).collect();
     let ids = Tensor::from_vec(ids, (b, t), dev)?;
     let mask = Tensor::from_vec(mask, (b, width), dev)?;
-    Ok(model
-        .forward_last_with_cache(&ids, Some(&mask), cache)?
-        .to_vec2::<f32>()?)
+    model.forward_last_with_cache(&ids, Some(&mask), cache)
 }
 
 /// Keep the slots (and cache rows) `keep`, then drop the leading timeline columns that every

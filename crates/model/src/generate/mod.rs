@@ -12,6 +12,7 @@ pub use batch::{
     generate_batch, BatchOptions, FinishReason, GenerationEvent, GenerationOutput,
     GenerationRequest,
 };
+use sampler::argmax_rows;
 pub use sampler::{GenerationConfig, Sampler};
 
 use candle_core::Tensor;
@@ -117,17 +118,16 @@ impl<'a> Generator<'a> {
         let mask = Tensor::from_vec(mflat, (b, seen), dev)?;
         let last = self
             .model
-            .forward_last_with_cache(&ids, Some(&mask), &mut self.cache)?
-            .to_vec2::<f32>()?;
+            .forward_last_with_cache(&ids, Some(&mask), &mut self.cache)?;
+        let tokens = self.next_tokens(&last)?;
         let mut produced = Vec::with_capacity(b);
-        for (r, row) in last.iter().enumerate() {
+        for (r, tok) in tokens.into_iter().enumerate() {
             if self.finished[r] {
                 produced.push(None);
                 self.pending[r] = vec![self.cfg.pad_token_id];
                 self.mask[r].push(0);
                 continue;
             }
-            let tok = self.sampler.sample(row);
             self.outputs[r].push(tok);
             if self.cfg.stop_tokens.contains(&tok) {
                 self.finished[r] = true;
@@ -138,6 +138,20 @@ impl<'a> Generator<'a> {
         }
         self.steps += 1;
         Ok(Some(produced))
+    }
+
+    /// The token of every unfinished row from `logits` `[B, V]`, the rows in order through the one
+    /// sampler (finished rows get 0 and do not advance its random state); greedy on the device.
+    fn next_tokens(&mut self, logits: &Tensor) -> Result<Vec<u32>> {
+        if self.sampler.is_greedy() {
+            return argmax_rows(logits);
+        }
+        let rows = logits.to_vec2::<f32>()?;
+        Ok(rows
+            .iter()
+            .zip(&self.finished)
+            .map(|(row, &done)| if done { 0 } else { self.sampler.sample(row) })
+            .collect())
     }
 
     /// Tokens generated so far per row (stop tokens included).

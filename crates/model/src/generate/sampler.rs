@@ -86,6 +86,11 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler always takes the argmax (`temperature` 0).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
     /// Sample a token id from `logits` `[V]`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let argmax = || {
@@ -142,5 +147,39 @@ impl Sampler {
             }
         }
         order[order.len() - 1] as u32
+    }
+}
+
+/// The argmax of every row of `logits` `[B, V]` (f32, on the model's device), computed on that
+/// device so that only `B` ids come to the host instead of `B × V` logits: greedy decoding's
+/// token choice. On the CPU candle's argmax keeps the first maximum, as [`Sampler::sample`]
+/// does; candle's CUDA kernel (a strided tree reduction) may pick another of several exactly
+/// equal maxima.
+pub(crate) fn argmax_rows(logits: &candle_core::Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_argmax_picks_what_the_greedy_sampler_picks_ties_included() {
+        // rows with a tie for the maximum (the first wins), a maximum at the ends, all equal
+        let rows: Vec<Vec<f32>> = vec![
+            vec![0.5, 2.0, -1.0, 2.0],
+            vec![3.0, 1.0, 2.0, 0.0],
+            vec![-4.0, -3.0, -2.0, 7.5],
+            vec![1.0, 1.0, 1.0, 1.0],
+        ];
+        let flat: Vec<f32> = rows.concat();
+        let t = candle_core::Tensor::from_vec(flat, (4, 4), &candle_core::Device::Cpu).unwrap();
+        let mut greedy = Sampler::new(&GenerationConfig {
+            temperature: 0.0,
+            ..GenerationConfig::default()
+        });
+        let host: Vec<u32> = rows.iter().map(|r| greedy.sample(r)).collect();
+        assert_eq!(host, vec![1, 0, 3, 0]);
+        assert_eq!(argmax_rows(&t).unwrap(), host);
     }
 }

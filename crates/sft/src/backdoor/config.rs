@@ -230,8 +230,8 @@ impl PipelineConfig {
     /// on 20,000 synthetic train rows (≈ 1.9 epochs, lr 1e-3), then LoRA attack 1,200 steps
     /// (lr 2e-3), clean SFT 300 and Critical-CoT SFT 400 (lr 1e-3), DPO 100 (lr 5e-5) and
     /// re-attack 200 (lr 2e-3), evaluated on 200 test rows untriggered and triggered (up to 128
-    /// generated tokens). Sized for one 10-minute H100 call: session 11 measured ≈ 0.17 s per
-    /// base step and ≈ 18 ms per LoRA step on an H100 (docs/backdoor.md).
+    /// generated tokens). Sized for one 10-minute H100 call from the step times measured on an
+    /// H100 (≈ 0.174 s per base step, ≈ 20 ms per LoRA step; docs/backdoor.md).
     pub fn gpu_small() -> Self {
         let cpu = Self::cpu_quick();
         Self {

@@ -1,5 +1,6 @@
 //! Data parallelism: one process (or, in tests, one thread) per rank, gradients summed over the
-//! ranks after every optimizer step's micro-batches, as HF `Trainer` + accelerate's DDP does.
+//! ranks once per optimizer step, as HF `Trainer` + accelerate's DDP does: in buckets, started
+//! while the step's last backward is still running (DDP's overlap; [`StepReduction`]).
 //!
 //! The trainer sees only [`GradReducer`]: its rank, the world size and element-wise sums over the
 //! ranks. Implementations:
@@ -7,8 +8,9 @@
 //!   unchanged, bit for bit).
 //! - [`ThreadGroup`]: ranks as threads of one process sharing a buffer (the CPU test of the
 //!   data-parallel path; a rank whose thread ends makes the others fail, naming it).
-//! - `Nccl` (feature `nccl`): one process per GPU, NCCL all-reduces on the device's stream, the
-//!   NCCL unique id shared through the TCP [`rendezvous`] on `MASTER_ADDR:MASTER_PORT`.
+//! - `Nccl` (feature `nccl`): one process per GPU, NCCL all-reduces (gradient buckets on a second
+//!   CUDA stream, ordered by events), the NCCL unique id shared through the TCP [`rendezvous`] on
+//!   `MASTER_ADDR:MASTER_PORT`.
 //!
 //! What the ranks compute together ([`crate::trainer::Trainer`]): each rank reads a disjoint,
 //! deterministic shard of every global batch (global batch = per-device batch × grad-accum ×
@@ -20,19 +22,20 @@
 //!
 //! Launch: [`launch::LaunchEnv`] reads torchrun's or Slurm's environment.
 
+mod buckets;
 pub mod launch;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod rendezvous;
 mod thread_group;
 
+pub use buckets::{absorb, layer_of, BucketPlan, StepReduction};
 pub use launch::LaunchEnv;
 pub use thread_group::ThreadGroup;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::Tensor;
 
 use crate::error::{Result, SftError};
-use crate::optim::Gradients;
 
 /// Gradient elements per all-reduce call (f32: 16 MiB), like DDP's 25 MB buckets: few calls,
 /// none so large that it cannot start before the whole gradient is flattened.
@@ -51,6 +54,18 @@ pub trait GradReducer: Send + Sync {
     /// Element-wise sums over the ranks of `buckets`: 1-D f32 tensors of the same lengths, in the
     /// same order on every rank. Returns the sums (same lengths and device).
     fn all_reduce_buckets(&self, buckets: Vec<Tensor>) -> Result<Vec<Tensor>>;
+    /// Starts the sum over the ranks of one bucket (a 1-D f32 tensor, same length and call order
+    /// on every rank; the caller hands it over: it may be summed in place, so nothing else may
+    /// read its storage) and returns without waiting for it where the backend can (NCCL: on a
+    /// second stream, so the backward's next layer computes meanwhile); the sum is
+    /// [`PendingSum::wait`]'s. Default: [`Self::all_reduce_buckets`] of the one bucket, at once.
+    fn start_bucket(&self, bucket: Tensor) -> Result<PendingSum> {
+        let mut sums = self.all_reduce_buckets(vec![bucket])?;
+        let sum = sums
+            .pop()
+            .ok_or_else(|| SftError::Trainer("all-reduce returned no bucket".into()))?;
+        Ok(PendingSum::ready(sum))
+    }
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()> {
         self.all_reduce_f64(&mut [0.0])
@@ -67,6 +82,36 @@ pub trait GradReducer: Send + Sync {
     /// The normal end of this rank's run (NCCL: tells the others goodbye, so that its exit is
     /// not reported as a failure). Default: nothing.
     fn finish(&self) {}
+}
+
+/// A sum over the ranks in flight ([`GradReducer::start_bucket`]).
+pub struct PendingSum(Box<dyn FnOnce() -> Result<Tensor>>);
+
+impl PendingSum {
+    /// A sum already done.
+    pub fn ready(sum: Tensor) -> Self {
+        Self(Box::new(move || Ok(sum)))
+    }
+
+    /// A sum that `wait` completes (it returns the summed tensor once later work on the
+    /// tensor's device is ordered after the reduction).
+    pub fn new(wait: impl FnOnce() -> Result<Tensor> + 'static) -> Self {
+        Self(Box::new(wait))
+    }
+
+    /// The sum: 1-D f32, the bucket's length and device.
+    ///
+    /// # Errors
+    /// The reducer's (a rank that died or diverged).
+    pub fn wait(self) -> Result<Tensor> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for PendingSum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingSum")
+    }
 }
 
 /// Which reducer [`join`] makes.
@@ -168,107 +213,9 @@ pub fn any_rank(reducer: &dyn GradReducer, flag: bool) -> Result<bool> {
     Ok(v[0] > 0.0)
 }
 
-/// Sums every gradient slot of `grads` (slots as `vars`) over the ranks, in place, through
-/// flat f32 buckets of at most [`BUCKET_ELEMS`] elements (one all-reduce per bucket, in slot
-/// order). A slot without a gradient on this rank contributes zeros; a slot without a gradient
-/// on every rank stays empty (AdamW skips it, as torch skips a `None` `.grad`). Gradients keep
-/// their shape and dtype (others than f32 are summed in f32).
-pub fn all_reduce_gradients(
-    reducer: &dyn GradReducer,
-    vars: &[Var],
-    grads: &mut Gradients,
-) -> Result<()> {
-    if vars.len() != grads.len() {
-        return Err(SftError::Optimizer(format!(
-            "all-reduce: {} vars for {} gradient slots",
-            vars.len(),
-            grads.len()
-        )));
-    }
-    let mut present: Vec<f64> = (0..grads.len())
-        .map(|i| f64::from(u8::from(grads.get(i).is_some())))
-        .collect();
-    reducer.all_reduce_f64(&mut present)?;
-    let slots: Vec<usize> = (0..grads.len()).filter(|&i| present[i] > 0.0).collect();
-    let buckets = buckets_of(vars, &slots, BUCKET_ELEMS);
-    let mut flats = Vec::with_capacity(buckets.len());
-    for bucket in &buckets {
-        let parts = bucket
-            .iter()
-            .map(|&i| match grads.get(i) {
-                Some(g) => Ok(g.to_dtype(DType::F32)?.flatten_all()?),
-                None => Ok(Tensor::zeros(
-                    vars[i].elem_count(),
-                    DType::F32,
-                    vars[i].device(),
-                )?),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        flats.push(Tensor::cat(&parts, 0)?);
-    }
-    let summed = reducer.all_reduce_buckets(flats)?;
-    if summed.len() != buckets.len() {
-        return Err(SftError::Trainer(format!(
-            "all-reduce returned {} buckets for {}",
-            summed.len(),
-            buckets.len()
-        )));
-    }
-    for (bucket, flat) in buckets.iter().zip(&summed) {
-        let mut offset = 0;
-        for &i in bucket {
-            let v = &vars[i];
-            let n = v.elem_count();
-            let dtype = grads.get(i).map_or(v.dtype(), |g| g.dtype());
-            let g = flat
-                .narrow(0, offset, n)?
-                .reshape(v.shape())?
-                .to_dtype(dtype)?;
-            grads.set(i, g)?;
-            offset += n;
-        }
-    }
-    Ok(())
-}
-
-/// `slots` in order, grouped into runs of at most `max_elems` elements (a slot larger than that
-/// is a bucket of its own).
-fn buckets_of(vars: &[Var], slots: &[usize], max_elems: usize) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut size = 0;
-    for &i in slots {
-        let n = vars[i].elem_count();
-        match out.last_mut() {
-            Some(b) if size + n <= max_elems => {
-                b.push(i);
-                size += n;
-            }
-            _ => {
-                out.push(vec![i]);
-                size = n;
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
-
-    fn var(n: usize) -> Var {
-        Var::zeros(n, DType::F32, &Device::Cpu).expect("zeros")
-    }
-
-    #[test]
-    fn buckets_group_slots_up_to_the_limit() {
-        let vars: Vec<Var> = [3, 4, 2, 9, 1].iter().map(|&n| var(n)).collect();
-        let b = buckets_of(&vars, &[0, 1, 2, 3, 4], 8);
-        assert_eq!(b, vec![vec![0, 1], vec![2], vec![3], vec![4]]);
-        let b = buckets_of(&vars, &[0, 2, 4], 8);
-        assert_eq!(b, vec![vec![0, 2, 4]]);
-    }
 
     #[test]
     fn single_leaves_gradients_alone() -> Result<()> {

@@ -1,6 +1,9 @@
-//! [`Nccl`]: one process per GPU, sums over the ranks by NCCL all-reduces enqueued on the
-//! candle device's own stream (so they follow the backward pass and precede the optimizer step
-//! without extra synchronisation).
+//! [`Nccl`]: one process per GPU, sums over the ranks by NCCL all-reduces enqueued on a
+//! communication stream of the candle device, ordered by events after the compute stream's work
+//! that made their inputs and before the work that reads their sums (no host synchronisation).
+//! A gradient bucket ([`GradReducer::start_bucket`]) runs there while the compute stream goes on
+//! with the backward of the layers below; every NCCL call of the communicator goes to that one
+//! stream, so the calls run in the order they were issued, the same on every rank.
 //!
 //! `libnccl.so.2` is opened at run time (`GPTOSS_NCCL_LIBRARY` names another file): building
 //! needs no NCCL, and a single-GPU run never loads it. PyTorch wheels ship it under
@@ -12,14 +15,15 @@
 //! connections then watch for a dead rank: NCCL itself would wait for it forever.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use candle_core::cuda_backend::cudarc::driver::CudaStream;
 use candle_core::{DType, Device, Tensor};
 use libloading::Library;
 
 use super::rendezvous::{meet, FailureHandler, RendezvousSpec, Watch};
-use super::{GradReducer, LaunchEnv};
+use super::{GradReducer, LaunchEnv, PendingSum};
 use crate::error::{Result, SftError};
 
 /// NCCL's `ncclUniqueId`.
@@ -110,6 +114,8 @@ pub struct Nccl {
     watch: Mutex<Option<Watch>>,
     /// Serialises calls on the communicator (NCCL's are not thread-safe).
     lock: Mutex<()>,
+    /// The stream every NCCL call is enqueued on (made on first use).
+    comm_stream: std::sync::OnceLock<Arc<CudaStream>>,
 }
 
 // SAFETY: the communicator is only used under `lock`; NCCL communicators may be used from any
@@ -184,6 +190,7 @@ impl Nccl {
             device: device.clone(),
             watch: Mutex::new(Some(watch)),
             lock: Mutex::new(()),
+            comm_stream: std::sync::OnceLock::new(),
         })
     }
 
@@ -216,16 +223,34 @@ impl Nccl {
         }
     }
 
-    /// In-place sums of `tensors` (contiguous, on this rank's device, of `dtype`) in one NCCL
-    /// group on the device's stream.
-    fn all_reduce_in_place(&self, tensors: &[Tensor], dtype: DType) -> Result<()> {
+    /// The device's compute stream and the communication stream.
+    fn streams(&self) -> Result<(Arc<CudaStream>, Arc<CudaStream>)> {
+        let compute = self.device.as_cuda_device()?.cuda_stream();
+        if let Some(c) = self.comm_stream.get() {
+            return Ok((compute, c.clone()));
+        }
+        let c = compute
+            .fork()
+            .map_err(|e| self.err(format!("creating the NCCL stream: {e}")))?;
+        Ok((compute, self.comm_stream.get_or_init(|| c).clone()))
+    }
+
+    /// Enqueues in-place sums of `tensors` (contiguous, on this rank's device, of `dtype`) in one
+    /// NCCL group on the communication stream, after the compute stream's work so far. Returns
+    /// the compute and communication streams (the caller orders the sums' readers after them).
+    fn enqueue_all_reduce(
+        &self,
+        tensors: &[Tensor],
+        dtype: DType,
+    ) -> Result<(Arc<CudaStream>, Arc<CudaStream>)> {
         let nccl_type = match dtype {
             DType::F32 => NCCL_FLOAT32,
             DType::F64 => NCCL_FLOAT64,
             other => return Err(self.err(format!("all-reduce of {other:?}"))),
         };
-        let cuda = self.device.as_cuda_device()?;
-        let stream = cuda.cuda_stream();
+        let (compute, comm) = self.streams()?;
+        comm.join(&compute)
+            .map_err(|e| self.err(format!("ordering the NCCL stream: {e}")))?;
         let _one = self
             .lock
             .lock()
@@ -237,7 +262,7 @@ impl Nccl {
         }
         let mut failed = None;
         for (k, t) in tensors.iter().enumerate() {
-            match self.enqueue(t, dtype, nccl_type, &stream) {
+            match self.enqueue(t, dtype, nccl_type, &comm) {
                 Ok(()) => {}
                 Err(e) => {
                     failed = Some(format!("bucket {k}: {e}"));
@@ -253,7 +278,15 @@ impl Nccl {
         if rc != 0 {
             return Err(self.err(format!("ncclGroupEnd: {}", self.api.describe(rc))));
         }
-        Ok(())
+        Ok((compute, comm))
+    }
+
+    /// [`Self::enqueue_all_reduce`], with the compute stream's later work ordered after the sums.
+    fn all_reduce_in_place(&self, tensors: &[Tensor], dtype: DType) -> Result<()> {
+        let (compute, comm) = self.enqueue_all_reduce(tensors, dtype)?;
+        compute
+            .join(&comm)
+            .map_err(|e| self.err(format!("ordering after the NCCL stream: {e}")))
     }
 
     fn enqueue(
@@ -275,7 +308,7 @@ impl Nccl {
             return Err("tensor is not contiguous".into());
         };
         let n = b - a;
-        // the address only: the reduction is enqueued on the same stream as the tensor's writers
+        // the address only: the communication stream was ordered after the tensor's writers
         let ptr = match dtype {
             DType::F32 => {
                 let view = cs
@@ -296,8 +329,9 @@ impl Nccl {
         };
         let buf = ptr as *mut c_void;
         // SAFETY: `buf` holds `n` elements of `dtype` on this rank's device; the tensors were made
-        // by the caller for this reduction and are read by nobody else meanwhile; the stream is
-        // the device's own, so the sum follows their producers and precedes their readers.
+        // by the caller for this reduction and are read by nobody else meanwhile; the stream
+        // waits for the compute stream's work so far (their producers), and the compute stream
+        // waits for it before their readers (`all_reduce_in_place`, `PendingSum::wait`).
         let rc = unsafe {
             (self.api.all_reduce)(
                 buf,
@@ -347,6 +381,24 @@ impl GradReducer for Nccl {
             .collect::<Result<Vec<_>>>()?;
         self.all_reduce_in_place(&own, DType::F32)?;
         Ok(own)
+    }
+
+    fn start_bucket(&self, bucket: Tensor) -> Result<PendingSum> {
+        // the caller hands the bucket over: it is summed in place
+        let own = bucket.to_dtype(DType::F32)?.contiguous()?;
+        let (compute, comm) = self.enqueue_all_reduce(std::slice::from_ref(&own), DType::F32)?;
+        let done = comm
+            .record_event(None)
+            .map_err(|e| self.err(format!("recording the NCCL event: {e}")))?;
+        let (rank, world) = (self.rank, self.world);
+        Ok(PendingSum::new(move || {
+            compute.wait(&done).map_err(|e| SftError::Distributed {
+                rank,
+                world_size: world,
+                message: format!("waiting for the NCCL stream: {e}"),
+            })?;
+            Ok(own)
+        }))
     }
 }
 

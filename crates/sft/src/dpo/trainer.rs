@@ -23,14 +23,15 @@ use super::metrics::{MetricsWindow, MicroMetrics};
 use super::reference::with_adapters_disabled;
 use super::tokenize::PreferenceExample;
 use crate::config::TrainingConfig;
+use crate::distributed::{absorb, StepReduction};
 use crate::error::{Result, SftError};
 use crate::logging::LogEntry;
 use crate::optim::Gradients;
 use crate::trainer::run::ExtraFiles;
 use crate::trainer::{
-    accumulate, forward_backward_rows, forward_row_stats, BackwardOptions, LayeredCausalLm,
-    LogPoint, LossStats, Objective, StepLoss, TrainLoop, TrainObserver, TrainOutcome,
-    TrainableAdapters, TrainerOptions,
+    forward_backward_rows, forward_row_stats, BackwardOptions, LayeredCausalLm, LogPoint,
+    LossStats, Objective, StepLoss, TrainLoop, TrainObserver, TrainOutcome, TrainableAdapters,
+    TrainerOptions,
 };
 
 /// An observer that does nothing.
@@ -284,7 +285,9 @@ impl<M: LayeredCausalLm> Objective for DpoObjective<'_, '_, M> {
         mbs: &[Vec<usize>],
         grads: &mut Gradients,
         window: &mut MetricsWindow,
+        reduction: Option<&mut StepReduction<'_>>,
     ) -> Result<StepLoss> {
+        let reduction = reduction.as_deref();
         let t = self.trainer;
         let n_micro = mbs.len().max(1);
         let opts = BackwardOptions {
@@ -304,7 +307,7 @@ impl<M: LayeredCausalLm> Objective for DpoObjective<'_, '_, M> {
             loss += micro_loss;
             window.add_micro(metrics);
             tokens += pb.num_tokens;
-            accumulate(grads, g)?;
+            absorb(reduction, grads, g)?;
         }
         window.add_step(loss);
         // TRL's DPO batches carry no `input_ids`, so HF's `floating_point_ops` counts 0 for them

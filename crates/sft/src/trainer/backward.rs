@@ -124,7 +124,29 @@ pub fn forward_backward<M: LayeredCausalLm>(
     opts: &BackwardOptions,
 ) -> Result<MicroStepOutput> {
     if opts.gradient_checkpointing {
-        checkpointed(model, params, batch, opts, None)
+        checkpointed(model, params, batch, opts, None, None)
+    } else {
+        plain(model, params, batch, opts, None)
+    }
+}
+
+/// Called in a checkpointed backward after each decoder layer's backward, from the last layer to
+/// the first, with that layer's index and the micro-batch's gradients so far (slots as `params`;
+/// the callee may take the slots it is done with, e.g. to start their all-reduce).
+pub type LayerDone<'a> = &'a mut dyn FnMut(usize, &mut [Option<Tensor>]) -> Result<()>;
+
+/// [`forward_backward`], calling `on_layer` after each decoder layer's backward when
+/// `opts.gradient_checkpointing` is on (without it one backward spans the model and `on_layer`
+/// is never called). The gradients `on_layer` takes are absent from the returned `grads`.
+pub fn forward_backward_with<M: LayeredCausalLm>(
+    model: &M,
+    params: &[Var],
+    batch: &MicroBatch,
+    opts: &BackwardOptions,
+    on_layer: LayerDone<'_>,
+) -> Result<MicroStepOutput> {
+    if opts.gradient_checkpointing {
+        checkpointed(model, params, batch, opts, None, Some(on_layer))
     } else {
         plain(model, params, batch, opts, None)
     }
@@ -151,7 +173,7 @@ pub fn forward_backward_rows<M: LayeredCausalLm>(
     row_scale: RowGradScale<'_>,
 ) -> Result<MicroStepOutput> {
     if opts.gradient_checkpointing {
-        checkpointed(model, params, batch, opts, Some(row_scale))
+        checkpointed(model, params, batch, opts, Some(row_scale), None)
     } else {
         plain(model, params, batch, opts, Some(row_scale))
     }
@@ -486,6 +508,7 @@ fn checkpointed<M: LayeredCausalLm>(
     batch: &MicroBatch,
     opts: &BackwardOptions,
     row_scale: Option<RowGradScale<'_>>,
+    on_layer: Option<LayerDone<'_>>,
 ) -> Result<MicroStepOutput> {
     let ctx = model.context(batch)?;
     let n_layers = model.num_layers();
@@ -538,7 +561,7 @@ fn checkpointed<M: LayeredCausalLm>(
         plan: plan.as_ref(),
         dev: &dev,
     };
-    let grad_embed = layers.backward(inputs, grad_out, &mut acc)?;
+    let grad_embed = layers.backward(inputs, grad_out, &mut acc, on_layer)?;
     replay.verify()?;
     embedding_grads(model, params, batch, grad_embed, &mut acc)?;
     Ok(MicroStepOutput {
@@ -562,13 +585,15 @@ struct Layers<'a, M: LayeredCausalLm> {
 
 impl<M: LayeredCausalLm> Layers<'_, M> {
     /// From the last layer down: recompute layer `i` from its saved input `inputs[i]`, seed its
-    /// output with the gradient from above (`grad_out`, plus the layer's aux-loss term), and add
-    /// the parameter gradients to `acc`. Returns the gradient w.r.t. the first layer's input.
+    /// output with the gradient from above (`grad_out`, plus the layer's aux-loss term), add the
+    /// parameter gradients to `acc`, then call `on_layer` (for every layer, also one that got no
+    /// gradient). Returns the gradient w.r.t. the first layer's input.
     fn backward(
         &self,
         mut inputs: Vec<Tensor>,
         mut grad_out: Option<Tensor>,
         acc: &mut [Option<Tensor>],
+        mut on_layer: Option<LayerDone<'_>>,
     ) -> Result<Option<Tensor>> {
         for i in (0..inputs.len()).rev() {
             let Some(input) = inputs.pop() else { break };
@@ -587,10 +612,14 @@ impl<M: LayeredCausalLm> Layers<'_, M> {
                     None => term,
                 });
             }
-            let Some(s) = s else { continue };
-            let g = scope("layer.backward", self.dev, || s.backward())?;
-            add_grads(acc, collect(self.params, &g))?;
-            grad_out = g.get(x.as_tensor()).cloned();
+            if let Some(s) = s {
+                let g = scope("layer.backward", self.dev, || s.backward())?;
+                add_grads(acc, collect(self.params, &g))?;
+                grad_out = g.get(x.as_tensor()).cloned();
+            }
+            if let Some(f) = on_layer.as_mut() {
+                f(i, acc)?;
+            }
         }
         Ok(grad_out)
     }

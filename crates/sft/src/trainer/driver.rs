@@ -25,7 +25,7 @@ use crate::checkpoint::{
     CheckpointContents, RngState, TrainerState, TRAINER_STATE_FILE,
 };
 use crate::config::{EvalStrategy, TrainingConfig};
-use crate::distributed::{all_reduce_gradients, any_rank, GradReducer, Single};
+use crate::distributed::{any_rank, BucketPlan, GradReducer, Single, StepReduction};
 use crate::error::{Result, SftError};
 use crate::flos::FlosCounter;
 use crate::logging::{loss_points, write_loss_curve_png, EvalRecord, LogEntry, TrainSummary};
@@ -70,12 +70,18 @@ pub trait Objective {
     fn new_window(&self) -> Self::Window;
     /// Forward + backward of one optimizer step's micro-batches (row indices), their gradients
     /// summed into `grads` (slots as `vars`), metrics and the step loss added to `window`.
+    ///
+    /// With several ranks the loop passes the step's gradient all-reduce as `reduction`: the
+    /// step adds each micro-batch's gradients through [`crate::distributed::absorb`], and may start
+    /// the buckets of finished layers during its last backward ([`StepReduction::layer_done`]);
+    /// the loop finishes the reduction after the step.
     fn step(
         &self,
         vars: &[Var],
         micro_batches: &[Vec<usize>],
         grads: &mut Gradients,
         window: &mut Self::Window,
+        reduction: Option<&mut StepReduction<'_>>,
     ) -> Result<StepLoss>;
     /// The `log_history` entry of `window` at `at`.
     fn record(&self, window: &Self::Window, at: &LogPoint) -> LogEntry;
@@ -107,6 +113,8 @@ pub struct RunState<W> {
     optimizer: AdamW,
     grads: Gradients,
     vars: Vec<Var>,
+    /// The all-reduce buckets of `vars` (used with several ranks).
+    buckets: BucketPlan,
     history: Vec<LogEntry>,
     global_step: u64,
     num_tokens: u64,
@@ -235,11 +243,13 @@ impl<O: Objective> TrainLoop<'_, O> {
         let cfg = self.config;
         let params = self.adapters.named_parameters();
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        let buckets = BucketPlan::of(&params);
         let optimizer = AdamW::new(params, cfg.adamw())?;
         let flos = FlosCounter::new(self.objective.flos_parameters(&vars), 0.0);
         let mut run = RunState {
             grads: Gradients::new(vars.len()),
             vars,
+            buckets,
             optimizer,
             history: Vec::new(),
             global_step: 0,
@@ -281,12 +291,20 @@ impl<O: Objective> TrainLoop<'_, O> {
     ) -> Result<StepOutput> {
         let cfg = self.config;
         let (mbs, epoch, consumed) = self.step_micro_batches(run.global_step);
-        let out = self
-            .objective
-            .step(&run.vars, &mbs, &mut run.grads, &mut run.window)?;
         let reducer = self.objective.reducer();
-        if !reducer.is_identity() {
-            all_reduce_gradients(reducer, &run.vars, &mut run.grads)?;
+        let mut reduction = match reducer.is_identity() {
+            true => None,
+            false => Some(StepReduction::new(reducer, &run.buckets, &run.vars)?),
+        };
+        let out = self.objective.step(
+            &run.vars,
+            &mbs,
+            &mut run.grads,
+            &mut run.window,
+            reduction.as_mut(),
+        )?;
+        if let Some(r) = reduction {
+            r.finish(&mut run.grads)?;
         }
         run.num_tokens += out.tokens;
         run.flos.add_batch(out.input_numel);

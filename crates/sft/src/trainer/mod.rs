@@ -36,8 +36,9 @@ pub mod timing;
 
 pub use adapters::{load_adapter_weights, TrainableAdapters};
 pub use backward::{
-    forward_backward, forward_backward_rows, forward_loss, forward_row_stats, BackwardOptions,
-    LayeredCausalLm, LossStats, MicroBatch, MicroStepOutput, RowGradScale,
+    forward_backward, forward_backward_rows, forward_backward_with, forward_loss,
+    forward_row_stats, BackwardOptions, LayerDone, LayeredCausalLm, LossStats, MicroBatch,
+    MicroStepOutput, RowGradScale,
 };
 pub use batch::micro_batch;
 pub use chat::{

@@ -16,13 +16,15 @@ use std::time::Instant;
 use candle_core::{Device, Var};
 
 use super::adapters::TrainableAdapters;
-use super::backward::{forward_backward, BackwardOptions, LayeredCausalLm, MicroBatch};
+use super::backward::{
+    forward_backward, forward_backward_with, BackwardOptions, LayeredCausalLm, MicroBatch,
+};
 use super::batch::micro_batch;
-use super::driver::{accumulate, LogPoint, Objective, StepLoss, TrainLoop};
+use super::driver::{LogPoint, Objective, StepLoss, TrainLoop};
 use super::evaluate::eval_loss;
 use crate::collate::{pack, pack_bfd, pad, Example};
 use crate::config::TrainingConfig;
-use crate::distributed::{GradReducer, Single};
+use crate::distributed::{absorb, GradReducer, Single, StepReduction};
 use crate::error::{Result, SftError};
 use crate::logging::{EvalRecord, LogEntry, LogRecord, TrainSummary};
 use crate::optim::Gradients;
@@ -336,6 +338,7 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
         mbs: &[Vec<usize>],
         grads: &mut Gradients,
         window: &mut LogWindow,
+        mut reduction: Option<&mut StepReduction<'_>>,
     ) -> Result<StepLoss> {
         let cfg = &self.config;
         let (rank, world) = (self.reducer.rank(), self.reducer.world_size().max(1));
@@ -352,7 +355,12 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
         };
         let mut slots = vec![0.0; ga * MicroStats::LEN];
         for (j, mb) in batches.iter().enumerate() {
-            let out = forward_backward(self.model, vars, mb, &opts)?;
+            let last = j + 1 == batches.len();
+            let out = match reduction.as_deref_mut() {
+                // the last backward starts each finished layer's all-reduce (DDP's overlap)
+                Some(r) if last => overlapped(self.model, vars, mb, &opts, r, grads)?,
+                _ => forward_backward(self.model, vars, mb, &opts)?,
+            };
             let stats = MicroStats {
                 nll_sum: out.nll_sum,
                 aux: out.aux.unwrap_or(0.0),
@@ -364,7 +372,7 @@ impl<M: LayeredCausalLm> Objective for Trainer<'_, M> {
             };
             let k = (j * world + rank) * MicroStats::LEN;
             stats.write(&mut slots[k..k + MicroStats::LEN]);
-            accumulate(grads, out.grads)?;
+            absorb(reduction.as_deref(), grads, out.grads)?;
         }
         self.reducer.all_reduce_f64(&mut slots)?;
         let (mut nll, mut aux_sum, mut tokens, mut input_numel) = (0.0, 0.0, 0u64, 0u64);
@@ -519,5 +527,31 @@ impl LogWindow {
             aux_loss: with_aux.then(|| self.aux_sum / steps),
             tokens_per_second: self.tokens as f64 / secs,
         }
+    }
+}
+
+/// [`forward_backward`] whose layers, as their backward finishes, start their gradient buckets on
+/// `reduction` (their value: `grads` of the earlier micro-batches plus this backward's).
+fn overlapped<M: LayeredCausalLm>(
+    model: &M,
+    vars: &[Var],
+    mb: &MicroBatch,
+    opts: &BackwardOptions,
+    reduction: &mut StepReduction<'_>,
+    grads: &Gradients,
+) -> Result<super::backward::MicroStepOutput> {
+    // the reducer's error, kept whole (the backward's callback can only return candle's)
+    let mut failed: Option<SftError> = None;
+    let mut on_layer = |layer: usize, acc: &mut [Option<candle_core::Tensor>]| {
+        reduction.layer_done(layer, grads, acc).map_err(|e| {
+            let m = e.to_string();
+            failed = Some(e);
+            candle_core::Error::Msg(m)
+        })
+    };
+    let out = forward_backward_with(model, vars, mb, opts, &mut on_layer);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out?),
     }
 }

@@ -14,7 +14,7 @@
 //! | [`norm`] | [`rms_norm`] (RMSNorm forward and backward in one kernel each) |
 //! | [`rope`] | [`rotary`], [`rotary_tokens_first`] (half-split RoPE, bit-identical to the reference ops) |
 //! | [`moe`] | router top-k + softmax, routed-row gather, SwiGLU with bias, weighted combine, the deferred expert backward |
-//! | [`grouped`] | the grouped expert matmul over dense or MXFP4-resident weights (cuBLAS(Lt) per expert, fused MXFP4 GEMM) |
+//! | [`grouped`] | the grouped expert matmul over dense or MXFP4-resident weights (cuBLAS(Lt) per expert, fused MXFP4 GEMM); the routed matmul (each row its own expert, read on the device) |
 //! | [`lora`] | PEFT's LoRA down projection, up projection + epilogue, grouped expert LoRA |
 //! | [`scaled_delta`] | [`add_scaled_delta`]: PEFT's `base + bias + delta·scale` rounding, and its gradient |
 //! | [`frozen`] | [`frozen_matmul`]: `x·W` whose backward gives only `∂x` |

@@ -353,6 +353,8 @@ impl GptOssForCausalLM {
             ));
         }
         let ctx = self.attention_context(b, t, cache.seen, attention_mask)?;
+        // a KV-cache pass is generation: never differentiated
+        let _inference = crate::moe::Inference::enter();
         let mut h = self.embed(input_ids)?;
         for (i, lc) in cache.layers.iter_mut().enumerate() {
             h = self.layer_forward_cached(i, &h, &ctx, Some(lc))?.hidden;

@@ -17,13 +17,40 @@ use crate::hooks::{ExpertAdapter, ExpertParam};
 use crate::packed_experts::{placeholder, PackedExperts};
 use crate::route_replay;
 use gptoss_kernels::frozen_matmul;
-use gptoss_kernels::grouped::{grouped_matmul, GroupedWeight, Spans};
+use gptoss_kernels::grouped::{grouped_matmul, routed, routed_matmul, GroupedWeight, Spans};
 use gptoss_kernels::moe::DeferredExperts;
 use gptoss_kernels::moe::{combine, gather_rows, swiglu_bias, topk_softmax};
 use gptoss_kernels::profile::scope;
 
 /// Default of [`Experts::set_backward_chunk`].
 const DEFAULT_BACKWARD_CHUNK: usize = 16;
+
+thread_local! {
+    /// Open [`Inference`] scopes of this thread.
+    static INFERENCE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// While alive, this thread's forward passes are not differentiated (KV-cache generation): the
+/// MoE may then take ops without a backward ([`Experts::forward`]'s device-side routing).
+pub(crate) struct Inference(());
+
+impl Inference {
+    /// Opens a scope (scopes nest).
+    pub(crate) fn enter() -> Self {
+        INFERENCE.with(|c| c.set(c.get() + 1));
+        Self(())
+    }
+
+    fn active() -> bool {
+        INFERENCE.with(|c| c.get() > 0)
+    }
+}
+
+impl Drop for Inference {
+    fn drop(&mut self) {
+        INFERENCE.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
 
 /// `model.layers.{i}.mlp.router`: `logits = x·Wᵀ + b` (not a [`crate::Linear`]: no adapter hook).
 #[derive(Debug, Clone)]
@@ -308,7 +335,15 @@ impl Experts {
     /// routed rows, grouped gate/up matmul (+ adapter deltas), bias + clamped SwiGLU, grouped down
     /// matmul (+ deltas), and the weighted sum with the down bias back to the tokens
     /// (see [`gptoss_kernels::moe`]).
+    ///
+    /// In generation (an [`Inference`] scope) with MXFP4-resident experts without adapters, on CUDA
+    /// and with few routed rows ([`routed::chosen`]: decode), nothing goes to the host: each routed
+    /// row `n·k + j` is multiplied by its expert's weight read from the device indices
+    /// ([`routed_matmul`]), then the same SwiGLU and combine ops run.
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.forward_on_device(x, routing)? {
+            return Ok(y);
+        }
         let dev = x.device();
         // under gradient checkpointing the recompute reuses the forward pass's plan (no host wait)
         let key = self as *const Self as usize;
@@ -390,6 +425,72 @@ impl Experts {
         scope("moe.combine", dev, || {
             combine(&ys, &weights, &maps.pos, &down_bias, &routing.indices)
         })
+    }
+}
+
+impl Experts {
+    /// [`Self::forward`]'s device-side routing, when it applies (else `None`): `x` `[N, H]` →
+    /// `[N, H]`, detached (inference only).
+    fn forward_on_device(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, k) = routing.indices.dims2()?;
+        let Some(p) = &self.packed else {
+            return Ok(None);
+        };
+        if self.gate_up_adapter.is_some()
+            || self.down_adapter.is_some()
+            || !Inference::active()
+            || !routed::chosen(x, n * k)
+        {
+            return Ok(None);
+        }
+        let dev = x.device();
+        let dtype = self.gate_up_proj_bias.dtype();
+        let h = x.dim(1)?;
+        let row_expert = routing.indices.flatten_all()?;
+        let xs = x
+            .detach()
+            .unsqueeze(1)?
+            .broadcast_as((n, k, h))?
+            .reshape((n * k, h))?;
+        let gu = scope("moe.gate_up", dev, || {
+            routed_matmul(
+                &xs,
+                &p.grouped_weight(ExpertParam::GateUp, dtype),
+                &row_expert,
+            )
+        })?;
+        let act = scope("moe.swiglu", dev, || {
+            swiglu_bias(
+                &gu,
+                &self.gate_up_proj_bias.detach(),
+                &row_expert,
+                self.limit,
+                self.alpha,
+            )
+        })?;
+        let ys = scope("moe.down", dev, || {
+            routed_matmul(
+                &act,
+                &p.grouped_weight(ExpertParam::Down, dtype),
+                &row_expert,
+            )
+        })?;
+        // rows in routing order: (token n, slot j) is row n·k + j
+        let pos = Tensor::arange(0u32, (n * k) as u32, dev)?.reshape((n, k))?;
+        scope("moe.combine", dev, || {
+            combine(
+                &ys,
+                &routing.weights.detach(),
+                &pos,
+                &self.down_proj_bias.detach(),
+                &routing.indices,
+            )
+        })
+        .map(Some)
     }
 }
 

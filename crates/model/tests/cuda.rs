@@ -157,3 +157,65 @@ fn cuda_vectorized_bf16_binary_ops_match_the_generic_kernel() {
         assert_eq!(differ, 0, "{name}: {differ} of {} values differ", f.len());
     }
 }
+
+/// Decode through the KV cache with MXFP4-resident experts in bf16: the MoE then routes on the
+/// device (few rows; `gptoss_kernels::grouped::routed_matmul`). Its logits must be those of the
+/// host-planned path (`GPTOSS_ROUTED_MATMUL=0`) and of the full forward, within bf16 rounding.
+#[test]
+fn cuda_decode_with_device_side_routing_matches_the_host_planned_path() {
+    use gptoss_model::{init_random_packed, Config};
+    let dev = Device::new_cuda(0).unwrap();
+    let cfg = Config::tiny();
+    let model = init_random_packed(&cfg, DType::BF16, &dev, Some(3)).unwrap();
+    let t = 12;
+    let ids: Vec<u32> = (0..t as u32).map(|i| (i * 37 + 5) % 512).collect();
+    let ids = Tensor::new(ids.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let full = model
+        .forward(&ids, None)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let decode = |mode: &str| {
+        std::env::set_var("GPTOSS_ROUTED_MATMUL", mode);
+        let mut cache = model.new_cache();
+        let mut parts = vec![model
+            .forward_with_cache(&ids.narrow(1, 0, 8).unwrap(), None, &mut cache)
+            .unwrap()];
+        for i in 8..t {
+            parts.push(
+                model
+                    .forward_with_cache(&ids.narrow(1, i, 1).unwrap(), None, &mut cache)
+                    .unwrap(),
+            );
+        }
+        std::env::remove_var("GPTOSS_ROUTED_MATMUL");
+        Tensor::cat(&parts, 1)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let device_routed = decode("1");
+    let host_planned = decode("0");
+    let scale = full
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let a = max_abs(&device_routed, &host_planned);
+    let b = max_abs(&device_routed, &full);
+    let c = max_abs(&host_planned, &full);
+    println!("device-routed vs host-planned {a}, vs full forward {b} (host-planned vs full {c}; logits up to {scale})");
+    assert!(
+        a <= 0.02 * scale + 1e-3,
+        "device-routed vs host-planned {a}"
+    );
+    assert!(
+        b <= 2.0 * c + 0.02 * scale + 1e-3,
+        "device-routed vs full forward {b}"
+    );
+}

@@ -24,6 +24,9 @@ mod cuda;
 mod lt;
 #[cfg(feature = "cuda")]
 pub(crate) mod mxfp4_gemm;
+pub mod routed;
+
+pub use routed::{routed_matmul, routed_matmul_dense};
 
 /// `(expert, first row, rows)` of each group; the groups tile `0..M` in order.
 pub type Spans = Arc<Vec<(usize, usize, usize)>>;

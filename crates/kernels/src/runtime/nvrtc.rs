@@ -248,12 +248,13 @@ impl CachedPtx {
 }
 
 /// Every NVRTC module of this crate.
-fn all_modules() -> [&'static Kernels; 10] {
+fn all_modules() -> [&'static Kernels; 11] {
     [
         &crate::adamw::cuda::KERNELS,
         &crate::attention::flash::KERNELS,
         &crate::attention::sink_softmax::cuda::KERNELS,
         &crate::grouped::mxfp4_gemm::KERNELS,
+        &crate::grouped::routed::KERNELS,
         &crate::lm_loss::cuda::KERNELS,
         &crate::lora::cuda::KERNELS,
         &crate::moe::cuda::KERNELS,

@@ -9,6 +9,7 @@ mod long_context;
 mod lora;
 mod moe;
 mod norm_rope;
+mod routed;
 
 use candle_core::{DType, Tensor};
 

@@ -10,12 +10,12 @@
 //! rows that share an expert read it again (from L2 when they run together), so the MoE uses this
 //! only where the rows are few ([`chosen`]).
 //!
-//! CUDA kernel (bf16 `x`, weights not transposed): thread block = 8 warps = 8 output columns of one
+//! CUDA kernel (bf16 `x`, weights not transposed): thread block = 8 warps × 4 output columns of one
 //! row; the row of `x` is staged in shared memory as f32 (padded by one word per 32 so the lanes'
-//! reads hit distinct banks); lane `l` takes the 16-byte MXFP4 blocks `l, l + 32, …` of its
-//! column's weight row (coalesced 512-byte loads per warp), decodes each value exactly
-//! (`gptoss_mxfp4`'s `decode`), accumulates in f32 with `fma`, and the warp's sum is rounded to bf16
-//! once. Elsewhere (CPU, f32, transposed weights) the op is [`routed_matmul_dense`].
+//! reads hit distinct banks); lane `l` takes the 16-byte MXFP4 blocks `l, l + 32, …` of its four
+//! columns' weight rows (coalesced 512-byte loads per warp and column, four in flight), decodes each
+//! value exactly (`gptoss_mxfp4`'s `fast_bf16` bits, or `decode` for extreme scales), accumulates in
+//! f32 with `fma`, and each column's warp sum is rounded to bf16 once. Elsewhere (CPU, f32, transposed weights) the op is [`routed_matmul_dense`].
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
@@ -144,8 +144,8 @@ mod cuda {
     use crate::nvrtc::{contiguous_range, Kernels};
     use crate::storage::cuda_of;
 
-    /// Output columns per thread block (one per warp).
-    const COLS: usize = 8;
+    /// Output columns per thread block (four per warp).
+    const COLS: usize = 32;
 
     const SRC: &str = r#"
 __device__ __forceinline__ u16 bf16_rn(float f) {
@@ -156,8 +156,8 @@ __device__ __forceinline__ u16 bf16_rn(float f) {
 }
 
 // y[m, c] = sum_k x[m, k] * W_e[c, k], e = row_expert[m]; W_e: blocks [E, R, G, 16] bytes and
-// scales [E, R, G] (R = out, G = K / 32). Grid (ceil(R / 8), M), 256 threads; dynamic shared
-// memory: G * 33 floats.
+// scales [E, R, G] (R = out, G = K / 32). Grid (ceil(R / 32), M), 256 threads: warp w computes
+// columns 4 (8 b + w) .. + 3 of row m = blockIdx.y; dynamic shared memory: G * 33 floats.
 extern "C" __global__ void __launch_bounds__(256) routed_mxfp4_matmul(
         const u16* __restrict__ x, const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const u32* __restrict__ row_expert, u16* __restrict__ y, int R, int G, int E) {
@@ -169,32 +169,52 @@ extern "C" __global__ void __launch_bounds__(256) routed_mxfp4_matmul(
         xs[(i >> 5) * 33 + (i & 31)] = __uint_as_float((u32)xr[i] << 16);
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int c = blockIdx.x * 8 + warp;
-    if (c >= R) return;
+    const int c0 = (blockIdx.x * 8 + warp) * 4;
+    if (c0 >= R) return;
     const u32 e = row_expert[m];
     if (e >= (u32)E) {
-        if (lane == 0) y[m * (u64)R + c] = (u16)0x7FC0u;
+        if (lane < 4 && c0 + lane < R) y[m * (u64)R + c0 + lane] = (u16)0x7FC0u;
         return;
     }
-    const u64 row = (u64)e * (u64)R + (u64)c;
-    const uint4* bl = reinterpret_cast<const uint4*>(blocks) + row * (u64)G;
-    const u8* sc = scales + row * (u64)G;
-    float acc = 0.f;
+    const u64 row0 = (u64)e * (u64)R + (u64)c0;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int g = lane; g < G; g += 32) {
-        const uint4 q = __ldg(bl + g);
-        const int ex = (int)__ldg(sc + g) - 127;
+        uint4 q[4];
+        int ex[4];
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const bool in = c0 + cc < R;
+            const u64 blk = (row0 + cc) * (u64)G + g;
+            q[cc] = in ? __ldg(reinterpret_cast<const uint4*>(blocks) + blk) : make_uint4(0u, 0u, 0u, 0u);
+            ex[cc] = in ? (int)__ldg(scales + blk) - 127 : 0;
+        }
         const float* xv = xs + g * 33;
-        const u32 w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int cc = 0; cc < 4; ++cc) {
+            const u32 w[4] = {q[cc].x, q[cc].y, q[cc].z, q[cc].w};
+            const int e2 = ex[cc];
+            float a = acc[cc];
+            if (e2 >= -125 && e2 <= 125) {
 #pragma unroll
-            for (int b = 0; b < 8; ++b)
-                acc = fmaf(decode((w[j] >> (4 * b)) & 15u, ex), xv[j * 8 + b], acc);
+                for (int j = 0; j < 32; ++j)
+                    a = fmaf(__uint_as_float(fast_bf16((w[j >> 3] >> (4 * (j & 7))) & 15u, e2) << 16), xv[j], a);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 32; ++j)
+                    a = fmaf(decode((w[j >> 3] >> (4 * (j & 7))) & 15u, e2), xv[j], a);
+            }
+            acc[cc] = a;
         }
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
-    if (lane == 0) y[m * (u64)R + c] = bf16_rn(acc);
+    for (int cc = 0; cc < 4; ++cc) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[cc] += __shfl_xor_sync(0xFFFFFFFFu, acc[cc], o);
+    }
+    if (lane < 4 && c0 + lane < R) {
+        const float v = lane == 0 ? acc[0] : lane == 1 ? acc[1] : lane == 2 ? acc[2] : acc[3];
+        y[m * (u64)R + c0 + lane] = bf16_rn(v);
+    }
 }
 "#;
 

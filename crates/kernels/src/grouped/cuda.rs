@@ -606,18 +606,7 @@ mod timings {
         rows: usize,
         cols: usize,
     ) -> candle_core::Result<GroupedWeight> {
-        let blocks = Tensor::rand(0f32, 256f32, (e, rows, cols / 32, 16), dev)?
-            .floor()?
-            .to_dtype(DType::U8)?;
-        let scales = Tensor::rand(117f32, 122f32, (e, rows, cols / 32), dev)?
-            .floor()?
-            .to_dtype(DType::U8)?;
-        Ok(GroupedWeight::Packed {
-            blocks,
-            scales,
-            dtype: DType::BF16,
-            transposed: false,
-        })
+        GroupedWeight::random_mxfp4((e, rows, cols), 117, 121, dev)
     }
 
     #[test]

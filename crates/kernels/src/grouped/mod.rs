@@ -72,6 +72,32 @@ impl GroupedWeight {
         }
     }
 
+    /// Random MXFP4 weights of `(e, rows, cols)` (uniform random bytes, E8M0 scales uniform in
+    /// `scale_lo..=scale_hi`), as stored (`transposed: false`), decoding to bf16: test and bench
+    /// data on `dev`. `cols` must be a multiple of 32.
+    pub fn random_mxfp4(
+        (e, rows, cols): (usize, usize, usize),
+        scale_lo: u8,
+        scale_hi: u8,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let blocks = Tensor::rand(0f32, 256.0, (e, rows, cols / 32, 16), dev)?
+            .floor()?
+            .clamp(0f32, 255.0)?
+            .to_dtype(DType::U8)?;
+        let (lo, hi) = (f32::from(scale_lo), f32::from(scale_hi));
+        let scales = Tensor::rand(lo, hi + 1.0, (e, rows, cols / 32), dev)?
+            .floor()?
+            .clamp(lo, hi)?
+            .to_dtype(DType::U8)?;
+        Ok(Self::Packed {
+            blocks,
+            scales,
+            dtype: DType::BF16,
+            transposed: false,
+        })
+    }
+
     /// The weight used as `[E, out, in]`.
     pub fn transpose(&self) -> candle_core::Result<Self> {
         self.map(|w| w.transpose(1, 2), |t| Ok(t.clone()), true)

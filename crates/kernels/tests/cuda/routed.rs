@@ -4,22 +4,9 @@
 use candle_core::{DType, Device, Result, Tensor};
 use gptoss_kernels::grouped::{routed_matmul, routed_matmul_dense, GroupedWeight};
 
-/// Random MXFP4 weights `[E, rows, cols]` (scales 2^-4 .. 2^3), as stored (`transposed: false`).
+/// Random MXFP4 weights `[E, rows, cols]` (scales 2^-4 .. 2^3), as stored.
 fn packed(e: usize, rows: usize, cols: usize, dev: &Device) -> Result<GroupedWeight> {
-    let g = cols / 32;
-    let blocks = Tensor::rand(0f32, 256.0, (e, rows, g, 16), dev)?
-        .floor()?
-        .clamp(0f32, 255.0)?
-        .to_dtype(DType::U8)?;
-    let scales = Tensor::rand(123f32, 131.0, (e, rows, g), dev)?
-        .floor()?
-        .to_dtype(DType::U8)?;
-    Ok(GroupedWeight::Packed {
-        blocks,
-        scales,
-        dtype: DType::BF16,
-        transposed: false,
-    })
+    GroupedWeight::random_mxfp4((e, rows, cols), 123, 130, dev)
 }
 
 fn check(m: usize, k: usize, n: usize, e: usize) -> Result<()> {

@@ -191,16 +191,32 @@ impl<'a> StepReduction<'a> {
         let mut none: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         self.start_while(Ready::End, grads, &mut none)?;
         let pending = std::mem::take(&mut self.pending);
-        for (bucket, sum) in self.plan.buckets.iter().zip(pending) {
-            let flat = sum.wait()?;
-            let k = bucket.slots.len();
-            let n = flat.elem_count();
-            let flags = flat.narrow(0, n - k, k)?.to_vec1::<f32>()?;
+        let sums = pending
+            .into_iter()
+            .map(PendingSum::wait)
+            .collect::<Result<Vec<_>>>()?;
+        // every bucket's presence flags in one copy to the host (one wait, not one per bucket)
+        let flag_parts = self
+            .plan
+            .buckets
+            .iter()
+            .zip(&sums)
+            .map(|(b, flat)| {
+                let k = b.slots.len();
+                flat.narrow(0, flat.elem_count() - k, k)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if flag_parts.is_empty() {
+            return Ok(());
+        }
+        let flags = Tensor::cat(&flag_parts, 0)?.to_vec1::<f32>()?;
+        let mut flag = flags.iter();
+        for (bucket, flat) in self.plan.buckets.iter().zip(&sums) {
             let mut offset = 0;
-            for (&i, &flag) in bucket.slots.iter().zip(&flags) {
+            for &i in &bucket.slots {
                 let v = &self.vars[i];
                 let len = v.elem_count();
-                if flag > 0.0 {
+                if flag.next().is_some_and(|&f| f > 0.0) {
                     let dtype = grads.get(i).map_or(v.dtype(), |g| g.dtype());
                     let g = flat
                         .narrow(0, offset, len)?

@@ -70,12 +70,14 @@ pub fn routed_matmul(
 
 /// [`routed_matmul`] with candle ops (the reference, and the path off CUDA): the routed experts'
 /// dense weights gathered per row (`[M, in, out]`, decoded when packed), one batched matmul.
+/// The dense `[E, in, out]` is made contiguous first: a packed weight decodes to a transposed
+/// view, and CUDA's `index_select` reads contiguous tensors only.
 pub fn routed_matmul_dense(
     x: &Tensor,
     w: &GroupedWeight,
     row_expert: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let per_row = w.dense()?.index_select(row_expert, 0)?;
+    let per_row = w.dense()?.contiguous()?.index_select(row_expert, 0)?;
     x.detach()
         .unsqueeze(1)?
         .matmul(&per_row.to_dtype(x.dtype())?)?

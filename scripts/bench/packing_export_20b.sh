@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Device script (one H100/H200 call, ≈ 8 min): a synthetic gpt-oss-20b checkpoint (random MXFP4 experts,
 # HF layout) feeds two measurements that need a 20b model and a large host:
-#  - issue 19's packing bar: the trainer on the bundled Multilingual-Thinking sample at the recipe's
-#    settings (max_length 2048, batch 4 × accumulation 4, gradient checkpointing), unpacked and with
+#  - issue 19's packing bar: the trainer on the bundled Multilingual-Thinking sample at
+#    settings (max_length 2048, gradient checkpointing, the trainer's default batch 1 × accumulation 4), unpacked and with
 #    `--packing`; compare the logged tokens/s, which counts non-pad tokens;
 #  - issue 24's export bar: `export --format gguf` and `--format bf16` wall time and peak RSS.
 #

@@ -29,9 +29,8 @@ if [ -f "$BIN/o200k_base.tiktoken" ]; then
 fi
 common=(--model "$CK" --dataset crates/sft/data/multilingual_thinking_sample.jsonl --max-steps 8 --eval-strategy no --eval-rows 0 --no-generate --report-to none
         --progress-bar false --save-steps 0)
-has packing && for mode in unpacked packed; do
+has packing && chmod +x "$BIN"/finetune_multilingual && for mode in unpacked packed; do
     extra=(); [ "$mode" = packed ] && extra=(--packing true)
-    chmod +x "$BIN"/finetune_multilingual
     timeout 240 "$BIN"/finetune_multilingual "${common[@]}" "${extra[@]}" --output-dir "/tmp/ft-$mode" 2>&1 \
         | grep -E "tokens/s|steady-state|peak device|dataset" | tee "$OUT/finetune_$mode.txt"
 done

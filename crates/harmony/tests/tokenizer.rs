@@ -323,7 +323,7 @@ fn transformers_text_ids() -> Vec<(String, String, Vec<u32>)> {
 }
 
 /// The tokenizer of `GPTOSS_TOKENIZER_JSON=/path/to/tokenizer.json` (a real gpt-oss checkpoint's,
-/// or the one `make_fixtures.py` writes with FULL_TOKENIZER_OUT) when set, else the bundled one
+/// or the one `scripts/fixtures/harmony/o200k.py --out` writes) when set, else the bundled one
 /// (o200k_harmony from tiktoken ranks): whole rendered chats, control tokens in the text parsed,
 /// encode to exactly transformers' ids and decode back. With the file, it must also agree with the
 /// bundled tokenizer on a random corpus.

@@ -160,6 +160,24 @@ impl GroupedWeight {
         self.map(narrow, narrow, false)
     }
 
+    /// The experts `ids` (`u32 [M]`, repeats allowed) of this weight, in that order: `[M, in, out]`
+    /// as a weight of `M` experts, nothing decoded ([`Self::dense`] of the result decodes just
+    /// those). The gather reads the stored (contiguous) layout, so a dense weight held as the
+    /// transpose of a contiguous `[E, out, in]` is gathered in that layout and transposed back.
+    pub fn gathered(&self, ids: &Tensor) -> candle_core::Result<Self> {
+        let dense = |t: &Tensor| {
+            if t.is_contiguous() {
+                t.index_select(ids, 0)
+            } else {
+                t.transpose(1, 2)?
+                    .contiguous()?
+                    .index_select(ids, 0)?
+                    .transpose(1, 2)
+            }
+        };
+        self.map(dense, |t| t.contiguous()?.index_select(ids, 0), false)
+    }
+
     /// Whether a grouped matmul of `x` (`[M, in]`, rows grouped by `spans`) on this weight would
     /// decode it inside one fused GEMM kernel (MXFP4 weight, bf16 activations on CUDA, row counts
     /// the kernel is chosen for) rather than into bf16 copies of the experts.
@@ -288,6 +306,26 @@ impl CustomOp1 for Grouped {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn gathered_experts_equal_the_rows_of_the_whole_dense_weight() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let ids = Tensor::new(&[2u32, 0, 2], &dev)?;
+        let contiguous = GroupedWeight::Dense(Tensor::randn(0f32, 1.0, (3, 4, 5), &dev)?);
+        let transposed =
+            GroupedWeight::Dense(Tensor::randn(0f32, 1.0, (3, 5, 4), &dev)?.transpose(1, 2)?);
+        let packed = GroupedWeight::random_mxfp4((3, 8, 64), 120, 130, &dev)?;
+        for w in [contiguous, transposed, packed.clone(), packed.transpose()?] {
+            let want = w.dense()?.to_dtype(DType::F32)?;
+            let got = w.gathered(&ids)?.dense()?.to_dtype(DType::F32)?;
+            assert_eq!(got.dims(), [3, want.dim(1)?, want.dim(2)?]);
+            for (r, ex) in [2usize, 0, 2].into_iter().enumerate() {
+                let d = (got.get(r)? - want.get(ex)?)?.abs()?.max_all()?;
+                assert_eq!(d.to_scalar::<f32>()?, 0.0, "row {r} (expert {ex})");
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn matches_per_expert_matmuls_values_and_input_gradient() -> candle_core::Result<()> {

@@ -71,15 +71,14 @@ pub fn routed_matmul(
 }
 
 /// [`routed_matmul`] with candle ops (the reference, and the path off CUDA): the routed experts'
-/// dense weights gathered per row (`[M, in, out]`, decoded when packed), one batched matmul.
-/// The dense `[E, in, out]` is made contiguous first: a packed weight decodes to a transposed
-/// view, and CUDA's `index_select` reads contiguous tensors only.
+/// weights gathered per row ([`GroupedWeight::gathered`]: `[M, in, out]`, only those experts
+/// decoded when packed), one batched matmul.
 pub fn routed_matmul_dense(
     x: &Tensor,
     w: &GroupedWeight,
     row_expert: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let per_row = w.dense()?.contiguous()?.index_select(row_expert, 0)?;
+    let per_row = w.gathered(row_expert)?.dense()?;
     x.detach()
         .unsqueeze(1)?
         .matmul(&per_row.to_dtype(x.dtype())?)?

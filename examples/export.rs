@@ -8,17 +8,24 @@
 //! cargo run --release --example export -- --model /path/to/gpt-oss-20b \
 //!     --adapter gpt-oss-20b-multilingual-reasoner --out gpt-oss-20b-merged.gguf --format gguf
 //! ```
-//! Exit status 1 on any error (message names the file or tensor and what was expected); a failed
-//! export leaves no complete-looking `--out`.
+//! The export streams: each tensor is read from the memory-mapped checkpoint, the adapter's delta
+//! added, and written before the next one is read (`gptoss_model::export::export_checkpoint`), so
+//! host memory stays near one tensor whatever the model size. Exit status 1 on any error (message
+//! names the file or tensor and what was expected); a failed export leaves no complete-looking
+//! `--out`.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::DType;
 use clap::Parser;
-use gptoss_lora::LoraModel;
-use gptoss_model::export::{export, ExportFormat, ExportOptions, DEFAULT_MAX_SHARD_BYTES};
-use gptoss_model::{load_with, logit_gap, probe_tokens, ExpertLoading, LoadOptions};
+use gptoss_lora::{AdapterMerge, LoraModel};
+use gptoss_model::export::{
+    export_checkpoint, ExportFormat, ExportOptions, DEFAULT_MAX_SHARD_BYTES,
+};
+use gptoss_model::{
+    load_with, logit_gap, probe_tokens, Config, ExpertLoading, LoadOptions, WeightDelta,
+};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -42,14 +49,16 @@ struct Cli {
     /// Stored float dtype: bf16 (default), f16 or f32 (f32 keeps a merge exact).
     #[arg(long, default_value = "bf16")]
     dtype: String,
-    /// dtype the model is loaded and merged in: f32 (default, one rounding at export) or bf16.
+    /// dtype the adapted weights are merged in: f32 (default, one rounding at export) or bf16 (as
+    /// merging a bf16 model would).
     #[arg(long, default_value = "f32")]
     merge_dtype: String,
     /// Largest shard in GB (10^9 bytes).
     #[arg(long, default_value_t = DEFAULT_MAX_SHARD_BYTES as f64 / 1e9)]
     shard_gb: f64,
-    /// After exporting, load the export back and report its logit gap to the merged model on a
-    /// probe of this many tokens (0: off; needs memory for a second model).
+    /// After exporting, load the base model with the adapter merged in memory and the export,
+    /// and report their logit gap on a probe of this many tokens (0: off; needs memory for two
+    /// models).
     #[arg(long, default_value_t = 0)]
     probe_tokens: usize,
     /// With --probe-tokens: write the probe (`input_ids` i64 `[1, T]`) and the logits of the
@@ -96,36 +105,30 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     if cli.probe_logits.is_some() && cli.probe_tokens == 0 {
         return Err("--probe-logits needs --probe-tokens N (N > 0)".into());
     }
-    let device = gptoss_kernels::cuda_if_available(0)?;
-    let load_opts = LoadOptions {
-        dtype: dtype("merge-dtype", &cli.merge_dtype)?,
-        // MXFP4 experts stay packed: untouched ones are exported byte for byte
-        experts: ExpertLoading::Resident,
+    let merge_dtype = dtype("merge-dtype", &cli.merge_dtype)?;
+    let merge = match &cli.adapter {
+        Some(dir) => {
+            let base = Config::from_file(cli.model.join("config.json"))?;
+            let m = AdapterMerge::from_pretrained(dir, &base)
+                .map_err(|e| format!("adapter {}: {e}", dir.display()))?;
+            println!(
+                "merging {}: {}",
+                dir.display(),
+                m.trainable_parameters_line()
+            );
+            Some(m)
+        }
+        None => None,
     };
-    let t = Instant::now();
-    let mut model = load_with(&cli.model, &device, &load_opts)?;
-    println!(
-        "loaded {} in {:.1} s",
-        cli.model.display(),
-        t.elapsed().as_secs_f64()
-    );
-    if let Some(dir) = &cli.adapter {
-        let lora = LoraModel::from_pretrained(&mut model, dir)
-            .map_err(|e| format!("adapter {}: {e}", dir.display()))?;
-        println!(
-            "merging {}: {}",
-            dir.display(),
-            lora.trainable_parameters_line()
-        );
-        lora.merge_and_unload(&mut model)?;
-    }
     let mut opts = ExportOptions::new(format);
     opts.overwrite = cli.overwrite;
     opts.source_dir = Some(cli.model.clone());
     opts.dtype = dtype("dtype", &cli.dtype)?;
+    opts.merge_dtype = merge_dtype;
     opts.max_shard_bytes = (cli.shard_gb * 1e9) as u64;
     let t = Instant::now();
-    let report = export(&model, &cli.out, &opts)?;
+    let delta = merge.as_ref().map(|m| m as &dyn WeightDelta);
+    let report = export_checkpoint(&cli.model, delta, &cli.out, &opts)?;
     println!("{} in {:.1} s", report.summary(), t.elapsed().as_secs_f64());
     for q in report.quantization.iter().filter(|q| q.requantized) {
         println!(
@@ -135,6 +138,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut json = report.to_json();
     if cli.probe_tokens > 0 {
+        let device = gptoss_kernels::cuda_if_available(0)?;
+        let load_opts = LoadOptions {
+            dtype: merge_dtype,
+            experts: ExpertLoading::Resident,
+        };
+        let mut model = load_with(&cli.model, &device, &load_opts)?;
+        if let Some(dir) = &cli.adapter {
+            LoraModel::from_pretrained(&mut model, dir)
+                .map_err(|e| format!("adapter {}: {e}", dir.display()))?
+                .merge_and_unload(&mut model)?;
+        }
         let back = load_with(&cli.out, &device, &load_opts)?;
         let ids = probe_tokens(model.config().vocab_size, cli.probe_tokens, &device)?;
         let gap = logit_gap(&model, &back, &ids)?;

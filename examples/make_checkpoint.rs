@@ -6,6 +6,9 @@
 //! ```text
 //! cargo run --release --example make_checkpoint -- --arch tiny --out /tmp/tiny-gpt-oss
 //! cargo run --release --example make_checkpoint -- --arch 20b --out /dev/shm/gpt-oss-20b-synthetic
+//! # plus a random PEFT adapter with the cookbook's targets, for `export --adapter`
+//! cargo run --release --example make_checkpoint -- --arch 20b --out /dev/shm/gpt-oss-20b-synthetic \
+//!     --adapter /dev/shm/gpt-oss-20b-adapter
 //! ```
 //! Sizes: tiny ≈ 0.1 GB, 20b ≈ 13.8 GB, 120b ≈ 65 GB (check free space first; `/dev/shm` is RAM).
 //! The values are uniform noise: the model speaks gibberish, it is for speed and memory figures.
@@ -48,6 +51,12 @@ struct Cli {
     /// Write into a non-empty directory.
     #[arg(long)]
     overwrite: bool,
+    /// Also write a PEFT adapter for this checkpoint into this directory: the cookbook's targets
+    /// (r 8, alpha 16, attention + the experts of layers 7, 15, 23, those that exist), A and B
+    /// seeded uniform in ±0.01 (B nonzero, so merging changes every targeted weight), for
+    /// measuring `export --adapter`.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,5 +95,25 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         summary.shards.len(),
         summary.total_bytes as f64 / 1e9 / secs.max(1e-9)
     );
+    if let Some(dir) = &cli.adapter {
+        let mut lora = gptoss_lora::LoraConfig::cookbook();
+        let layers = config.num_hidden_layers;
+        lora.target_parameters = lora.target_parameters.map(|ps| {
+            ps.into_iter()
+                .filter(|p| {
+                    p.split('.')
+                        .next()
+                        .and_then(|l| l.parse::<usize>().ok())
+                        .is_some_and(|l| l < layers)
+                })
+                .collect()
+        });
+        let plan = gptoss_lora::write_random_adapter(dir, &lora, &config, cli.seed, 0.01)?;
+        println!(
+            "wrote adapter {}: {}",
+            dir.display(),
+            plan.trainable_parameters_line()
+        );
+    }
     Ok(())
 }

@@ -46,10 +46,9 @@ fn tiny(dir: &Path, config: &Config) {
     gptoss_sft::trainer::pipeline::write_tokenizer_files(dir).unwrap();
 }
 
-/// A PEFT adapter with random (nonzero) A and B on all attention linears and on the experts of
-/// layer 1, written to `dir`.
+/// A PEFT adapter with seeded nonzero A and B (uniform in ±0.05) on all attention linears and
+/// on the experts of layer 1, written to `dir`.
 fn adapter(model_dir: &Path, dir: &Path) {
-    let mut model = load(model_dir, ExpertLoading::Resident);
     let mut cfg = LoraConfig::cookbook();
     cfg.target_modules = Some(TargetModules::list([
         "q_proj", "k_proj", "v_proj", "o_proj",
@@ -58,23 +57,8 @@ fn adapter(model_dir: &Path, dir: &Path) {
         "1.mlp.experts.gate_up_proj".into(),
         "1.mlp.experts.down_proj".into(),
     ]);
-    let lora = LoraModel::new(&mut model, cfg, 5).unwrap();
-    // deterministic values (an LCG), uniform in ±0.05
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    for (_, v) in lora.trainable_vars() {
-        let t = v.as_tensor();
-        let vals: Vec<f32> = (0..t.elem_count())
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-            })
-            .collect();
-        v.set(&Tensor::from_vec(vals, t.dims(), t.device()).unwrap())
-            .unwrap();
-    }
-    lora.save_pretrained(dir).unwrap();
+    let base = Config::from_file(model_dir.join("config.json")).unwrap();
+    gptoss_lora::write_random_adapter(dir, &cfg, &base, 5, 0.05).unwrap();
 }
 
 fn logits(model: &GptOssForCausalLM, ids: &Tensor) -> Tensor {

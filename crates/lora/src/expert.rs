@@ -73,6 +73,19 @@ impl LoraExperts {
         a_e.t()?.matmul(&b_e.t()?)? * self.scaling
     }
 
+    /// Expert e's merged weight `W[e] + sign·ΔW[e]` (PEFT `ParamWrapper.merge` with `sign` +1,
+    /// `unmerge` with −1): `w_e` `[in, out]` (any float dtype) plus ΔW cast to `w_e`'s dtype first,
+    /// as PEFT does.
+    pub fn merged_expert(
+        &self,
+        w_e: &Tensor,
+        expert: usize,
+        sign: f64,
+    ) -> candle_core::Result<Tensor> {
+        let dw = (self.expert_delta_weight(expert)?.detach() * sign)?;
+        w_e + dw.to_dtype(w_e.dtype())?.to_device(w_e.device())?
+    }
+
     /// Number of experts E.
     pub fn num_experts(&self) -> usize {
         self.num_experts

@@ -11,6 +11,8 @@
 //! - [`LoraModel`]: build fresh adapters onto a [`gptoss_model::GptOssForCausalLM`], list trainable vars under
 //!   PEFT's keys, save/load PEFT adapter directories (validated before anything is applied), merge / unmerge /
 //!   merge_and_unload, and [`save_merged_model`].
+//! - [`AdapterMerge`]: an adapter directory merged into a checkpoint as it streams into an export,
+//!   without loading the model (`gptoss_model::export::export_checkpoint`).
 //!
 //! ```
 //! use gptoss_lora::{resolve_targets, LoraConfig};
@@ -29,6 +31,7 @@ pub mod expert;
 pub mod init;
 pub mod linear;
 pub mod lora_model;
+pub mod merge;
 pub mod shapes;
 pub mod target;
 
@@ -42,7 +45,8 @@ pub use config::{
 pub use error::{LoraError, Result};
 pub use expert::LoraExperts;
 pub use linear::LoraLinear;
-pub use lora_model::{save_merged_model, LoraModel};
+pub use lora_model::{save_merged_model, write_random_adapter, LoraModel};
+pub use merge::AdapterMerge;
 pub use shapes::{ExpertShape, LinearShape, ModelShapes, ModuleKind};
 pub use target::{
     peft_parameter_name, resolve_targets, thousands, ExpertTarget, Factor, LinearTarget,

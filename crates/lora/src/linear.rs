@@ -78,6 +78,13 @@ impl LoraLinear {
     pub fn delta_weight(&self) -> candle_core::Result<Tensor> {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
     }
+
+    /// The merged weight `W + sign·scaling·B·A` (PEFT `merge` / `unmerge` with `sign` ±1):
+    /// `w` `[out, in]` (any float dtype) is added to in f32 and the sum cast back to `w`'s dtype.
+    pub fn merged(&self, w: &Tensor, sign: f64) -> candle_core::Result<Tensor> {
+        let dw = (self.delta_weight()?.detach() * sign)?;
+        (w.to_dtype(DType::F32)? + dw.to_device(w.device())?)?.to_dtype(w.dtype())
+    }
 }
 
 impl LinearAdapter for LoraLinear {

@@ -107,34 +107,11 @@ impl LoraModel {
         model: &mut GptOssForCausalLM,
         config: LoraConfig,
         plan: TargetPlan,
-        mut factors: BTreeMap<String, Tensor>,
+        factors: BTreeMap<String, Tensor>,
     ) -> Result<Self> {
         check_model(model, &plan)?;
         let training = Arc::new(AtomicBool::new(false));
-        let mut take = |key: String| -> Result<Var> {
-            let t = factors
-                .remove(&key)
-                .ok_or_else(|| LoraError::State(format!("internal: no tensor for {key}")))?;
-            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
-        };
-        let mut linears = Vec::new();
-        for t in &plan.linears {
-            let (a, b) = (take(t.key(Factor::A))?, take(t.key(Factor::B))?);
-            let ad = LoraLinear::new(
-                a,
-                b,
-                t.scaling,
-                config.lora_dropout as f32,
-                training.clone(),
-            );
-            linears.push((t.clone(), Arc::new(ad)));
-        }
-        let mut experts = Vec::new();
-        for t in &plan.experts {
-            let (a, b) = (take(t.key(Factor::A))?, take(t.key(Factor::B))?);
-            let ad = LoraExperts::new(a, b, t.shape.num_experts, t.r, t.scaling);
-            experts.push((t.clone(), Arc::new(ad)));
-        }
+        let (linears, experts) = adapters(&config, &plan, factors, &training)?;
         let me = LoraModel {
             config,
             plan,
@@ -237,22 +214,7 @@ impl LoraModel {
     /// The config PEFT writes next to the weights: `inference_mode: true`, this PEFT version, `"all-linear"`
     /// resolved to the full module names, and `auto_mapping` when there is no `task_type`.
     pub fn saved_config(&self) -> LoraConfig {
-        let mut c = self.config.clone();
-        c.inference_mode = true;
-        c.peft_version = PEFT_VERSION.to_string();
-        if c.target_modules
-            .as_ref()
-            .is_some_and(TargetModules::is_all_linear)
-        {
-            c.target_modules = Some(TargetModules::List(self.plan.resolved_target_modules()));
-        }
-        if c.task_type.is_none() && c.auto_mapping.is_none() {
-            c.auto_mapping = Some(json!({
-                "base_model_class": "GptOssForCausalLM",
-                "parent_library": "transformers.models.gpt_oss.modeling_gpt_oss",
-            }));
-        }
-        c
+        saved_config(&self.config, &self.plan)
     }
 
     /// Writes a PEFT adapter directory: `adapter_config.json` and `adapter_model.safetensors` (f32, PEFT keys).
@@ -338,9 +300,7 @@ impl LoraModel {
             let linears: HashMap<String, &mut gptoss_model::Linear> =
                 model.named_linears_mut().into_iter().collect();
             for (t, a) in &self.linears {
-                let w = linears[&t.shape.name].weight();
-                let dw = (a.delta_weight()?.detach() * sign)?;
-                let merged = (w.to_dtype(DType::F32)? + dw)?.to_dtype(w.dtype())?;
+                let merged = a.merged(linears[&t.shape.name].weight(), sign)?;
                 new_linear.insert(t.shape.name.clone(), merged);
             }
         }
@@ -411,8 +371,7 @@ impl LoraModel {
             // expert by expert: the peak extra memory is one expert's ΔW, not the whole [E, in, out] stack
             let mut rows = Vec::with_capacity(a.num_experts());
             for e in 0..a.num_experts() {
-                let dw = (a.expert_delta_weight(e)?.detach() * sign)?.to_dtype(w.dtype())?;
-                rows.push((w.get(e)? + dw)?);
+                rows.push(a.merged_expert(&w.get(e)?, e, sign)?);
             }
             out.insert(
                 (t.shape.module.clone(), t.shape.param.name()),
@@ -431,6 +390,102 @@ impl LoraModel {
         }
         Ok(out)
     }
+}
+
+/// [`LoraModel::saved_config`] of `config` resolved to `plan`.
+fn saved_config(config: &LoraConfig, plan: &TargetPlan) -> LoraConfig {
+    let mut c = config.clone();
+    c.inference_mode = true;
+    c.peft_version = PEFT_VERSION.to_string();
+    if c.target_modules
+        .as_ref()
+        .is_some_and(TargetModules::is_all_linear)
+    {
+        c.target_modules = Some(TargetModules::List(plan.resolved_target_modules()));
+    }
+    if c.task_type.is_none() && c.auto_mapping.is_none() {
+        c.auto_mapping = Some(json!({
+            "base_model_class": "GptOssForCausalLM",
+            "parent_library": "transformers.models.gpt_oss.modeling_gpt_oss",
+        }));
+    }
+    c
+}
+
+/// Writes a PEFT adapter directory (as [`LoraModel::save_pretrained`]) for `config` on a base of
+/// config `base` without building a model: every factor seeded uniform in `±scale` — B too,
+/// unlike PEFT's zero init, so that merging changes every targeted weight. For measuring merge
+/// and export on checkpoints too large to load (`make_checkpoint --adapter`). Returns the plan.
+///
+/// # Errors
+/// Target matching ([`resolve_targets`]); I/O naming the file.
+pub fn write_random_adapter(
+    dir: &Path,
+    config: &LoraConfig,
+    base: &gptoss_model::Config,
+    seed: u64,
+    scale: f32,
+) -> Result<TargetPlan> {
+    use rand::Rng;
+    let plan = resolve_targets(config, base)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = Vec::new();
+    for (key, shape) in plan.expected_keys() {
+        let n = shape.iter().product::<usize>();
+        let vals: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..=scale)).collect();
+        tensors.push((
+            key,
+            Tensor::from_vec(vals, shape, &candle_core::Device::Cpu)?,
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| LoraError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write_adapter_tensors(&dir.join(ADAPTER_WEIGHTS_NAME), &tensors)?;
+    saved_config(config, &plan).save(dir)?;
+    Ok(plan)
+}
+
+/// The linear and expert adapters of a plan, each with its target.
+pub(crate) type Adapters = (
+    Vec<(LinearTarget, Arc<LoraLinear>)>,
+    Vec<(ExpertTarget, Arc<LoraExperts>)>,
+);
+
+/// The adapters of every target of `plan` from its PEFT-keyed `factors` (converted to f32
+/// [`Var`]s; every key of the plan must be present); `training` switches the linears' dropout.
+pub(crate) fn adapters(
+    config: &LoraConfig,
+    plan: &TargetPlan,
+    mut factors: BTreeMap<String, Tensor>,
+    training: &Arc<AtomicBool>,
+) -> Result<Adapters> {
+    let mut take = |key: String| -> Result<Var> {
+        let t = factors
+            .remove(&key)
+            .ok_or_else(|| LoraError::State(format!("internal: no tensor for {key}")))?;
+        Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+    };
+    let mut linears = Vec::new();
+    for t in &plan.linears {
+        let (a, b) = (take(t.key(Factor::A))?, take(t.key(Factor::B))?);
+        let ad = LoraLinear::new(
+            a,
+            b,
+            t.scaling,
+            config.lora_dropout as f32,
+            training.clone(),
+        );
+        linears.push((t.clone(), Arc::new(ad)));
+    }
+    let mut experts = Vec::new();
+    for t in &plan.experts {
+        let (a, b) = (take(t.key(Factor::A))?, take(t.key(Factor::B))?);
+        let ad = LoraExperts::new(a, b, t.shape.num_experts, t.r, t.scaling);
+        experts.push((t.clone(), Arc::new(ad)));
+    }
+    Ok((linears, experts))
 }
 
 /// Checks that every planned module exists in `model` with the planned shape and carries no adapter yet.

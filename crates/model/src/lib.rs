@@ -58,14 +58,14 @@ pub mod synthetic;
 
 pub use attention::{Attention, LayerCache};
 pub use checkpoint::{
-    checkpoint_files, load, load_with, save, ExpertLoading, LoadOptions, SaveOptions, INDEX_FILE,
-    SINGLE_FILE,
+    checkpoint_files, load, load_with, save, Checkpoint, ExpertLoading, LoadOptions, SaveOptions,
+    INDEX_FILE, SINGLE_FILE,
 };
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
 pub use error::{ModelError, Result};
 pub use export::{
     export, logit_gap, probe_tokens, ExportFormat, ExportOptions, ExportReport, LogitGap,
-    QuantError,
+    QuantError, WeightDelta,
 };
 pub use generate::{
     generate, generate_batch, harmony_stop_tokens, BatchOptions, FinishReason, GenerationConfig,

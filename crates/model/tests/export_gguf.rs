@@ -3,14 +3,15 @@
 //! (`tests/fixtures/gguf_golden.json`, written by `scripts/fixtures/export/make_gguf_golden.py`:
 //! every metadata key, type and value hash, every tensor's name, type, dims, offset and data
 //! hash, and the hash of the whole file). The file is parsed here by a reader independent of
-//! the writer (GGUF v3 as in ggml's `docs/gguf.md`).
+//! the writer (GGUF v3 as in ggml's `docs/gguf.md`). Both routes give it: a loaded model
+//! (`export`) and the checkpoint streamed tensor by tensor (`export_checkpoint`).
 
 mod gguf_input;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use gptoss_model::export::{export, ExportFormat, ExportOptions};
+use gptoss_model::export::{export, export_checkpoint, ExportFormat, ExportOptions};
 use gptoss_model::{load_with, ExpertLoading, LoadOptions};
 use serde_json::{json, Value};
 
@@ -196,6 +197,20 @@ fn resident_mxfp4_export_is_the_converters_file() {
 fn dense_experts_requantize_to_the_converters_file() {
     // experts dequantized at load and quantized again by the export (exact for MXFP4 values)
     let (root, out) = export_tiny("dense", ExpertLoading::Dequantize, DType::BF16);
+    assert_matches_golden(&describe(&out));
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn streamed_export_of_the_checkpoint_is_the_converters_file() {
+    // export_checkpoint: no model loaded, tensors read from the mmapped file one at a time
+    let root = tmp("streamed");
+    let input = root.join("gpt-oss-tiny");
+    gguf_input::write(&input);
+    let out = root.join("out").join("gpt-oss-tiny.gguf");
+    let opts = ExportOptions::new(ExportFormat::Gguf); // source_dir defaults to the checkpoint
+    let report = export_checkpoint(&input, None, &out, &opts).unwrap();
+    assert!(report.quantization.iter().all(|q| !q.requantized));
     assert_matches_golden(&describe(&out));
     let _ = std::fs::remove_dir_all(root);
 }

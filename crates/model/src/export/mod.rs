@@ -31,9 +31,11 @@
 //!   [`ExportOptions::source_dir`] when present there (a default `generation_config.json`
 //!   otherwise).
 //!
-//! Streaming: tensor by tensor (experts expert by expert when quantizing), each shard's header
-//! first, so the export holds at most one tensor on the host besides the model; everything goes to
-//! `<out>.tmp`, which is renamed to `<out>` only when complete.
+//! Streaming: tensor by tensor (expert weights expert by expert), each shard's header first, so
+//! [`export`] holds at most one tensor on the host besides the model, and [`export_checkpoint`],
+//! which reads a checkpoint directory (plus a [`WeightDelta`]: an adapter being merged) instead of
+//! a loaded model, holds about one tensor in all; everything goes to `<out>.tmp`, which is renamed
+//! to `<out>` only when complete.
 //!
 //! [`ExportFormat::Gguf`] writes one `.gguf` file instead (`out` is the file): llama.cpp's gpt-oss
 //! GGUF as its `convert_hf_to_gguf.py` writes it, experts in ggml MXFP4, the tokenizer of
@@ -42,6 +44,7 @@
 mod bf16;
 mod gguf;
 mod mxfp4;
+mod source;
 pub(crate) mod writer;
 
 use std::collections::HashMap;
@@ -51,15 +54,18 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 
 pub use mxfp4::QuantError;
+pub(crate) use source::ModelParams;
+pub use source::WeightDelta;
+use source::{CheckpointParams, ParamSource};
 pub(crate) use writer::Sharding;
 use writer::{io, write_checkpoint_files, write_err, TensorEntry, Written};
 
-use crate::checkpoint::resident_experts;
+use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::hooks::ExpertParam;
 use crate::model::GptOssForCausalLM;
-use crate::spec::named_parameters;
+use crate::spec::ParamKind;
 
 /// Largest shard of an export by default: 5 GB (10^9 bytes), transformers' `max_shard_size`.
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
@@ -129,10 +135,14 @@ pub struct ExportOptions {
     /// The float dtype of every non-MXFP4 tensor and the dtype the experts are cast to before
     /// quantizing (default `BF16`; `F32` keeps a merge exact, `F16` is allowed).
     pub dtype: DType,
+    /// [`export_checkpoint`]: the dtype a weight a delta changes is read in and merged in, as a
+    /// model loaded in that dtype would be merged (default `F32`: one rounding, at the store;
+    /// `BF16`: what merging a bf16 model gives). [`export`] merges nothing.
+    pub merge_dtype: DType,
 }
 
 impl ExportOptions {
-    /// `format` with the defaults: 5 GB shards, no overwrite, no source dir, bf16.
+    /// `format` with the defaults: 5 GB shards, no overwrite, no source dir, bf16, merges in f32.
     pub fn new(format: ExportFormat) -> Self {
         Self {
             format,
@@ -140,6 +150,7 @@ impl ExportOptions {
             overwrite: false,
             source_dir: None,
             dtype: DType::BF16,
+            merge_dtype: DType::F32,
         }
     }
 }
@@ -247,129 +258,91 @@ pub(crate) fn stored_config(config: &Config, mxfp4_experts: bool, dtype: Option<
     c
 }
 
-/// Where the bytes of one file entry come from.
-enum Source {
-    /// A tensor of the model (dense parameter or bias).
-    Tensor(Tensor),
-    /// An MXFP4-resident expert parameter.
-    Resident(std::sync::Arc<crate::PackedExperts>, ExpertParam),
-}
-
-/// Which part of the source an entry holds.
+/// Which part of a parameter a file entry holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
+    /// A parameter other than an expert weight, whole.
     Whole,
+    /// A dense expert weight, written expert by expert.
+    Experts,
+    /// The MXFP4 blocks of an expert weight.
     Blocks,
+    /// The MXFP4 scales of an expert weight.
     Scales,
 }
 
-struct Item {
-    /// The model parameter's HF name.
-    param: String,
-    source: Source,
-    part: Part,
-}
-
-/// Whether `name` is a 3-D expert weight (`…mlp.experts.gate_up_proj` / `down_proj`).
-fn is_expert_weight(name: &str) -> bool {
-    name.ends_with("mlp.experts.gate_up_proj") || name.ends_with("mlp.experts.down_proj")
-}
-
-/// Writes every parameter of `model` into `dir` (existing): the safetensors file(s) and, when
+/// Writes every parameter of `src` into `dir` (existing): the safetensors file(s) and, when
 /// sharded, the index; no config. Returns what was written, the MXFP4 report and the tensor count.
 pub(crate) fn write_weights(
-    model: &GptOssForCausalLM,
+    src: &dyn ParamSource,
     dir: &Path,
     opts: &WeightOptions,
 ) -> Result<(Written, Vec<QuantError>, usize)> {
-    let resident = resident_experts(model);
+    writer::dtype_name(opts.dtype)?;
+    let specs = src.specs();
     let mut entries = Vec::new();
     let mut items = Vec::new();
-    for (name, t) in named_parameters(model) {
-        let source = match resident.get(&name) {
-            Some((p, ep)) => Source::Resident(p.clone(), *ep),
-            None => Source::Tensor(t.clone()),
-        };
-        if opts.mxfp4_experts && is_expert_weight(&name) {
-            let d = t.dims();
-            if d.len() != 3 || d[1] % 32 != 0 {
-                return Err(ModelError::Mxfp4 {
-                    name,
-                    reason: format!(
-                        "expected [E, in, out] with in a multiple of 32 for MXFP4, got {d:?}"
-                    ),
-                });
-            }
-            let (e, inn, out) = (d[0], d[1], d[2]);
+    for (k, spec) in specs.iter().enumerate() {
+        let expert = spec.kind == ParamKind::Expert;
+        if opts.mxfp4_experts && expert {
+            let (e, inn, out) = mxfp4::expert_dims(spec)?;
             for (part, suffix, shape) in [
                 (Part::Blocks, "blocks", vec![e, out, inn / 32, 16]),
                 (Part::Scales, "scales", vec![e, out, inn / 32]),
             ] {
                 entries.push(TensorEntry {
-                    name: format!("{name}_{suffix}"),
+                    name: format!("{}_{suffix}", spec.name),
                     dtype: DType::U8,
                     shape,
                 });
-                let source = match &source {
-                    Source::Tensor(t) => Source::Tensor(t.clone()),
-                    Source::Resident(p, ep) => Source::Resident(p.clone(), *ep),
-                };
-                items.push(Item {
-                    param: name.clone(),
-                    source,
-                    part,
-                });
+                items.push((k, part));
             }
         } else {
-            writer::dtype_name(opts.dtype)?;
             entries.push(TensorEntry {
-                name: name.clone(),
+                name: spec.name.clone(),
                 dtype: opts.dtype,
-                shape: t.dims().to_vec(),
+                shape: spec.shape.clone(),
             });
-            items.push(Item {
-                param: name,
-                source,
-                part: Part::Whole,
-            });
+            items.push((k, if expert { Part::Experts } else { Part::Whole }));
         }
     }
     let mut report = Vec::new();
     let mut pending_scales: HashMap<String, Vec<u8>> = HashMap::new();
     let dtype = opts.dtype;
     let written = write_checkpoint_files(dir, &entries, opts.sharding, |i, w| {
-        let item = &items[i];
-        let name = &item.param;
-        match (&item.source, item.part) {
-            (Source::Tensor(t), Part::Whole) => bf16::write_float(t, dtype, name, w),
-            (Source::Resident(p, ep), Part::Whole) => {
-                bf16::write_float(&p.dequantize(*ep, dtype)?, dtype, name, w)
-            }
-            (Source::Resident(p, ep), Part::Blocks) => {
-                report.push(QuantError {
-                    name: name.clone(),
-                    rel_rms: 0.0,
-                    max_abs: 0.0,
-                    requantized: false,
-                });
-                bf16::write_u8(p.blocks_and_scales(*ep).0, w)
-            }
-            (Source::Resident(p, ep), Part::Scales) => {
-                bf16::write_u8(p.blocks_and_scales(*ep).1, w)
-            }
-            (Source::Tensor(t), Part::Blocks) => {
-                let (scales, q) = mxfp4::write_quantized_blocks(t, dtype, name, w)?;
-                report.push(q);
-                pending_scales.insert(name.clone(), scales);
+        let (k, part) = items[i];
+        let spec = &specs[k];
+        let name = &spec.name;
+        match part {
+            Part::Whole => bf16::write_float(&src.tensor(spec, dtype)?, dtype, name, w),
+            Part::Experts => {
+                for e in 0..spec.shape[0] {
+                    bf16::write_float(&src.expert(spec, e, dtype)?, dtype, name, w)?;
+                }
                 Ok(())
             }
-            (Source::Tensor(t), Part::Scales) => {
-                let scales = match pending_scales.remove(name) {
-                    Some(s) => s,
-                    None => mxfp4::write_quantized_blocks(t, dtype, name, &mut std::io::sink())?.0,
-                };
-                w.write_all(&scales).map_err(write_err)
-            }
+            Part::Blocks => match src.packed(spec)? {
+                Some((blocks, _)) => {
+                    report.push(QuantError::passed_through(name));
+                    bf16::write_u8(&blocks, w)
+                }
+                None => {
+                    let (scales, q) = mxfp4::quantize_source(src, spec, dtype, w)?;
+                    report.push(q);
+                    pending_scales.insert(name.clone(), scales);
+                    Ok(())
+                }
+            },
+            Part::Scales => match src.packed(spec)? {
+                Some((_, scales)) => bf16::write_u8(&scales, w),
+                None => {
+                    let scales = match pending_scales.remove(name) {
+                        Some(s) => s,
+                        None => mxfp4::quantize_source(src, spec, dtype, &mut std::io::sink())?.0,
+                    };
+                    w.write_all(&scales).map_err(write_err)
+                }
+            },
         }
     })?;
     let n = entries.len();
@@ -487,14 +460,14 @@ fn finish(tmp: &Path, out: &Path) -> Result<()> {
 
 /// Everything of [`export`] written into `dir` (the `.tmp` directory).
 fn write_all(
-    model: &GptOssForCausalLM,
+    src: &dyn ParamSource,
     dir: &Path,
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportReport> {
     let mxfp4 = opts.format == ExportFormat::Mxfp4;
     let (written, quantization, tensors) = write_weights(
-        model,
+        src,
         dir,
         &WeightOptions {
             mxfp4_experts: mxfp4,
@@ -520,10 +493,10 @@ fn write_all(
     }
     if !has_generation {
         let p = dir.join("generation_config.json");
-        let text = crate::synthetic::generation_config(model.config());
+        let text = crate::synthetic::generation_config(src.config());
         std::fs::write(&p, text).map_err(io(&p))?;
     }
-    let config = stored_config(model.config(), mxfp4, Some(opts.dtype));
+    let config = stored_config(src.config(), mxfp4, Some(opts.dtype));
     let p = dir.join("config.json");
     std::fs::write(&p, config.to_json()?).map_err(io(&p))?;
     let files = written
@@ -551,6 +524,9 @@ fn write_all(
 /// unchanged (MXFP4) or dequantized (bf16); dense ones as they are (bf16) or quantized along
 /// `in` after a cast to [`ExportOptions::dtype`] (MXFP4), their error in the report.
 ///
+/// A model on disk plus an adapter is exported without loading either into a model by
+/// [`export_checkpoint`] (host memory: one tensor).
+///
 /// # Errors
 /// [`ModelError::InvalidArgument`]: `out` not empty without `overwrite`, `out` a file or the
 /// source directory, an adapter still installed, an unstorable dtype; [`ModelError::Io`] naming
@@ -558,15 +534,56 @@ fn write_all(
 /// [`ModelError::Mxfp4`] naming the tensor that cannot be quantized.
 pub fn export(model: &GptOssForCausalLM, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     check_no_adapters(model)?;
+    export_from(&ModelParams::new(model), out, opts)
+}
+
+/// Exports the checkpoint directory `model` with `delta` (a LoRA adapter,
+/// `gptoss_lora::AdapterMerge`) merged into the weights it targets, as [`export`] would export
+/// the loaded and merged model, without loading it: each tensor is read from the memory-mapped
+/// files, the delta added in f32 (expert weights one expert at a time), converted and written
+/// before the next is read, so host memory holds about one tensor (the largest, in f32 when
+/// merged) besides the 1 MiB write buffer. MXFP4 expert weights the delta does not change are
+/// passed through byte for byte (mxfp4, gguf) or decoded (bf16); changed ones are decoded,
+/// merged and re-quantized. `opts.source_dir` defaults to `model`.
+///
+/// The same bytes as loading `model` in f32, merging (`LoraModel::merge_and_unload`) and
+/// calling [`export`], except that an expert weight the delta leaves alone stays as stored even
+/// where the other one of its layer is merged.
+///
+/// # Errors
+/// Those of [`export`]; the loader's for the checkpoint (a missing, extra or misshapen tensor,
+/// named with its file), all found before anything is written; [`ModelError::InvalidArgument`]
+/// for a delta target the checkpoint does not store; the delta's own errors.
+pub fn export_checkpoint(
+    model: &Path,
+    delta: Option<&dyn WeightDelta>,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<ExportReport> {
+    let ckpt = Checkpoint::open(model)?;
+    if !opts.merge_dtype.is_float() {
+        return Err(ModelError::arg(
+            "merge_dtype",
+            format!("{:?}: expected f32, bf16 or f16", opts.merge_dtype),
+        ));
+    }
+    let src = CheckpointParams::new(&ckpt, delta, opts.merge_dtype)?;
+    let mut opts = opts.clone();
+    opts.source_dir.get_or_insert_with(|| model.to_path_buf());
+    export_from(&src, out, &opts)
+}
+
+/// [`export`] of any parameter source.
+fn export_from(src: &dyn ParamSource, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     writer::dtype_name(opts.dtype)?;
     if opts.dtype == DType::U8 {
         return Err(ModelError::arg("dtype", "floats cannot be stored as u8"));
     }
     if opts.format == ExportFormat::Gguf {
-        return gguf::export_gguf(model, out, opts);
+        return gguf::export_gguf(src, out, opts);
     }
     let tmp = prepare(out, opts)?;
-    match write_all(model, &tmp, out, opts).and_then(|r| finish(&tmp, out).map(|()| r)) {
+    match write_all(src, &tmp, out, opts).and_then(|r| finish(&tmp, out).map(|()| r)) {
         Ok(r) => Ok(r),
         Err(e) => {
             // best effort: the error that matters is `e`

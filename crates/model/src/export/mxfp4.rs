@@ -4,11 +4,13 @@
 
 use std::io::Write;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use gptoss_mxfp4::Layout;
 
+use super::source::ParamSource;
 use super::writer::write_err;
 use crate::error::{ModelError, Result};
+use crate::spec::TensorSpec;
 
 /// The quantization error of one MXFP4 expert tensor against the weights it was made from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -26,6 +28,32 @@ pub struct QuantError {
     pub requantized: bool,
 }
 
+impl QuantError {
+    /// The entry of an expert weight whose stored blocks/scales are written unchanged.
+    pub(crate) fn passed_through(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            rel_rms: 0.0,
+            max_abs: 0.0,
+            requantized: false,
+        }
+    }
+}
+
+/// `(E, in, out)` of the expert weight `spec`, checked: rank 3, `in` a multiple of 32.
+///
+/// # Errors
+/// [`ModelError::Mxfp4`] naming the tensor.
+pub(crate) fn expert_dims(spec: &TensorSpec) -> Result<(usize, usize, usize)> {
+    match spec.shape[..] {
+        [e, inn, out] if inn % 32 == 0 => Ok((e, inn, out)),
+        ref d => Err(ModelError::Mxfp4 {
+            name: spec.name.clone(),
+            reason: format!("expected [E, in, out] with in a multiple of 32 for MXFP4, got {d:?}"),
+        }),
+    }
+}
+
 fn mx_err(name: &str, e: gptoss_mxfp4::Mxfp4Error) -> ModelError {
     ModelError::Mxfp4 {
         name: name.to_string(),
@@ -33,38 +61,36 @@ fn mx_err(name: &str, e: gptoss_mxfp4::Mxfp4Error) -> ModelError {
     }
 }
 
-/// Quantizes the expert parameter `w` `[E, in, out]` (any float dtype and device; cast to `dtype`
-/// first) along `in` with the triton_kernels rules of `gptoss-mxfp4`, one expert at a time:
-/// writes the blocks `[E, out, in/32, 16]` (u8, `E·out·in/2` bytes) into `blocks`, returns the
-/// scales `[E, out, in/32]` (u8, row-major) and the error. Host memory: one expert's weights
-/// (f32) and its blocks, plus all scales (1/16 of the blocks).
+/// Quantizes the expert weight `spec` `[E, in, out]`, read one expert at a time from `src`
+/// (`[in, out]`, any float dtype and device; cast to `dtype` first), along `in` with
+/// the triton_kernels rules of `gptoss-mxfp4`: writes the blocks `[E, out, in/32, 16]` (u8,
+/// `E·out·in/2` bytes) into `blocks`, returns the scales `[E, out, in/32]` (u8, row-major) and
+/// the error. Host memory: one expert's weights (f32) and its blocks, plus all scales (1/16 of
+/// the blocks).
 ///
 /// # Errors
-/// [`ModelError::Mxfp4`] naming `name` (rank ≠ 3, `in` not a multiple of 32, non-finite
-/// values); candle and write errors.
-pub(crate) fn write_quantized_blocks(
-    w: &Tensor,
+/// [`ModelError::Mxfp4`] naming the tensor (not `[E, in, out]` with `in` a multiple of 32,
+/// non-finite values); `src`'s, candle and write errors.
+pub(crate) fn quantize_source(
+    src: &dyn ParamSource,
+    spec: &TensorSpec,
     dtype: DType,
-    name: &str,
     blocks: &mut dyn Write,
 ) -> Result<(Vec<u8>, QuantError)> {
-    let dims = w.dims();
-    if dims.len() != 3 || dims[1] % 32 != 0 {
-        return Err(ModelError::Mxfp4 {
-            name: name.to_string(),
-            reason: format!(
-                "expected an expert weight [E, in, out] with in a multiple of 32, got {dims:?}"
-            ),
-        });
-    }
-    let mut scales = Vec::with_capacity(dims[0] * dims[2] * dims[1] / 32);
+    let name = spec.name.as_str();
+    let (experts, inn, out) = expert_dims(spec)?;
+    let mut scales = Vec::new();
     let (mut err_sq, mut ref_sq, mut max_abs) = (0f64, 0f64, 0f64);
-    for e in 0..dims[0] {
+    for e in 0..experts {
+        let we = src.expert(spec, e, dtype)?;
+        if we.dims() != [inn, out] {
+            return Err(ModelError::Mxfp4 {
+                name: name.to_string(),
+                reason: format!("expert {e} is {:?}, expected [{inn}, {out}]", we.dims()),
+            });
+        }
         // [1, in, out] in the storage dtype, on the host
-        let we = w
-            .narrow(0, e, 1)?
-            .to_dtype(dtype)?
-            .to_device(&Device::Cpu)?;
+        let we = we.unsqueeze(0)?.to_dtype(dtype)?.to_device(&Device::Cpu)?;
         let (b, s) = gptoss_mxfp4::quantize_named(&we, Layout::Transposed, Some(name))
             .map_err(|x| mx_err(name, x))?;
         let back =

@@ -16,14 +16,13 @@ mod vocab;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 
+use super::source::ParamSource;
 use super::writer::{io, write_err};
 use super::{mxfp4, ExportFormat, ExportOptions, ExportReport, QuantError};
-use crate::checkpoint::resident_experts;
 use crate::error::{ModelError, Result};
-use crate::model::GptOssForCausalLM;
-use crate::spec::named_parameters;
+use crate::spec::TensorSpec;
 use file::{write_gguf, GgmlType};
 use tensors::{plan, strided, write_ggml_mxfp4, Source};
 
@@ -89,67 +88,56 @@ struct HfBlocks {
     dims: (usize, usize, usize),
 }
 
-/// The blocks/scales of `param`: the resident ones as they are, dense ones quantized (with the
-/// quantization error pushed to `report`).
+/// The blocks/scales of the expert weight `spec`: the stored ones as they are, others quantized
+/// (with the quantization error pushed to `report`).
 fn hf_blocks(
-    param: &str,
-    dense: Option<&candle_core::Tensor>,
-    packed: Option<&(std::sync::Arc<crate::PackedExperts>, crate::ExpertParam)>,
+    src: &dyn ParamSource,
+    spec: &TensorSpec,
     dtype: DType,
     report: &mut Vec<QuantError>,
 ) -> Result<HfBlocks> {
-    if let Some((p, ep)) = packed {
-        let (b, s) = p.blocks_and_scales(*ep);
-        let d = s.dims3()?;
-        report.push(QuantError {
-            name: param.to_string(),
-            rel_rms: 0.0,
-            max_abs: 0.0,
-            requantized: false,
-        });
+    let host = |t: &Tensor| -> Result<Vec<u8>> {
+        Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?)
+    };
+    if let Some((b, s)) = src.packed(spec)? {
+        report.push(QuantError::passed_through(&spec.name));
         return Ok(HfBlocks {
-            param: param.to_string(),
-            blocks: b
-                .to_device(&candle_core::Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<u8>()?,
-            scales: s
-                .to_device(&candle_core::Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<u8>()?,
-            dims: d,
+            param: spec.name.clone(),
+            blocks: host(&b)?,
+            scales: host(&s)?,
+            dims: s.dims3()?,
         });
     }
-    let t = dense.ok_or_else(|| ModelError::arg("gguf", format!("{param}: no weights")))?;
-    let (e, inn, out) = t.dims3()?;
+    let (e, inn, out) = mxfp4::expert_dims(spec)?;
     let mut blocks = Vec::with_capacity(e * out * inn / 2);
-    let (scales, q) = mxfp4::write_quantized_blocks(t, dtype, param, &mut blocks)?;
+    let (scales, q) = mxfp4::quantize_source(src, spec, dtype, &mut blocks)?;
     report.push(q);
     Ok(HfBlocks {
-        param: param.to_string(),
+        param: spec.name.clone(),
         blocks,
         scales,
         dims: (e, out, inn / 32),
     })
 }
 
-/// Writes the GGUF of `model` to `tmp` and returns the report (with `out` as the file).
+/// Writes the GGUF of `src` to `tmp` and returns the report (with `out` as the file).
 fn write_file(
-    model: &GptOssForCausalLM,
+    src: &dyn ParamSource,
     tmp: &Path,
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportReport> {
-    let src = opts.source_dir.as_deref().ok_or_else(|| {
+    let dir = opts.source_dir.as_deref().ok_or_else(|| {
         ModelError::arg(
             "source_dir",
             "a gguf export needs the source checkpoint directory (its tokenizer.json and tokenizer_config.json)",
         )
     })?;
     let matrix = matrix_type(opts.dtype)?;
-    let planned = plan(named_parameters(model), &resident_experts(model), matrix)?;
+    let specs = src.specs();
+    let planned = plan(&specs, matrix)?;
     let infos: Vec<file::TensorInfo> = planned.iter().map(|p| p.info.clone()).collect();
-    let cfg_text = super::stored_config(model.config(), true, Some(opts.dtype)).to_json()?;
+    let cfg_text = super::stored_config(src.config(), true, Some(opts.dtype)).to_json()?;
     let cfg: serde_json::Value =
         serde_json::from_str(&cfg_text).map_err(|e| ModelError::arg("config", e.to_string()))?;
     let name = out
@@ -157,7 +145,7 @@ fn write_file(
         .map(|s| id_to_title(&s.to_string_lossy()))
         .unwrap_or_else(|| "gpt-oss".into());
     let mut metadata = meta::model_metadata(&cfg, &name, &infos)?;
-    metadata.extend(vocab::tokenizer_metadata(src, model.config().vocab_size)?);
+    metadata.extend(vocab::tokenizer_metadata(dir, src.config().vocab_size)?);
 
     let mut report = Vec::new();
     let mut cached: Option<HfBlocks> = None;
@@ -168,31 +156,32 @@ fn write_file(
             GgmlType::F16 => DType::F16,
             _ => DType::BF16,
         };
-        match &p.source {
-            Source::Float(t) => super::bf16::write_float(t, float_dtype, &p.info.name, w),
-            Source::Strided(t, rows) => {
-                super::bf16::write_float(&strided(t, *rows)?, float_dtype, &p.info.name, w)
-            }
-            Source::Experts {
-                param,
-                dense,
-                packed,
-                rows,
-            } => {
-                if cached.as_ref().map(|c| &c.param) != Some(param) {
+        if !matches!(p.source, Source::Experts(..)) {
+            cached = None; // the experts come first: their last blocks are not needed any more
+        }
+        match p.source {
+            Source::Float(k) => super::bf16::write_float(
+                &src.tensor(&specs[k], float_dtype)?,
+                float_dtype,
+                &p.info.name,
+                w,
+            ),
+            Source::Strided(k, rows) => super::bf16::write_float(
+                &strided(&src.tensor(&specs[k], float_dtype)?, rows)?,
+                float_dtype,
+                &p.info.name,
+                w,
+            ),
+            Source::Experts(k, rows) => {
+                let spec = &specs[k];
+                if cached.as_ref().map(|c| &c.param) != Some(&spec.name) {
                     cached = None; // free the previous parameter's blocks first
-                    cached = Some(hf_blocks(
-                        param,
-                        dense.as_ref(),
-                        packed.as_ref(),
-                        opts.dtype,
-                        &mut report,
-                    )?);
+                    cached = Some(hf_blocks(src, spec, opts.dtype, &mut report)?);
                 }
                 let c = cached
                     .as_ref()
                     .ok_or_else(|| ModelError::arg("gguf", "internal: no blocks"))?;
-                write_ggml_mxfp4(&c.blocks, &c.scales, c.dims, *rows, w).map_err(write_err)
+                write_ggml_mxfp4(&c.blocks, &c.scales, c.dims, rows, w).map_err(write_err)
             }
         }
     })?;
@@ -207,7 +196,7 @@ fn write_file(
     })
 }
 
-/// Exports `model` (merged, checked by the caller) as the GGUF file `out`, written to
+/// Exports the parameters of `src` as the GGUF file `out`, written to
 /// `<out>.tmp` and renamed when complete (a failed export removes the `.tmp`).
 /// `opts.source_dir` must hold the tokenizer files; `opts.dtype` is the type of the float
 /// matrices; `max_shard_bytes` does not apply (one file).
@@ -217,7 +206,7 @@ fn write_file(
 /// no source directory or tokenizer, an unsupported tokenizer or config; I/O errors naming the
 /// file; [`ModelError::Mxfp4`] for experts that cannot be quantized.
 pub(crate) fn export_gguf(
-    model: &GptOssForCausalLM,
+    src: &dyn ParamSource,
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportReport> {
@@ -243,7 +232,7 @@ pub(crate) fn export_gguf(
         std::fs::create_dir_all(parent).map_err(io(parent))?;
     }
     let tmp = tmp_file(out);
-    let r = write_file(model, &tmp, out, opts)
+    let r = write_file(src, &tmp, out, opts)
         .and_then(|r| std::fs::rename(&tmp, out).map_err(io(out)).map(|()| r));
     if r.is_err() {
         // best effort: the error that matters is the export's

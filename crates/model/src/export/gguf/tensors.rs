@@ -15,14 +15,13 @@
 //! each safetensors file); llama.cpp finds tensors by name, so order only matters for byte equality.
 
 use std::io::Write;
-use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use super::super::mxfp4::expert_dims as mxfp4_dims;
 use super::file::{GgmlType, TensorInfo};
 use crate::error::{ModelError, Result};
-use crate::hooks::ExpertParam;
-use crate::packed_experts::PackedExperts;
+use crate::spec::{ParamKind, TensorSpec};
 
 /// Which rows of an expert parameter a GGUF tensor holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,24 +44,15 @@ impl Rows {
     }
 }
 
-/// Where a GGUF tensor's values come from.
-#[derive(Clone)]
+/// Where a GGUF tensor's values come from: an index into the parameter specs given to [`plan`].
+#[derive(Clone, Copy)]
 pub(crate) enum Source {
     /// A float parameter, whole, converted to the ggml type.
-    Float(Tensor),
+    Float(usize),
     /// A float parameter `[.., n]`, only the even or odd entries of its last dim.
-    Strided(Tensor, Rows),
-    /// An expert weight `[E, in, out]` (dense) or MXFP4-resident, `rows` of its output rows.
-    Experts {
-        /// HF name of the parameter.
-        param: String,
-        /// The dense weight (`None`: resident).
-        dense: Option<Tensor>,
-        /// The resident experts.
-        packed: Option<(Arc<PackedExperts>, ExpertParam)>,
-        /// The rows.
-        rows: Rows,
-    },
+    Strided(usize, Rows),
+    /// An expert weight `[E, in, out]`, `rows` of its output rows as ggml MXFP4.
+    Experts(usize, Rows),
 }
 
 /// One tensor of the file and where its bytes come from.
@@ -143,43 +133,31 @@ fn float(gguf: String, shape: &[usize], src: Source, matrix: GgmlType) -> Planne
     }
 }
 
-/// The GGUF tensors of `params` (HF name, tensor; expert weights `[E, in, out]`) in the
-/// converter's order; `resident` gives the MXFP4-resident expert parameters; `matrix` is the
-/// type of the float matrices.
+/// The GGUF tensors of the parameters `specs` (expert weights `[E, in, out]`) in the
+/// converter's order; `matrix` is the type of the float matrices.
 ///
 /// # Errors
 /// [`ModelError::InvalidArgument`] for a tensor without a gpt-oss GGUF name;
 /// [`ModelError::Mxfp4`] for an expert weight whose `in` is no multiple of 32.
-pub(crate) fn plan(
-    params: Vec<(String, Tensor)>,
-    resident: &std::collections::HashMap<String, (Arc<PackedExperts>, ExpertParam)>,
-    matrix: GgmlType,
-) -> Result<Vec<Planned>> {
+pub(crate) fn plan(specs: &[TensorSpec], matrix: GgmlType) -> Result<Vec<Planned>> {
     // the HF names of an MXFP4 checkpoint: experts as `<param>_scales` (the converter emits
     // the MXFP4 tensors when it meets the scales), the rest as themselves
-    let mut experts: Vec<(String, String, Tensor)> = Vec::new();
-    let mut others: Vec<(String, Tensor)> = Vec::new();
-    for (name, t) in params {
-        if name.ends_with("mlp.experts.gate_up_proj") || name.ends_with("mlp.experts.down_proj") {
-            experts.push((format!("{name}_scales"), name, t));
+    let mut experts: Vec<(String, usize)> = Vec::new();
+    let mut others: Vec<(&str, usize)> = Vec::new();
+    for (k, s) in specs.iter().enumerate() {
+        if s.kind == ParamKind::Expert {
+            experts.push((format!("{}_scales", s.name), k));
         } else {
-            others.push((name, t));
+            others.push((&s.name, k));
         }
     }
-    experts.sort_by(|a, b| a.0.cmp(&b.0));
-    others.sort_by(|a, b| a.0.cmp(&b.0));
+    experts.sort();
+    others.sort();
     let mut out = Vec::new();
-    for (_, param, t) in experts {
-        let d = t.dims();
-        if d.len() != 3 || d[1] % 32 != 0 {
-            return Err(ModelError::Mxfp4 {
-                name: param,
-                reason: format!(
-                    "expected [E, in, out] with in a multiple of 32 for MXFP4, got {d:?}"
-                ),
-            });
-        }
-        let (e, inn, rows) = (d[0] as u64, d[1] as u64, d[2] as u64);
+    for (_, k) in experts {
+        let param = &specs[k].name;
+        let (e, inn, rows) = mxfp4_dims(&specs[k])?;
+        let (e, inn, rows) = (e as u64, inn as u64, rows as u64);
         let parts: &[(&str, Rows)] = if param.ends_with("gate_up_proj") {
             &[("gate_proj", Rows::Even), ("up_proj", Rows::Odd)]
         } else {
@@ -196,24 +174,18 @@ pub(crate) fn plan(
             ) + ".weight";
             let name = gguf_name(&hf).ok_or_else(|| unknown(&hf))?;
             let n_rows = if sel == Rows::All { rows } else { rows / 2 };
-            let packed = resident.get(&param).cloned();
             out.push(Planned {
                 info: TensorInfo {
                     name,
                     ggml_type: GgmlType::Mxfp4,
                     dims: vec![inn, n_rows, e],
                 },
-                source: Source::Experts {
-                    param: param.clone(),
-                    dense: packed.is_none().then(|| t.clone()),
-                    packed,
-                    rows: sel,
-                },
+                source: Source::Experts(k, sel),
             });
         }
     }
-    for (hf, t) in others {
-        let shape = t.dims().to_vec();
+    for (hf, k) in others {
+        let shape = &specs[k].shape;
         if hf.ends_with("mlp.experts.gate_up_proj_bias") {
             let mut half = shape.clone();
             if let Some(last) = half.last_mut() {
@@ -222,13 +194,13 @@ pub(crate) fn plan(
             for (part, sel) in [("gate_proj", Rows::Even), ("up_proj", Rows::Odd)] {
                 let h = hf.replace("gate_up_proj_bias", &format!("{part}.bias"));
                 let g = gguf_name(&h).ok_or_else(|| unknown(&h))?;
-                out.push(float(g, &half, Source::Strided(t.clone(), sel), matrix));
+                out.push(float(g, &half, Source::Strided(k, sel), matrix));
             }
             continue;
         }
         let h = hf.replace("down_proj_bias", "down_proj.bias");
-        let g = gguf_name(&h).ok_or_else(|| unknown(&hf))?;
-        out.push(float(g, &shape, Source::Float(t), matrix));
+        let g = gguf_name(&h).ok_or_else(|| unknown(hf))?;
+        out.push(float(g, shape, Source::Float(k), matrix));
     }
     Ok(out)
 }

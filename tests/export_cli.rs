@@ -321,3 +321,35 @@ fn merged_exports_match_the_unmerged_adapter_and_bad_input_fails_cleanly() {
     let _ = std::fs::remove_file(report);
     let _ = std::fs::remove_file(mx_report);
 }
+
+/// A full disk, emulated by a file-size limit (`ulimit -f` with SIGXFSZ ignored, so a write past
+/// it fails with EFBIG as a full disk fails with ENOSPC): exit 1 naming the shard and the tensor
+/// being written, and nothing complete-looking left behind.
+#[cfg(unix)]
+#[test]
+fn a_failed_write_leaves_no_complete_looking_output() {
+    let base = tmp("full-base");
+    tiny(&base, &Config::gpt_oss_tiny());
+    let out = tmp("full-out");
+    let script = format!(
+        "ulimit -f 2048; trap '' XFSZ; exec \"$0\" --model {} --out {} --format bf16",
+        s(&base),
+        s(&out)
+    );
+    let o = std::process::Command::new("sh")
+        .args(["-c", &script, s(&common::example("export"))])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{err}");
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(".safetensors.tmp") && err.contains("writing tensor `"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let mut t = out.as_os_str().to_os_string();
+    t.push(".tmp");
+    assert!(!Path::new(&t).exists(), "the .tmp directory is removed");
+    let _ = std::fs::remove_dir_all(base);
+}

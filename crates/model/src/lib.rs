@@ -64,8 +64,8 @@ pub use checkpoint::{
 pub use config::{Config, LayerType, QuantizationConfig, RopeScaling, TokenIds};
 pub use error::{ModelError, Result};
 pub use export::{
-    export, logit_gap, probe_tokens, ExportFormat, ExportOptions, ExportReport, LogitGap,
-    QuantError, WeightDelta,
+    export, export_checkpoint, logit_gap, probe_tokens, ExportFormat, ExportOptions, ExportReport,
+    LogitGap, QuantError, WeightDelta,
 };
 pub use generate::{
     generate, generate_batch, harmony_stop_tokens, BatchOptions, FinishReason, GenerationConfig,

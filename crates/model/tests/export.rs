@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use gptoss_model::export::{export, ExportFormat, ExportOptions};
+mod common;
+
+use gptoss_model::export::{export, export_checkpoint, ExportFormat, ExportOptions};
 use gptoss_model::{
     load_with, logit_gap, probe_tokens, write_synthetic_checkpoint, Config, ExpertLoading,
     ExpertParam, GptOssForCausalLM, LinearAdapter, LoadOptions, SyntheticOptions,
@@ -317,5 +319,58 @@ fn output_dir_rules_and_refusals() {
     for d in [out, empty, file] {
         let _ = std::fs::remove_dir_all(&d);
         let _ = std::fs::remove_file(&d);
+    }
+}
+
+/// A delta that targets one given name and adds 1 to it.
+struct PlusOne(&'static str);
+
+impl gptoss_model::WeightDelta for PlusOne {
+    fn targets(&self) -> Vec<String> {
+        vec![self.0.to_string()]
+    }
+    fn apply(&self, _: &str, _: Option<usize>, base: &Tensor) -> gptoss_model::Result<Tensor> {
+        Ok((base + 1.0)?)
+    }
+}
+
+#[test]
+fn streamed_export_applies_a_delta_and_refuses_targets_the_checkpoint_lacks() {
+    let dir = tiny_checkpoint("delta");
+    let opts = ExportOptions::new(ExportFormat::Bf16);
+    // a target that is not stored: refused before anything is written
+    let out = tmp("delta-missing");
+    let err = export_checkpoint(
+        &dir,
+        Some(&PlusOne("model.layers.9.self_attn.q_proj.weight")),
+        &out,
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("model.layers.9.self_attn.q_proj.weight") && err.contains("does not store"),
+        "{err}"
+    );
+    assert!(!out.exists() && !tmp("delta-missing.tmp").exists());
+    // a stored linear weight: exactly that one changes (by 1, rounded to bf16)
+    let name = "model.layers.1.self_attn.k_proj.weight";
+    let out = tmp("delta-out");
+    export_checkpoint(&dir, Some(&PlusOne(name)), &out, &opts).unwrap();
+    let (src, back) = (
+        load(&dir, ExpertLoading::Auto),
+        load(&out, ExpertLoading::Auto),
+    );
+    let back: std::collections::HashMap<String, Tensor> =
+        gptoss_model::named_parameters(&back).into_iter().collect();
+    for (n, a) in gptoss_model::named_parameters(&src) {
+        let want = match n == name {
+            true => (a + 1.0).and_then(|t| t.to_dtype(DType::BF16)).unwrap(),
+            false => a,
+        };
+        assert_eq!(common::max_abs(&want, &back[&n]), 0.0, "{n}");
+    }
+    for d in [dir, out] {
+        let _ = std::fs::remove_dir_all(d);
     }
 }

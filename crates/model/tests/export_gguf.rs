@@ -210,6 +210,7 @@ fn streamed_export_of_the_checkpoint_is_the_converters_file() {
     let out = root.join("out").join("gpt-oss-tiny.gguf");
     let opts = ExportOptions::new(ExportFormat::Gguf); // source_dir defaults to the checkpoint
     let report = export_checkpoint(&input, None, &out, &opts).unwrap();
+    assert_eq!(report.quantization.len(), 4); // 2 layers × 2 expert weights
     assert!(report.quantization.iter().all(|q| !q.requantized));
     assert_matches_golden(&describe(&out));
     let _ = std::fs::remove_dir_all(root);

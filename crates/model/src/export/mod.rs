@@ -34,7 +34,7 @@
 //! Streaming: tensor by tensor (expert weights expert by expert), each shard's header first, so
 //! [`export`] holds at most one tensor on the host besides the model, and [`export_checkpoint`],
 //! which reads a checkpoint directory (plus a [`WeightDelta`]: an adapter being merged) instead of
-//! a loaded model, holds about one tensor in all; everything goes to `<out>.tmp`, which is renamed
+//! a loaded model, holds about one tensor in all (gguf: plus the tokenizer metadata); everything goes to `<out>.tmp`, which is renamed
 //! to `<out>` only when complete.
 //!
 //! [`ExportFormat::Gguf`] writes one `.gguf` file instead (`out` is the file): llama.cpp's gpt-oss
@@ -119,7 +119,7 @@ impl std::fmt::Display for ExportFormat {
     }
 }
 
-/// How [`export`] writes.
+/// How [`export`] and [`export_checkpoint`] write.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
     /// The weight format.
@@ -155,7 +155,7 @@ impl ExportOptions {
     }
 }
 
-/// What [`export`] wrote.
+/// What [`export`] or [`export_checkpoint`] wrote.
 #[derive(Debug, Clone)]
 pub struct ExportReport {
     /// The output directory (gguf: the output file).
@@ -540,13 +540,13 @@ pub fn export(model: &GptOssForCausalLM, out: &Path, opts: &ExportOptions) -> Re
 /// Exports the checkpoint directory `model` with `delta` (a LoRA adapter,
 /// `gptoss_lora::AdapterMerge`) merged into the weights it targets, as [`export`] would export
 /// the loaded and merged model, without loading it: each tensor is read from the memory-mapped
-/// files, the delta added in f32 (expert weights one expert at a time), converted and written
+/// files, the delta added in [`ExportOptions::merge_dtype`] (expert weights one expert at a time), converted and written
 /// before the next is read, so host memory holds about one tensor (the largest, in f32 when
 /// merged) besides the 1 MiB write buffer. MXFP4 expert weights the delta does not change are
 /// passed through byte for byte (mxfp4, gguf) or decoded (bf16); changed ones are decoded,
 /// merged and re-quantized. `opts.source_dir` defaults to `model`.
 ///
-/// The same bytes as loading `model` in f32, merging (`LoraModel::merge_and_unload`) and
+/// The same bytes as loading `model` in `merge_dtype`, merging (`LoraModel::merge_and_unload`) and
 /// calling [`export`], except that an expert weight the delta leaves alone stays as stored even
 /// where the other one of its layer is merged.
 ///

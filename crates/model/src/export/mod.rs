@@ -321,28 +321,33 @@ pub(crate) fn write_weights(
                 }
                 Ok(())
             }
-            Part::Blocks => match src.packed(spec)? {
-                Some((blocks, _)) => {
-                    report.push(QuantError::passed_through(name));
-                    bf16::write_u8(&blocks, w)
-                }
-                None => {
-                    let (scales, q) = mxfp4::quantize_source(src, spec, dtype, w)?;
-                    report.push(q);
-                    pending_scales.insert(name.clone(), scales);
-                    Ok(())
-                }
-            },
-            Part::Scales => match src.packed(spec)? {
-                Some((_, scales)) => bf16::write_u8(&scales, w),
-                None => {
-                    let scales = match pending_scales.remove(name) {
-                        Some(s) => s,
-                        None => mxfp4::quantize_source(src, spec, dtype, &mut std::io::sink())?.0,
-                    };
-                    w.write_all(&scales).map_err(write_err)
-                }
-            },
+            Part::Blocks => {
+                // the scales follow the blocks: keep them rather than reading the weight again
+                let scales = match src.packed(spec)? {
+                    Some((blocks, scales)) => {
+                        report.push(QuantError::passed_through(name));
+                        bf16::write_u8(&blocks, w)?;
+                        scales
+                            .to_device(&Device::Cpu)?
+                            .flatten_all()?
+                            .to_vec1::<u8>()?
+                    }
+                    None => {
+                        let (scales, q) = mxfp4::quantize_source(src, spec, dtype, w)?;
+                        report.push(q);
+                        scales
+                    }
+                };
+                pending_scales.insert(name.clone(), scales);
+                Ok(())
+            }
+            Part::Scales => {
+                // always after its blocks (entries keep their order across shards)
+                let scales = pending_scales.remove(name).ok_or_else(|| {
+                    ModelError::arg(name, "internal: MXFP4 scales written before their blocks")
+                })?;
+                w.write_all(&scales).map_err(write_err)
+            }
         }
     })?;
     let n = entries.len();

@@ -2,7 +2,9 @@
 //!
 //! For each batch size: random prompts of `--prompt` tokens, greedy decoding of `--new` tokens with no
 //! stop token; prints the prefill time and the decode throughput (generated tokens of all rows per
-//! second, after the prefill step). Experts are MXFP4-resident by default (each routed expert is
+//! second, after the prefill step). As `benches/baseline_generate.py` does for transformers, each batch
+//! size is first warmed up (a prefill and one decode step of other prompts, untimed); the process's very
+//! first prefill (kernel loading, cuBLASLt heuristics) is printed on its own line. Experts are MXFP4-resident by default (each routed expert is
 //! decoded inside the grouped matmul at every step); `--dense-experts` keeps them bf16.
 //!
 //! ```text
@@ -149,15 +151,28 @@ fn main() -> BoxResult<()> {
         "{:>6} {:>12} {:>14} {:>16}",
         "batch", "prefill_s", "decode_s/step", "decode_tokens/s"
     );
+    let mut first_prefill = None;
     for &b in &args.batch {
-        let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|_| (0..args.prompt).map(|_| next()).collect())
-            .collect();
+        let mut random_prompts = || -> Vec<Vec<u32>> {
+            (0..b)
+                .map(|_| (0..args.prompt).map(|_| next()).collect())
+                .collect()
+        };
+        let warm = random_prompts();
+        let mut w = Generator::new(&model, &warm, greedy.clone())?;
+        let t = Instant::now();
+        w.step()?;
+        dev.synchronize()?;
+        first_prefill.get_or_insert(t.elapsed().as_secs_f64());
+        w.step()?;
+        drop(w);
+        let prompts = random_prompts();
         let mut g = Generator::new(&model, &prompts, greedy.clone())?;
         dev.synchronize()?;
         let t = Instant::now();
         g.step()?; // prefill + first token
         let prefill = t.elapsed().as_secs_f64();
+        gptoss_kernels::profile::reset();
         let t = Instant::now();
         let mut steps = 0usize;
         while g.step()?.is_some() {
@@ -169,6 +184,31 @@ fn main() -> BoxResult<()> {
             "{b:>6} {prefill:>12.4} {per_step:>14.5} {:>16.1}",
             (b * steps) as f64 / decode
         );
+        print_profile(steps);
+    }
+    if let Some(s) = first_prefill {
+        println!(
+            "first prefill of the process (batch {}, untimed above): {s:.4} s",
+            args.batch.first().copied().unwrap_or(0)
+        );
     }
     Ok(())
+}
+
+/// With `GPTOSS_PROFILE` set: the per-piece times of the decode steps just run, per step (see
+/// `gptoss_kernels::profile`: `1` synchronizes around each piece, `host` gives enqueue time only).
+fn print_profile(steps: usize) {
+    let how = match gptoss_kernels::profile::mode() {
+        gptoss_kernels::profile::Mode::Off => return,
+        gptoss_kernels::profile::Mode::Host => "host time to enqueue (and block)",
+        gptoss_kernels::profile::Mode::Synced => "synchronized wall time",
+    };
+    let steps = steps.max(1) as f64;
+    for (label, secs, calls) in gptoss_kernels::profile::report() {
+        println!(
+            "    {label:<16} {:>9.3} ms/step  {:>6.1} calls/step  ({how})",
+            secs * 1e3 / steps,
+            calls as f64 / steps
+        );
+    }
 }

@@ -41,13 +41,16 @@ impl DecoderLayer {
         ctx: &AttnContext,
         cache: Option<&mut LayerCache>,
     ) -> candle_core::Result<LayerOutput> {
-        let a = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(h)?, ctx, cache)?;
+        let dev = h.device();
+        let a = gptoss_kernels::profile::scope("layer.attn", dev, || {
+            self.self_attn
+                .forward(&self.input_layernorm.forward(h)?, ctx, cache)
+        })?;
         let h = (h + a)?;
-        let (m, router_logits) = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&h)?)?;
+        let (m, router_logits) = gptoss_kernels::profile::scope("layer.moe", dev, || {
+            self.mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?)
+        })?;
         Ok(LayerOutput {
             hidden: (h + m)?,
             router_logits,
@@ -335,7 +338,9 @@ impl GptOssForCausalLM {
     ) -> Result<Tensor> {
         let h = self.hidden_with_cache(input_ids, attention_mask, cache)?;
         let t = h.dim(1)?;
-        self.lm_head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+        gptoss_kernels::profile::scope("decode.lm_head", h.device(), || {
+            self.lm_head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+        })
     }
 
     /// Final hidden states `[B, T, H]` (after `model.norm`) of `input_ids` after the cached tokens.
@@ -352,7 +357,9 @@ impl GptOssForCausalLM {
                 "cache was made for a different number of layers",
             ));
         }
-        let ctx = self.attention_context(b, t, cache.seen, attention_mask)?;
+        let ctx = gptoss_kernels::profile::scope("decode.context", input_ids.device(), || {
+            self.attention_context(b, t, cache.seen, attention_mask)
+        })?;
         // a KV-cache pass is generation: never differentiated
         let _inference = crate::moe::Inference::enter();
         let mut h = self.embed(input_ids)?;

@@ -24,10 +24,10 @@ use super::GroupedWeight;
 /// Rows (`N·k`) up to which [`chosen`] lets the MoE use [`routed_matmul`] (`GPTOSS_ROUTED_MATMUL`:
 /// `0` never, `1` whenever the kernel applies, unset: up to this many rows). Past it the rows
 /// share experts often enough that reading each expert once ([`super::grouped_matmul`]) wins.
-/// Measured (H100, gpt-oss-20b shape, docs/performance.md session 14): 4 rows (decode at batch 1,
-/// k = 4) 127 tok/s routed against 97 grouped; 32 rows (batch 8) 368 against 397. Sizes between
-/// were not measured, so only batch 1 takes the routed path by default.
-pub const AUTO_ROWS: usize = 4;
+/// Measured (H100, gpt-oss-20b shape, decode tok/s routed against grouped, docs/performance.md
+/// sessions 14 and 16): 4 rows (batch 1, k = 4) 127 / 97 and 103 / 97, 8 rows (batch 2) 211 / 164,
+/// 16 rows (batch 4) 296 / 252, 32 rows (batch 8) 368 / 397 and 372 / 412: routed up to batch 4.
+pub const AUTO_ROWS: usize = 16;
 
 /// `x` `[M, in]` and `row_expert` `[M]` u32 (each row's expert), `w` `[E, in, out]` frozen →
 /// `[M, out]` in `x`'s dtype: row `r` is `x[r] · w[row_expert[r]]`. Not differentiable (inference

@@ -119,7 +119,8 @@ impl<'a> Generator<'a> {
         let last = self
             .model
             .forward_last_with_cache(&ids, Some(&mask), &mut self.cache)?;
-        let tokens = self.next_tokens(&last)?;
+        let tokens =
+            gptoss_kernels::profile::scope("decode.sample", dev, || self.next_tokens(&last))?;
         let mut produced = Vec::with_capacity(b);
         for (r, tok) in tokens.into_iter().enumerate() {
             if self.finished[r] {

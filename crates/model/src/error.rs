@@ -110,6 +110,13 @@ impl ModelError {
             reason: reason.into(),
         }
     }
+    /// [`Self::Mxfp4`] for tensor `name` with the error `gptoss-mxfp4` reported.
+    pub(crate) fn mxfp4(name: &str, err: impl std::fmt::Display) -> Self {
+        Self::Mxfp4 {
+            name: name.to_string(),
+            reason: err.to_string(),
+        }
+    }
     pub(crate) fn arg(arg: &str, reason: impl Into<String>) -> Self {
         Self::InvalidArgument {
             arg: arg.to_string(),

@@ -96,10 +96,7 @@ impl PackedExperts {
     pub fn dequantize(&self, p: ExpertParam, dtype: DType) -> Result<Tensor> {
         self.grouped_weight(p, dtype)
             .dense()
-            .map_err(|err| ModelError::Mxfp4 {
-                name: p.name().to_string(),
-                reason: err.to_string(),
-            })
+            .map_err(|err| ModelError::mxfp4(p.name(), err))
     }
 
     /// The parameter as the MoE's grouped matmul takes it: still packed, dequantized to `dtype` one

@@ -345,8 +345,5 @@ fn dequantize(
         device,
         Some(&bname),
     )
-    .map_err(|err| ModelError::Mxfp4 {
-        name: spec.name.clone(),
-        reason: err.to_string(),
-    })
+    .map_err(|err| ModelError::mxfp4(&spec.name, err))
 }

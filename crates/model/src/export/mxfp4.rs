@@ -54,13 +54,6 @@ pub(crate) fn expert_dims(spec: &TensorSpec) -> Result<(usize, usize, usize)> {
     }
 }
 
-fn mx_err(name: &str, e: gptoss_mxfp4::Mxfp4Error) -> ModelError {
-    ModelError::Mxfp4 {
-        name: name.to_string(),
-        reason: e.to_string(),
-    }
-}
-
 /// Quantizes the expert weight `spec` `[E, in, out]`, read one expert at a time from `src`
 /// (`[in, out]`, any float dtype and device; cast to `dtype` first), along `in` with
 /// the triton_kernels rules of `gptoss-mxfp4`: writes the blocks `[E, out, in/32, 16]` (u8,
@@ -92,10 +85,10 @@ pub(crate) fn quantize_source(
         // [1, in, out] in the storage dtype, on the host
         let we = we.unsqueeze(0)?.to_dtype(dtype)?.to_device(&Device::Cpu)?;
         let (b, s) = gptoss_mxfp4::quantize_named(&we, Layout::Transposed, Some(name))
-            .map_err(|x| mx_err(name, x))?;
+            .map_err(|x| ModelError::mxfp4(name, x))?;
         let back =
             gptoss_mxfp4::dequantize_named(&b, &s, DType::F32, Layout::Transposed, Some(name))
-                .map_err(|x| mx_err(name, x))?;
+                .map_err(|x| ModelError::mxfp4(name, x))?;
         let we = we.to_dtype(DType::F32)?;
         let diff = (&we - &back)?;
         err_sq += diff.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

@@ -105,10 +105,7 @@ impl ParamSource for ModelParams<'_> {
             gptoss_mxfp4::Layout::Transposed,
             Some(&bname),
         )
-        .map_err(|err| ModelError::Mxfp4 {
-            name: spec.name.clone(),
-            reason: err.to_string(),
-        })?;
+        .map_err(|err| ModelError::mxfp4(&spec.name, err))?;
         Ok(t.squeeze(0)?)
     }
 

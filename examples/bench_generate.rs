@@ -2,10 +2,12 @@
 //!
 //! For each batch size: random prompts of `--prompt` tokens, greedy decoding of `--new` tokens with no
 //! stop token; prints the prefill time and the decode throughput (generated tokens of all rows per
-//! second, after the prefill step). As `benches/baseline_generate.py` does for transformers, each batch
-//! size is first warmed up (a prefill and one decode step of other prompts, untimed); the process's very
-//! first prefill (kernel loading, cuBLASLt heuristics) is printed on its own line. Experts are MXFP4-resident by default (each routed expert is
-//! decoded inside the grouped matmul at every step); `--dense-experts` keeps them bf16.
+//! second, after the prefill step). As `benches/baseline_generate.py` does for transformers, each
+//! batch size is first warmed up (a prefill and one decode step of other prompts, untimed); the
+//! process's very first prefill (kernel loading, cuBLASLt heuristics) is printed on its own line.
+//! With `GPTOSS_PROFILE` set, each batch size's decode steps are broken down by profile scope.
+//! Experts are MXFP4-resident by default (each routed expert is decoded inside the grouped matmul
+//! at every step); `--dense-experts` keeps them bf16.
 //!
 //! ```text
 //! bench_generate [--batch 1,8] [--prompt 128] [--new 64] [--dense-experts] [--layers N] [--cpu --tiny]
@@ -184,7 +186,9 @@ fn main() -> BoxResult<()> {
             "{b:>6} {prefill:>12.4} {per_step:>14.5} {:>16.1}",
             (b * steps) as f64 / decode
         );
-        print_profile(steps);
+        if let Some(table) = gptoss_kernels::profile::per_step_table(steps) {
+            println!("{table}");
+        }
     }
     if let Some(s) = first_prefill {
         println!(
@@ -193,22 +197,4 @@ fn main() -> BoxResult<()> {
         );
     }
     Ok(())
-}
-
-/// With `GPTOSS_PROFILE` set: the per-piece times of the decode steps just run, per step (see
-/// `gptoss_kernels::profile`: `1` synchronizes around each piece, `host` gives enqueue time only).
-fn print_profile(steps: usize) {
-    let how = match gptoss_kernels::profile::mode() {
-        gptoss_kernels::profile::Mode::Off => return,
-        gptoss_kernels::profile::Mode::Host => "host time to enqueue (and block)",
-        gptoss_kernels::profile::Mode::Synced => "synchronized wall time",
-    };
-    let steps = steps.max(1) as f64;
-    for (label, secs, calls) in gptoss_kernels::profile::report() {
-        println!(
-            "    {label:<16} {:>9.3} ms/step  {:>6.1} calls/step  ({how})",
-            secs * 1e3 / steps,
-            calls as f64 / steps
-        );
-    }
 }

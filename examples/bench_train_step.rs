@@ -395,27 +395,6 @@ fn breakdown(model: &GptOssForCausalLM, seq: usize, l: usize) -> BoxResult<()> {
     Ok(())
 }
 
-/// With `GPTOSS_PROFILE=1`: the synchronized per-piece wall times (see `gptoss_kernels::profile`),
-/// per step.
-fn print_profile(steps: usize) {
-    let rows = gptoss_kernels::profile::report();
-    if rows.is_empty() {
-        return;
-    }
-    let how = match gptoss_kernels::profile::mode() {
-        gptoss_kernels::profile::Mode::Host => "host time to enqueue (and block), not synchronized",
-        _ => "device-synchronized",
-    };
-    println!("profile (GPTOSS_PROFILE, {how}, per step over the {steps} timed steps):");
-    for (label, secs, calls) in rows {
-        println!(
-            "  {label:<20} {:>9.2} ms  {:>6} calls/step",
-            secs * 1e3 / steps as f64,
-            calls as usize / steps.max(1)
-        );
-    }
-}
-
 fn main() -> BoxResult<()> {
     let args = Args::parse();
     if args.check {
@@ -510,7 +489,9 @@ fn main() -> BoxResult<()> {
                 st.peak_reserved as f64 / GIB,
                 loss
             );
-            print_profile(args.steps);
+            if let Some(table) = gptoss_kernels::profile::per_step_table(args.steps) {
+                println!("{table}");
+            }
         }
     }
     if args.breakdown {

@@ -110,7 +110,8 @@ impl ModelError {
             reason: reason.into(),
         }
     }
-    /// [`Self::Mxfp4`] for tensor `name` with the error `gptoss-mxfp4` reported.
+    /// [`Self::Mxfp4`] for tensor `name`: the error `gptoss-mxfp4` reported, or why the tensor
+    /// cannot be MXFP4.
     pub(crate) fn mxfp4(name: &str, err: impl std::fmt::Display) -> Self {
         Self::Mxfp4 {
             name: name.to_string(),

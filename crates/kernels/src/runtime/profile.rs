@@ -76,6 +76,31 @@ pub fn report() -> Vec<(&'static str, f64, u64)> {
         .unwrap_or_default()
 }
 
+/// The totals of [`report`] as printable lines per step (`steps` steps timed since the last
+/// [`reset`]): a heading that says what the times are, then one line per label with its
+/// milliseconds and calls per step. `None` when nothing was timed (profiling off).
+pub fn per_step_table(steps: usize) -> Option<String> {
+    let rows = report();
+    if rows.is_empty() {
+        return None;
+    }
+    let how = match mode() {
+        Mode::Host => "host time to enqueue (and block), not synchronized",
+        _ => "device-synchronized",
+    };
+    let n = steps.max(1) as f64;
+    let mut out =
+        format!("profile (GPTOSS_PROFILE, {how}, per step over the {steps} timed steps):");
+    for (label, secs, calls) in rows {
+        out.push_str(&format!(
+            "\n  {label:<20} {:>9.3} ms  {:>7.1} calls/step",
+            secs * 1e3 / n,
+            calls as f64 / n
+        ));
+    }
+    Some(out)
+}
+
 /// Clears the totals.
 pub fn reset() {
     if let Ok(mut m) = table().lock() {

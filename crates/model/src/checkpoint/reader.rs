@@ -158,13 +158,13 @@ impl Checkpoint {
                 // [E, in, out] -> blocks [E, out, in/32, 16], scales [E, out, in/32]
                 let (e, inn, out) = (spec.shape[0], spec.shape[1], spec.shape[2]);
                 if inn % 32 != 0 {
-                    return Err(ModelError::Mxfp4 {
-                        name: spec.name.clone(),
-                        reason: format!(
+                    return Err(ModelError::mxfp4(
+                        &spec.name,
+                        format!(
                             "stored as MXFP4, but its input dim {inn} (shape {:?}) is no multiple of 32",
                             spec.shape
                         ),
-                    });
+                    ));
                 }
                 blocks.check_shape(&[e, out, inn / 32, 16])?;
                 scales.check_shape(&[e, out, inn / 32])?;

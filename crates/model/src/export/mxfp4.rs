@@ -47,10 +47,10 @@ impl QuantError {
 pub(crate) fn expert_dims(spec: &TensorSpec) -> Result<(usize, usize, usize)> {
     match spec.shape[..] {
         [e, inn, out] if inn % 32 == 0 => Ok((e, inn, out)),
-        ref d => Err(ModelError::Mxfp4 {
-            name: spec.name.clone(),
-            reason: format!("expected [E, in, out] with in a multiple of 32 for MXFP4, got {d:?}"),
-        }),
+        ref d => Err(ModelError::mxfp4(
+            &spec.name,
+            format!("expected [E, in, out] with in a multiple of 32 for MXFP4, got {d:?}"),
+        )),
     }
 }
 
@@ -77,10 +77,10 @@ pub(crate) fn quantize_source(
     for e in 0..experts {
         let we = src.expert(spec, e, dtype)?;
         if we.dims() != [inn, out] {
-            return Err(ModelError::Mxfp4 {
-                name: name.to_string(),
-                reason: format!("expert {e} is {:?}, expected [{inn}, {out}]", we.dims()),
-            });
+            return Err(ModelError::mxfp4(
+                name,
+                format!("expert {e} is {:?}, expected [{inn}, {out}]", we.dims()),
+            ));
         }
         // [1, in, out] in the storage dtype, on the host
         let we = we.unsqueeze(0)?.to_dtype(dtype)?.to_device(&Device::Cpu)?;
